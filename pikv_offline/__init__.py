@@ -1,0 +1,3 @@
+"""pikv-offline: offline knowledge distillation for language models."""
+
+__version__ = "0.1.0"

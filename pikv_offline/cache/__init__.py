@@ -1,0 +1,1 @@
+"""The teacher cache: format (names, dtypes, codecs, version), writer, reader."""

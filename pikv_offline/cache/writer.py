@@ -1,0 +1,100 @@
+"""Per-rank shard writer: whole zarr shards per call, committed only after their data is on disk.
+
+Each rank owns ``shards/rank-<r>`` and nobody else writes there, so no lock is needed. A block is
+one zarr shard worth of sequences (``shard_seqs``); it is written with one call per array (a
+partial-shard write would re-encode the whole shard file) and only then is the shard's
+``committed`` count raised. A restarted dump resumes at ``committed`` and rewrites the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+
+import numpy as np
+import zarr
+
+from . import format as F
+
+
+def _fault(point: str, count: int) -> None:
+    """Test hook: PIKV_FAULT=write:N or commit:N SIGKILLs this process at that point of block N."""
+    spec = os.environ.get("PIKV_FAULT", "")
+    if spec and spec == f"{point}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ShardWriter:
+    def __init__(self, root: str, rank: int, world_size: int, n_seqs: int, *, seq_len: int,
+                 top_k: int, n_temps: int, vocab_size: int, shard_seqs: int, cache_key: str):
+        self.shard_seqs = shard_seqs
+        self.n_seqs = n_seqs
+        path = F.shard_name(rank)
+        root_group = zarr.open_group(root, mode="r+")
+        meta = {"rank": rank, "world_size": world_size, "n_sequences": n_seqs,
+                "cache_key": cache_key, "committed": 0}
+        existing = root_group.get(path)
+        if existing is not None and existing.attrs.get(F.SHARD_ATTR, {}).get("cache_key") == cache_key:
+            self.group = existing
+            self.committed = int(existing.attrs[F.SHARD_ATTR]["committed"])
+        else:
+            self.group = root_group.create_group(path, overwrite=True, attributes={F.SHARD_ATTR: meta})
+            specs = F.array_specs(n_seqs, seq_len, top_k, n_temps, vocab_size, shard_seqs)
+            for name, s in specs.items():
+                self.group.create_array(name, shape=s.shape, dtype=s.dtype, chunks=s.chunks,
+                                        shards=s.shards, filters=list(s.filters) or None,
+                                        compressors=list(s.compressors), fill_value=0)
+            self.committed = 0
+        self._meta = dict(self.group.attrs[F.SHARD_ATTR])
+        self._blocks = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"pikv-writer-{rank}", daemon=True)
+        self._thread.start()
+
+    def submit(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """Queue one block (sequences [start, start+n) of this shard) for writing.
+
+        Blocks the caller when two blocks are already waiting, which bounds host memory while the
+        next forward pass overlaps with compression and I/O of the previous block.
+        """
+        if self._error is not None:
+            raise self._error
+        if start % self.shard_seqs:
+            raise ValueError(f"block start {start} is not aligned to the zarr shard size {self.shard_seqs}")
+        self._queue.put((start, arrays))
+
+    def close(self) -> int:
+        """Wait for every queued block; return the committed count. Raises the writer thread's error."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.committed
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain, so submit() never blocks on a dead writer
+            try:
+                self._write(*item)
+            except BaseException as e:  # surfaced to the main thread by submit()/close()
+                self._error = e
+
+    def _write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        n = len(arrays[F.SAMPLE_ID])
+        for name in F.ARRAY_NAMES:
+            self.group[name][start:start + n] = arrays[name]
+        self._blocks += 1
+        _fault("write", self._blocks)
+        # zarr >= 3.1.3 writes zarr.json atomically (temp file + rename), so a crash leaves either
+        # the old or the new count, never a torn file.
+        self._meta["committed"] = start + n
+        self.group.attrs[F.SHARD_ATTR] = self._meta
+        self.committed = start + n
+        _fault("commit", self._blocks)

@@ -1,0 +1,1 @@
+"""Stage one: run the teacher and write its targets to the cache."""

@@ -1,0 +1,210 @@
+"""Stage one: run the teacher over the data and write the cache.
+
+    pikv dump-teacher --teacher DIR --data corpus.jsonl --out CACHE
+    torchrun --nproc-per-node 2 -m pikv_offline dump-teacher --teacher DIR --data corpus.jsonl --out CACHE
+
+Rank r takes the sequences r, r+W, r+2W, ... (W ranks) and writes only its own shard. The cache is
+marked complete by rank 0 after every rank has committed all of its sequences.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import zarr
+from tqdm import tqdm
+
+from .. import __version__, dist
+from ..cache import format as F
+from ..cache.reader import open_cache, read_root_attrs
+from ..cache.writer import ShardWriter
+from ..config import DumpConfig
+from ..data import build_sequences, fingerprint, iter_documents, load_records
+from ..errors import PikvError
+from . import model as M
+
+TOKENIZER_DIR = "tokenizer"  # the teacher's tokenizer, saved inside the cache for stage two
+
+
+def rank_indices(n_seqs: int, rank: int, world_size: int) -> np.ndarray:
+    return np.arange(rank, n_seqs, world_size, dtype=np.int64)
+
+
+def cache_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _decide(cfg: DumpConfig, key: str, world_size: int) -> tuple[str, str]:
+    """Rank 0's view of --out: ('new'|'resume'|'hit', message) or ('error', message)."""
+    out = cfg.out
+    if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+        return "new", ""
+    attrs = read_root_attrs(out) if os.path.isdir(out) else None
+    if attrs is None:
+        return "error", (f"--out {out} exists and is not a pikv cache; choose a new or empty folder "
+                         "(--overwrite only replaces pikv caches)")
+    if attrs.get("cache_key") != key or attrs.get("format_version") != F.FORMAT_VERSION:
+        if cfg.overwrite:
+            return "new", f"replacing the cache at {out} (--overwrite)"
+        return "error", (f"--out {out} holds a cache of different inputs (teacher, data or settings "
+                         "changed); use another --out or pass --overwrite")
+    if attrs.get("complete") and not cfg.overwrite:
+        return "hit", f"cache hit: {out} is complete for these inputs (key {key}); nothing to do"
+    if cfg.overwrite:
+        return "new", f"replacing the cache at {out} (--overwrite)"
+    if int(attrs.get("world_size", -1)) != world_size:
+        return "error", (f"--out {out} is an incomplete dump started with {attrs.get('world_size')} "
+                         f"ranks; resume it with the same number of ranks or pass --overwrite")
+    return "resume", f"resuming the incomplete cache at {out}"
+
+
+def _create_root(cfg: DumpConfig, attrs: dict, tokenizer) -> None:
+    if os.path.exists(cfg.out):
+        shutil.rmtree(cfg.out)
+    root = zarr.open_group(cfg.out, mode="w", attributes={F.ROOT_ATTR: attrs})
+    root.create_group(F.SHARDS_GROUP)
+    tokenizer.save_pretrained(os.path.join(cfg.out, TOKENIZER_DIR))
+
+
+def run(cfg: DumpConfig) -> dict:
+    d = dist.init(cfg.device)
+    try:
+        return _run(cfg, d)
+    finally:
+        dist.teardown()
+
+
+def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
+    t_start = time.perf_counter()
+    if cfg.device_map and d.world_size > 1:
+        raise PikvError("--device-map auto spreads one teacher over the visible GPUs in one process; "
+                        "run it without torchrun")
+    folder = M.resolve_teacher(cfg.teacher)
+    config = M.load_config(folder, cfg.teacher)
+    tokenizer = M.load_tokenizer(folder, cfg.teacher)
+    vocab = int(M.text_config(config).vocab_size)
+    ctx = M.context_length(config)
+    if ctx is not None and cfg.seq_len > ctx:
+        raise PikvError(f"--seq-len {cfg.seq_len} exceeds the teacher's context of {ctx} tokens; "
+                        f"use --seq-len {ctx} or less")
+    if cfg.top_k > vocab:
+        raise PikvError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary of {vocab}; use --top-k {vocab} or less")
+    if len(tokenizer) > vocab:
+        raise PikvError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary is {vocab}; "
+                        "they do not belong together")
+
+    ds = load_records(cfg.data, cfg.split, cfg.data_config)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    docs = iter_documents(ds, tokenizer, cfg.text_field, cfg.chat_field)
+    input_ids, loss_mask = build_sequences(docs, cfg.seq_len, pad_id, cfg.pack, cfg.max_sequences)
+    n_seqs = len(input_ids)
+
+    device = d.device if not cfg.device_map else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = M.resolve_dtype(cfg.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    teacher_info = {"name": cfg.teacher, "weights_sha256": M.weights_identity(folder),
+                    "config_sha256": hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True,
+                                                               default=str).encode()).hexdigest(),
+                    "model_type": config.model_type, "vocab_size": vocab,
+                    "num_layers": M.layer_count(config), "dtype": dtype_name}
+    data_info = {"data": cfg.data, "split": cfg.split, "data_config": cfg.data_config,
+                 "text_field": cfg.text_field, "chat_field": cfg.chat_field, "pack": cfg.pack,
+                 "max_sequences": cfg.max_sequences, "fingerprint": fingerprint(input_ids, loss_mask)}
+    targets = {"logits": {"top_k": cfg.top_k, "temperatures": list(cfg.temperatures),
+                          "logprob_encoding": F.LOGPROB_ENCODING, "id_dtype": F.id_dtype(vocab).name}}
+    tok_hash = M.tokenizer_hash(tokenizer)
+    key = cache_key({"format_version": F.FORMAT_VERSION, "teacher": {k: v for k, v in teacher_info.items() if k != "name"},
+                     "tokenizer": tok_hash, "data": data_info["fingerprint"], "seq_len": cfg.seq_len,
+                     "targets": targets})
+
+    decision, message = _decide(cfg, key, d.world_size) if d.is_main else (None, None)
+    if d.is_main and decision == "new":
+        _create_root(cfg, {
+            "format_version": F.FORMAT_VERSION, "complete": False, "cache_key": key,
+            "teacher": teacher_info, "tokenizer_sha256": tok_hash, "tokenizer_dir": TOKENIZER_DIR,
+            "data": data_info, "seq_len": cfg.seq_len, "targets": targets,
+            "world_size": d.world_size, "shard_seqs": cfg.shard_seqs,
+            "counts": {"sequences": n_seqs}, "package_version": __version__,
+            "dump_config": cfg.to_dict()}, tokenizer)
+    decision, message = dist.broadcast_object((decision, message))
+    if decision == "error":
+        raise PikvError(message)
+    if message:
+        dist.print0(message)
+    if decision == "hit":
+        return {"cache_hit": True, "cache_key": key, "out": cfg.out}
+
+    model = M.load_model(folder, cfg.teacher, dtype, device, cfg.device_map)
+    mine = rank_indices(n_seqs, d.rank, d.world_size)
+    writer = ShardWriter(cfg.out, d.rank, d.world_size, len(mine), seq_len=cfg.seq_len, top_k=cfg.top_k,
+                         n_temps=len(cfg.temperatures), vocab_size=vocab, shard_seqs=cfg.shard_seqs,
+                         cache_key=key)
+    first_device = next(model.parameters()).device
+    todo = len(mine) - writer.committed
+    bar = tqdm(total=todo * cfg.seq_len, unit="tok", unit_scale=True, desc=f"dump (rank 0 of {d.world_size})",
+               disable=not d.is_main, dynamic_ncols=True)
+    t_loop = time.perf_counter()
+    forward_s = 0.0
+    for start in range(writer.committed, len(mine), cfg.shard_seqs):
+        block = mine[start:start + cfg.shard_seqs]
+        parts = []
+        for b in range(0, len(block), cfg.batch_size):
+            t0 = time.perf_counter()
+            x = torch.from_numpy(input_ids[block[b:b + cfg.batch_size]]).long().to(first_device)
+            ids, lps, lse = logit_targets_host(model, x, cfg.top_k, cfg.temperatures)
+            forward_s += time.perf_counter() - t0
+            parts.append((ids, lps, lse))
+            bar.update(x.numel())
+        ids = np.concatenate([p[0] for p in parts])
+        lps = np.concatenate([p[1] for p in parts])
+        lse = np.concatenate([p[2] for p in parts])
+        writer.submit(start, {
+            F.INPUT_IDS: input_ids[block], F.LOSS_MASK: loss_mask[block], F.SAMPLE_ID: block,
+            F.TOPK_IDS: ids.astype(F.id_dtype(vocab)), F.TOPK_LOGPROBS: F.encode_logprobs(lps),
+            F.LSE: lse})
+    committed = writer.close()
+    bar.close()
+    loop_s = time.perf_counter() - t_loop
+    assert committed == len(mine), (committed, len(mine))
+
+    dist.barrier()  # every rank has committed all of its sequences
+    result = {"cache_hit": False, "cache_key": key, "out": cfg.out, "sequences": n_seqs,
+              "positions": n_seqs * cfg.seq_len, "loss_tokens": int(loss_mask[:, 1:].sum())}
+    per_rank = dist.all_gather_object({"tokens": int(todo * cfg.seq_len), "loop_s": loop_s,
+                                       "forward_s": forward_s})
+    if d.is_main:
+        cache = open_cache(cfg.out, allow_incomplete=True)
+        stored = cache.bytes_per_array()
+        root = zarr.open_group(cfg.out, mode="r+")
+        attrs = dict(root.attrs[F.ROOT_ATTR])
+        attrs["counts"] = {"sequences": n_seqs, "positions": result["positions"],
+                           "loss_tokens": result["loss_tokens"]}
+        attrs["bytes_stored"] = stored
+        attrs["complete"] = True  # last write of the dump: readers trust the cache from here on
+        root.attrs[F.ROOT_ATTR] = attrs
+        tokens = sum(r["tokens"] for r in per_rank)
+        seconds = time.perf_counter() - t_start
+        result.update({
+            "seconds": round(seconds, 2),
+            "dump_tokens_per_s": round(tokens / max(max(r["loop_s"] for r in per_rank), 1e-9), 1),
+            "compute_tokens_per_s": round(tokens / max(max(r["forward_s"] for r in per_rank), 1e-9), 1),
+            "bytes_per_token": {k: round(v / result["positions"], 2) for k, v in stored.items()},
+        })
+        bpt = result["bytes_per_token"]
+        dist.print0(f"dumped {n_seqs} sequences, {result['positions']} tokens in {seconds:.1f}s "
+                    f"({result['dump_tokens_per_s']:.0f} tok/s); bytes/token: "
+                    + ", ".join(f"{k} {v}" for k, v in bpt.items())
+                    + f", total {sum(bpt.values()):.1f}")
+    dist.barrier()
+    return result
+
+
+def logit_targets_host(model, x: torch.Tensor, top_k: int, temperatures) -> tuple[np.ndarray, ...]:
+    ids, lps, lse = M.logit_targets(model, x, top_k, temperatures)
+    return ids.cpu().numpy(), lps.cpu().numpy(), lse.cpu().numpy()

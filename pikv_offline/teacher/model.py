@@ -1,0 +1,161 @@
+"""Load a Hugging Face teacher and its tokenizer, identify them, and compute logit targets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+from ..errors import PikvError, brief
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_PROBE = 4 << 20  # bytes hashed at each end of a weight file
+
+
+def resolve_teacher(teacher: str) -> str:
+    """A local folder holding the teacher: the path itself, or the hub snapshot (offline cache included)."""
+    path = os.path.expanduser(teacher)
+    if os.path.isdir(path):
+        return path
+    if teacher.startswith((".", "/", "~")) or teacher.count("/") > 1:
+        raise PikvError(f"--teacher folder {teacher} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(teacher, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                          "*.jinja", "*.tiktoken", "*.py"])
+    except Exception as e:
+        raise PikvError(f"--teacher {teacher!r} is not a local folder and could not be loaded from the hub "
+                        f"(nor its offline cache): {brief(e)}")
+
+
+def weights_identity(folder: str) -> str:
+    """A cheap identity of the weights: size plus the first and last 4 MiB of every weight file.
+
+    Hashing a 140 GB checkpoint in full would cost minutes per dump; the ends of each file hold
+    the header and real tensor bytes, so a retrained or re-quantized model changes this hash.
+    """
+    h = hashlib.sha256()
+    files = sorted(f for f in os.listdir(folder) if f.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise PikvError(f"--teacher {folder} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    for name in files:
+        p = os.path.join(folder, name)
+        size = os.path.getsize(p)
+        h.update(f"{name}:{size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(_PROBE))
+            if size > 2 * _PROBE:
+                f.seek(size - _PROBE)
+                h.update(f.read(_PROBE))
+    return h.hexdigest()
+
+
+def load_tokenizer(folder: str, teacher: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise PikvError(f"--teacher {teacher} has no usable tokenizer ({brief(e)}); save one beside the weights "
+                        "with tokenizer.save_pretrained")
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Identity of what the ids mean: the vocabulary and the special tokens."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()),
+               "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def load_config(folder: str, teacher: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise PikvError(f"--teacher {teacher}: cannot read its config.json ({brief(e)})")
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def context_length(config) -> int | None:
+    c = text_config(config)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(c, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def layer_count(config) -> int | None:
+    c = text_config(config)
+    return getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp32 on CPU is both exact and faster than emulated bf16 there.
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def load_model(folder: str, teacher: str, dtype: torch.dtype, device: torch.device, device_map: str | None):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    try:
+        kwargs = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    except Exception as e:
+        raise PikvError(f"--teacher {teacher}: cannot load it as a causal LM ({brief(e)})")
+    if not device_map:
+        model.to(device)
+    return model.eval()
+
+
+def _head_postprocess(config, z: torch.Tensor) -> torch.Tensor:
+    """Model-specific logit transforms the LM head forward applies after the projection."""
+    c = text_config(config)
+    scale = getattr(c, "logit_scale", None)  # Cohere
+    if isinstance(scale, (int, float)) and scale != 1:
+        z = z * scale
+    cap = getattr(c, "final_logit_softcapping", None)  # Gemma 2/3
+    if cap:
+        z = torch.tanh(z / cap) * cap
+    return z
+
+
+@torch.inference_mode()
+def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tuple[float, ...],
+                  chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids, top-k log-probs (T=1) and the full-vocabulary LSE at every T, all in float32.
+
+    input_ids [B, L] -> ids [B, L, k] int64, logprobs [B, L, k] float32 (sorted, descending),
+    lse [B, L, nT] float32 where lse[..., j] = log sum_v exp(z_v / T_j).
+
+    The LM head runs on ``chunk_tokens`` positions at a time so a [B, L, V] float32 tensor is
+    never materialized: the peak extra memory is chunk_tokens x V floats.
+    """
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    b, length, width = hidden.shape
+    flat = hidden.reshape(b * length, width)
+    ids, lps, lses = [], [], []
+    for s in range(0, flat.shape[0], chunk_tokens):
+        z = _head_postprocess(model.config, head(flat[s:s + chunk_tokens].to(head.weight.device))).float()
+        lse1 = torch.logsumexp(z, dim=-1)
+        top, idx = torch.topk(z, top_k, dim=-1, sorted=True)
+        lps.append(top - lse1[:, None])
+        ids.append(idx)
+        lses.append(torch.stack([lse1] + [torch.logsumexp(z / t, dim=-1) for t in temperatures[1:]], dim=-1))
+    return (torch.cat(ids).reshape(b, length, top_k), torch.cat(lps).reshape(b, length, top_k),
+            torch.cat(lses).reshape(b, length, len(temperatures)))
