@@ -21,12 +21,14 @@ from .errors import PikvError, brief
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text",
                   ".csv": "csv", ".arrow": "arrow"}
 
-# Used when the tokenizer has no chat template of its own. The assistant turn ends with EOS so the
-# student learns where an answer stops.
+# Used when the tokenizer has no chat template of its own. Newlines are emitted as expressions
+# because transformers renders templates with trim_blocks (a newline after a block tag vanishes);
+# the header ends with a newline so BPE cannot merge it into the answer's first token. The
+# assistant turn ends with EOS so the student learns where an answer stops.
 FALLBACK_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
+    "{% for m in messages %}{{ m['role'] + ':\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}"
 )
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
                    "assistant": "assistant"}
@@ -89,7 +91,8 @@ def chat_tokens(tokenizer, turns: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
     An assistant turn i spans from the end of the rendering of turns[:i] with the generation prompt
     (so the "assistant" header is not trained) to the end of the rendering of turns[:i+1]. Tokens
-    are assigned to spans by their character offsets in the full rendering.
+    are assigned to spans by their character offsets in the full rendering: a token that overlaps
+    an assistant span is trained (a BPE merge across the boundary still predicts assistant text).
     """
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
 
@@ -111,7 +114,7 @@ def chat_tokens(tokenizer, turns: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     ids = np.asarray(enc["input_ids"], dtype=np.int32)
     mask = np.zeros(len(ids), dtype=bool)
     for j, (s, e) in enumerate(enc["offset_mapping"]):
-        mask[j] = e > s and any(a <= s < b for a, b in spans)
+        mask[j] = e > s and any(s < b and e > a for a, b in spans)
     return ids, mask
 
 

@@ -20,9 +20,13 @@ from . import format as F
 
 
 def _fault(point: str, count: int) -> None:
-    """Test hook: PIKV_FAULT=write:N or commit:N SIGKILLs this process at that point of block N."""
+    """Test hook for crash tests: PIKV_FAULT=write:N or commit:N SIGKILLs this process after the data
+    (write) or the commit of its N-th block; a suffix @R limits it to rank R."""
     spec = os.environ.get("PIKV_FAULT", "")
-    if spec and spec == f"{point}:{count}":
+    if not spec:
+        return
+    where, _, rank = spec.partition("@")
+    if where == f"{point}:{count}" and (not rank or rank == os.environ.get("RANK", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

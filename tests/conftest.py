@@ -1,0 +1,80 @@
+"""Shared fixtures: a corpus, a tokenizer trained here, tiny GPT-2 and Llama shaped teachers. No downloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 512
+CONTEXT = 128
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pikv")
+
+
+@pytest.fixture(scope="session")
+def texts():
+    from pikv_offline.corpus import docstrings
+
+    return docstrings()[:400]
+
+
+@pytest.fixture(scope="session")
+def corpus(workdir, texts):
+    return write_jsonl(workdir / "corpus.jsonl", [{"text": t} for t in texts])
+
+
+@pytest.fixture(scope="session")
+def tokenizer(texts):
+    from pikv_offline.toy import train_tokenizer
+
+    return train_tokenizer(texts, vocab_size=VOCAB)
+
+
+def _teacher(workdir, tokenizer, kind):
+    from pikv_offline.toy import make_model
+
+    path = workdir / f"teacher-{kind}"
+    if not path.exists():
+        make_model(kind, len(tokenizer), hidden=48, layers=2, heads=4, context=CONTEXT, seed=1).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def gpt2_teacher(workdir, tokenizer):
+    return _teacher(workdir, tokenizer, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_teacher(workdir, tokenizer):
+    return _teacher(workdir, tokenizer, "llama")
+
+
+def pikv_subprocess(args, *, nproc=1, env=None, timeout=300):
+    """Run `python -m pikv_offline ARGS` (under torchrun when nproc > 1); returns CompletedProcess."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--standalone", "-m", "pikv_offline", *args]
+    else:
+        cmd = [sys.executable, "-m", "pikv_offline", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)

@@ -1,0 +1,254 @@
+"""Stage one: stored targets equal a live teacher; ranks, resume, cache hits, chat masks."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import CONTEXT, VOCAB, pikv_subprocess, write_jsonl
+from pikv_offline.cache import format as F
+from pikv_offline.cache.reader import open_cache, read_root_attrs
+from pikv_offline.config import DumpConfig
+from pikv_offline.errors import PikvError
+from pikv_offline.teacher import dump as dump_mod
+from pikv_offline.teacher.model import logit_targets
+
+SEQ = 64
+
+
+def dump(teacher, data, out, **kw):
+    kw.setdefault("seq_len", SEQ)
+    kw.setdefault("top_k", 16)
+    kw.setdefault("temperatures", (1.0, 2.0, 4.0))
+    kw.setdefault("shard_seqs", 4)
+    kw.setdefault("batch_size", 3)
+    return dump_mod.run(DumpConfig(teacher=teacher, data=data, out=str(out), **kw))
+
+
+def live_logits(teacher, input_ids):
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(input_ids).long()).logits.float()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_stored_topk_equals_live_teacher(kind, request, corpus, workdir):
+    teacher = request.getfixturevalue(f"{kind}_teacher")
+    out = workdir / f"live-{kind}"
+    res = dump(teacher, corpus, out, max_sequences=10)
+    assert res["sequences"] == 10 and not res["cache_hit"]
+    cache = open_cache(str(out))
+    got = cache.read_all()
+    np.testing.assert_array_equal(got[F.SAMPLE_ID], np.arange(10))
+    logits = live_logits(teacher, got[F.INPUT_IDS])
+    logprobs = torch.log_softmax(logits, -1)
+    ids = torch.from_numpy(got[F.TOPK_IDS])
+    stored = torch.from_numpy(got[F.TOPK_LOGPROBS])
+    # The stored ids are the live top-k: the live log-probs at them are the live top-k values.
+    live_top = torch.topk(logprobs, 16, dim=-1).values
+    torch.testing.assert_close(torch.gather(logprobs, -1, ids), live_top, atol=1e-5, rtol=0)
+    # fp16 log-probs: relative error <= 2^-11.
+    torch.testing.assert_close(stored, live_top, atol=1e-3, rtol=2 ** -10)
+    assert (stored[..., :-1] >= stored[..., 1:]).all(), "top-k is sorted by probability"
+    for j, t in enumerate(cache.temperatures):
+        torch.testing.assert_close(torch.from_numpy(got[F.LSE][..., j]), torch.logsumexp(logits / t, -1),
+                                   atol=1e-4, rtol=1e-5)
+    # Tempered top-k from the stored values matches the live tempered distribution.
+    lse = torch.from_numpy(got[F.LSE])
+    tempered = (stored + lse[..., :1]) / 2.0 - lse[..., 1:2]
+    torch.testing.assert_close(tempered, torch.gather(torch.log_softmax(logits / 2.0, -1), -1, ids),
+                               atol=2e-3, rtol=2 ** -10)
+
+
+def test_full_vocab_k_sums_to_one(llama_teacher, corpus, workdir):
+    out = workdir / "fullk"
+    dump(llama_teacher, corpus, out, max_sequences=3, top_k=VOCAB, temperatures=(1.0,))
+    got = open_cache(str(out)).read_all()
+    mass = np.exp(got[F.TOPK_LOGPROBS].astype(np.float64)).sum(-1)
+    np.testing.assert_allclose(mass, 1.0, atol=2e-3)
+    logits = live_logits(llama_teacher, got[F.INPUT_IDS])
+    np.testing.assert_allclose(got[F.LSE][..., 0], torch.logsumexp(logits, -1).numpy(), atol=1e-4, rtol=1e-5)
+
+
+def test_chunked_targets_equal_plain(llama_teacher):
+    model = AutoModelForCausalLM.from_pretrained(llama_teacher).eval()
+    x = torch.randint(0, VOCAB, (2, 40))
+    a = logit_targets(model, x, 8, (1.0, 2.0), chunk_tokens=7)
+    b = logit_targets(model, x, 8, (1.0, 2.0), chunk_tokens=10_000)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v)
+
+
+@pytest.fixture(scope="module")
+def one_rank_cache(llama_teacher, corpus, workdir):
+    out = workdir / "one-rank"
+    dump(llama_teacher, corpus, out, max_sequences=22)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_rank_cache(llama_teacher, corpus, workdir):
+    out = workdir / "two-rank"
+    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out), nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def _cli_args(teacher, data, out, n=22):
+    return ["dump-teacher", "--teacher", teacher, "--data", data, "--out", str(out), "--seq-len", str(SEQ),
+            "--top-k", "16", "--temperatures", "1,2,4", "--shard-size", "4", "--batch-size", "3",
+            "--max-sequences", str(n)]
+
+
+def _assert_same(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for name in a:
+        if exact or a[name].dtype.kind in "biu":
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        else:
+            np.testing.assert_allclose(a[name], b[name], atol=2e-3, rtol=1e-3, err_msg=name)
+
+
+def test_two_ranks_equal_one_rank(one_rank_cache, two_rank_cache):
+    c2 = open_cache(str(two_rank_cache))
+    assert len(c2.shards) == 2 and [c2.shard_len(i) for i in range(2)] == [11, 11]
+    a, b = open_cache(str(one_rank_cache)).read_all(), c2.read_all()
+    for name in (F.INPUT_IDS, F.LOSS_MASK, F.SAMPLE_ID):
+        np.testing.assert_array_equal(a[name], b[name])
+    # Different batch composition on each rank: equal within float tolerance.
+    np.testing.assert_allclose(a[F.TOPK_LOGPROBS], b[F.TOPK_LOGPROBS], atol=2e-3)
+    np.testing.assert_allclose(a[F.LSE], b[F.LSE], atol=1e-4)
+    assert (a[F.TOPK_IDS] == b[F.TOPK_IDS]).mean() > 0.999
+    assert c2.attrs["cache_key"] == open_cache(str(one_rank_cache)).attrs["cache_key"]
+
+
+@pytest.mark.parametrize("fault", ["commit:2", "write:2"])
+def test_killed_and_resumed_equals_uninterrupted(fault, llama_teacher, corpus, workdir, one_rank_cache):
+    out = workdir / f"killed-{fault.replace(':', '-')}"
+    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out), env={"PIKV_FAULT": fault})
+    assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
+    assert read_root_attrs(str(out))["complete"] is False
+    with pytest.raises(PikvError, match="incomplete"):
+        open_cache(str(out))
+    partial = open_cache(str(out), allow_incomplete=True)
+    assert partial.shard_len(0) == (8 if fault == "commit:2" else 4)
+    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resuming" in p.stdout
+    _assert_same(open_cache(str(out)).read_all(), open_cache(str(one_rank_cache)).read_all())
+
+
+def test_two_rank_dump_with_one_rank_killed_resumes(llama_teacher, corpus, workdir, two_rank_cache):
+    out = workdir / "killed-2rank"
+    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out), nproc=2, env={"PIKV_FAULT": "commit:1@1"})
+    assert p.returncode != 0
+    assert read_root_attrs(str(out))["complete"] is False
+    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out), nproc=1)
+    assert p.returncode == 2 and "started with 2 ranks" in p.stderr
+    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out), nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _assert_same(open_cache(str(out)).read_all(), open_cache(str(two_rank_cache)).read_all())
+
+
+def test_cache_hit_skips_teacher_and_key_mismatch_is_refused(llama_teacher, corpus, workdir, monkeypatch,
+                                                              one_rank_cache):
+    before = sorted(os.walk(one_rank_cache))
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher must not be loaded on a cache hit")
+
+    monkeypatch.setattr(dump_mod.M, "load_model", no_teacher)
+    t0 = time.perf_counter()
+    res = dump(llama_teacher, corpus, one_rank_cache, max_sequences=22)
+    assert res["cache_hit"] and time.perf_counter() - t0 < 20
+    assert sorted(os.walk(one_rank_cache)) == before
+    with pytest.raises(PikvError, match="different inputs"):
+        dump(llama_teacher, corpus, one_rank_cache, max_sequences=22, top_k=8)
+    monkeypatch.undo()
+    other = workdir / "overwrite"
+    dump(llama_teacher, corpus, other, max_sequences=4)
+    res = dump(llama_teacher, corpus, other, max_sequences=4, top_k=8, overwrite=True)
+    assert not res["cache_hit"] and open_cache(str(other)).top_k == 8
+
+
+def test_tokenizer_is_saved_in_cache(one_rank_cache, tokenizer):
+    tok = AutoTokenizer.from_pretrained(os.path.join(one_rank_cache, "tokenizer"))
+    assert tok.get_vocab() == tokenizer.get_vocab()
+
+
+def test_corrupted_chunk_is_detected(llama_teacher, corpus, workdir):
+    out = workdir / "corrupt"
+    dump(llama_teacher, corpus, out, max_sequences=4)
+    shard_file = out / "shards" / "rank-00000" / "logits" / "lse" / "c" / "0" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[10] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(Exception):
+        open_cache(str(out)).read_all()
+
+
+def test_no_pack_pads_and_masks(llama_teacher, workdir):
+    data = write_jsonl(workdir / "short.jsonl", [{"text": "a short line of text."}, {"text": "x " * 100}])
+    out = workdir / "nopack"
+    dump(llama_teacher, data, out, pack=False)
+    got = open_cache(str(out)).read_all()
+    first = got[F.LOSS_MASK][0]
+    n = int(first.sum())
+    assert 2 <= n < SEQ and first[:n].all() and not first[n:].any()
+    assert len(got[F.SAMPLE_ID]) >= 3  # the long document is split, not truncated
+
+
+CHATS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"},
+     {"role": "assistant", "content": "An ordered, mutable sequence."},
+     {"role": "user", "content": "And a tuple?"}, {"role": "assistant", "content": "An immutable one."}],
+    [{"role": "user", "content": "Name a sorting algorithm."}, {"role": "assistant", "content": "Merge sort."}],
+]
+
+
+@pytest.mark.parametrize("template", ["own", "fallback"])
+def test_chat_loss_mask_covers_exactly_assistant_tokens(template, tokenizer, workdir, texts):
+    from pikv_offline.toy import make_model
+
+    teacher = workdir / f"chat-teacher-{template}"
+    tok = tokenizer
+    if template == "fallback":
+        from pikv_offline.toy import train_tokenizer
+
+        tok = train_tokenizer(texts, vocab_size=VOCAB, chat_template=False)
+    make_model("llama", len(tok), hidden=32, layers=1, context=CONTEXT).save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    data = write_jsonl(workdir / f"chat-{template}.jsonl", [{"conversations": c} for c in CHATS])
+    out = workdir / f"chat-cache-{template}"
+    dump(str(teacher), data, out, chat_field="conversations", pack=False, seq_len=CONTEXT)
+    got = open_cache(str(out)).read_all()
+    end = "<|end|>\n" if template == "own" else tok.eos_token + "\n"
+    for conv, ids, mask in zip(CHATS, got[F.INPUT_IDS], got[F.LOSS_MASK]):
+        runs, cur = [], []
+        for i, m in zip(ids, mask):
+            if m:
+                cur.append(int(i))
+            elif cur:
+                runs.append(cur)
+                cur = []
+        if cur:
+            runs.append(cur)
+        want = [t["content"] + end for t in conv if t["role"] == "assistant"]
+        assert [tok.decode(r) for r in runs] == want
+
+
+def test_inspect_reports_bytes_per_token(one_rank_cache):
+    p = pikv_subprocess(["inspect", str(one_rank_cache), "--json"])
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["complete"] and info["counts"]["committed"] == 22
+    assert set(info["bytes_per_token"]) == set(F.ARRAY_NAMES)
+    assert 0 < info["bytes_per_token"][F.TOPK_IDS] < 16 * 2  # uint16 ids, compressed
+    p = pikv_subprocess(["inspect", str(one_rank_cache)])
+    assert "bytes/token" in p.stdout and "complete" in p.stdout
