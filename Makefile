@@ -1,0 +1,24 @@
+# The README's two commands. Each sets itself up: a venv in .venv with this package installed.
+# torch==2.13.0 is tried first (a CPU wheel on some machines' local disk); any torch otherwise.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q torch
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pikv_offline.demo --workdir runs/demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,131 @@
+"""The main job on the embedded default: a small real teacher, dumped with 2 ranks.
+
+    python -m pikv_offline.demo [--workdir runs/demo]     (what `make demo` runs)
+
+1. builds the corpus from the standard library's docstrings (data is generated, never downloaded);
+2. trains a byte-level BPE tokenizer and a small GPT-2 shaped teacher on it until its held-out
+   loss is well below a unigram model's (the teacher is saved and reused by later runs);
+3. runs `pikv dump-teacher` under torchrun with 2 ranks (gloo on CPU) and `pikv inspect`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .corpus import write_corpus
+from .toy import make_model, train_tokenizer
+
+VOCAB = 4096
+SEQ = 128
+
+
+def _tokens(path: str, tokenizer) -> np.ndarray:
+    texts = [json.loads(line)["text"] for line in open(path)]
+    ids = tokenizer(texts)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return np.concatenate([np.asarray(x + [eos], dtype=np.int64) for x in ids])
+
+
+def unigram_loss(train: np.ndarray, held: np.ndarray, vocab: int) -> float:
+    """Held-out cross-entropy (nats/token) of add-one unigram frequencies from the training tokens."""
+    counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[held].mean())
+
+
+@torch.no_grad()
+def heldout_loss(model, held: np.ndarray, seq: int = SEQ) -> float:
+    model.eval()
+    n = (len(held) - 1) // seq
+    x = torch.from_numpy(held[: n * seq].reshape(n, seq))
+    y = torch.from_numpy(held[1: n * seq + 1].reshape(n, seq))
+    total = 0.0
+    for i in range(0, n, 32):
+        logits = model(x[i:i + 32]).logits.float()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[i:i + 32].flatten(), reduction="sum").item()
+    model.train()
+    return total / (n * seq)
+
+
+def train_teacher(out: str, train: np.ndarray, held: np.ndarray, tokenizer, steps: int, seed: int = 0) -> dict:
+    """Plain next-token training of a small GPT-2 shaped model; saves it with the tokenizer in HF form."""
+    torch.manual_seed(seed)
+    model = make_model("gpt2", len(tokenizer), hidden=128, layers=4, heads=4, context=512, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    rng = np.random.default_rng(seed)
+    batch = 16
+    t0 = time.perf_counter()
+    for step in range(steps):
+        starts = rng.integers(0, len(train) - SEQ - 1, size=batch)
+        x = torch.from_numpy(np.stack([train[s:s + SEQ] for s in starts]))
+        y = torch.from_numpy(np.stack([train[s + 1:s + SEQ + 1] for s in starts]))
+        loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  teacher step {step:4d}  train loss {loss.item():.3f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"heldout_loss": heldout_loss(model, held), "params": sum(p.numel() for p in model.parameters()),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="runs/demo")
+    ap.add_argument("--teacher-steps", type=int, default=400)
+    ap.add_argument("--nproc", type=int, default=2)
+    args = ap.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    corpus = os.path.join(args.workdir, "corpus.jsonl")
+    held_path = os.path.join(args.workdir, "corpus.heldout.jsonl")
+    teacher = os.path.join(args.workdir, "teacher")
+    cache = os.path.join(args.workdir, "cache")
+
+    n_train, n_held = write_corpus(corpus, held_path)
+    print(f"[1/3] corpus: {n_train} train and {n_held} held-out docstrings from the standard library")
+    info_path = os.path.join(teacher, "pikv_teacher.json")
+    if os.path.isfile(info_path):
+        info = json.load(open(info_path))
+        print(f"[2/3] teacher: reusing {teacher} (held-out loss {info['heldout_loss']:.3f}, "
+              f"unigram {info['unigram_loss']:.3f})")
+    else:
+        texts = [json.loads(line)["text"] for line in open(corpus)]
+        tokenizer = train_tokenizer(texts, vocab_size=VOCAB)
+        train, held = _tokens(corpus, tokenizer), _tokens(held_path, tokenizer)
+        print(f"[2/3] teacher: tokenizer of {len(tokenizer)} tokens; {len(train)} train tokens; "
+              f"training a GPT-2 shaped teacher for {args.teacher_steps} steps")
+        info = train_teacher(teacher, train, held, tokenizer, args.teacher_steps)
+        info["unigram_loss"] = unigram_loss(train, held, len(tokenizer))
+        json.dump(info, open(info_path, "w"), indent=2)
+        print(f"      teacher: {info['params'] / 1e6:.1f}M params, held-out loss {info['heldout_loss']:.3f} "
+              f"nats/token vs unigram {info['unigram_loss']:.3f}")
+    if not info["heldout_loss"] < info["unigram_loss"] - 0.5:
+        sys.exit(f"error: the teacher's held-out loss {info['heldout_loss']:.3f} is not clearly below the "
+                 f"unigram model's {info['unigram_loss']:.3f}; delete {teacher} and train longer")
+
+    print(f"[3/3] pikv dump-teacher with {args.nproc} ranks -> {cache}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+           "-m", "pikv_offline", "dump-teacher", "--teacher", teacher, "--data", corpus, "--out", cache,
+           "--seq-len", str(SEQ), "--top-k", "64", "--temperatures", "1,2,4", "--batch-size", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run(cmd, check=True, env=env)
+    subprocess.run([sys.executable, "-m", "pikv_offline", "inspect", cache], check=True)
+
+
+if __name__ == "__main__":
+    main()
