@@ -76,3 +76,86 @@ class DumpConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+TAILS = ("bucket", "renorm")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str
+    out: str
+    student: str | None = None
+    student_config: str | None = None
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    tail: str = "bucket"
+    top_k: int | None = None  # None: the cached k
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # WSD: share of the steps spent decaying
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    epochs: float | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    save_every: int = 0
+    eval_every: int = 0
+    eval_fraction: float = 0.01
+    log_every: int = 10
+    resume: bool = False
+    tensorboard: bool = False
+    wandb: bool = False
+    zero: bool = False
+    loss_chunk: int = 0  # positions per chunk of the vocabulary projection + loss; 0 = no chunking
+    num_workers: int = 1
+
+    def __post_init__(self):
+        if bool(self.student) == bool(self.student_config):
+            raise PikvError("give exactly one of --student (a model folder or hub id) or --student-config (a config json)")
+        if self.divergence not in DIVERGENCES:
+            raise PikvError(f"--divergence must be one of {', '.join(DIVERGENCES)}; got {self.divergence}")
+        if self.tail not in TAILS:
+            raise PikvError(f"--tail must be one of {', '.join(TAILS)}; got {self.tail}")
+        if self.schedule not in SCHEDULES:
+            raise PikvError(f"--schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise PikvError(f"--temperature must be a positive number; got {self.temperature}")
+        if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
+            raise PikvError("--kd-weight and --ce-weight must be >= 0 and not both 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise PikvError(f"--top-k must be at least 1; got {self.top_k}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise PikvError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise PikvError("give exactly one of --max-steps or --epochs")
+        if (self.max_steps is not None and self.max_steps < 1) or (self.epochs is not None and self.epochs <= 0):
+            raise PikvError("--max-steps / --epochs must be positive")
+        if not 0 <= self.eval_fraction < 1:
+            raise PikvError(f"--eval-fraction must be in [0, 1); got {self.eval_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise PikvError(f"--min-lr-ratio must be in [0, 1]; got {self.min_lr_ratio}")
+        if self.lr <= 0:
+            raise PikvError(f"--lr must be positive; got {self.lr}")
+        if self.dtype not in DTYPES:
+            raise PikvError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype}")
+        if self.device not in DEVICES:
+            raise PikvError(f"--device must be one of {', '.join(DEVICES)}; got {self.device}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def data_order(self) -> dict:
+        """The settings that fix which sequences each step sees; a resume must not change them."""
+        return {k: getattr(self, k) for k in ("seed", "batch_size", "grad_accum", "eval_fraction")}

@@ -9,6 +9,7 @@ import os
 import torch
 
 from ..errors import PikvError, brief
+from ..modeling import lm_logits, text_config, tokenizer_hash  # noqa: F401  (re-exported)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PROBE = 4 << 20  # bytes hashed at each end of a weight file
@@ -63,13 +64,6 @@ def load_tokenizer(folder: str, teacher: str):
                         "with tokenizer.save_pretrained")
 
 
-def tokenizer_hash(tokenizer) -> str:
-    """Identity of what the ids mean: the vocabulary and the special tokens."""
-    payload = {"vocab": sorted(tokenizer.get_vocab().items()),
-               "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def load_config(folder: str, teacher: str):
     from transformers import AutoConfig
 
@@ -77,10 +71,6 @@ def load_config(folder: str, teacher: str):
         return AutoConfig.from_pretrained(folder)
     except Exception as e:
         raise PikvError(f"--teacher {teacher}: cannot read its config.json ({brief(e)})")
-
-
-def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def context_length(config) -> int | None:
@@ -122,18 +112,6 @@ def load_model(folder: str, teacher: str, dtype: torch.dtype, device: torch.devi
     return model.eval()
 
 
-def _head_postprocess(config, z: torch.Tensor) -> torch.Tensor:
-    """Model-specific logit transforms the LM head forward applies after the projection."""
-    c = text_config(config)
-    scale = getattr(c, "logit_scale", None)  # Cohere
-    if isinstance(scale, (int, float)) and scale != 1:
-        z = z * scale
-    cap = getattr(c, "final_logit_softcapping", None)  # Gemma 2/3
-    if cap:
-        z = torch.tanh(z / cap) * cap
-    return z
-
-
 @torch.inference_mode()
 def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tuple[float, ...],
                   chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,13 +124,12 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
     never materialized: the peak extra memory is chunk_tokens x V floats.
     """
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-    head = model.get_output_embeddings()
     b, length, width = hidden.shape
     flat = hidden.reshape(b * length, width)
     ids, lps, lses = [], [], []
     buf = None
     for s in range(0, flat.shape[0], chunk_tokens):
-        z = _head_postprocess(model.config, head(flat[s:s + chunk_tokens].to(head.weight.device))).float()
+        z = lm_logits(model, flat[s:s + chunk_tokens]).float()
         top, idx = torch.topk(z, top_k, dim=-1, sorted=True)
         # LSE_T = m/T + log sum exp((z - m)/T) with m = the row max (= top[:, 0]). One shifted copy
         # and one reused buffer instead of torch.logsumexp per T: half the memory passes, same values.

@@ -1,0 +1,419 @@
+"""Stage two: train a student from the teacher cache; the teacher is never loaded.
+
+    pikv train-student --cache CACHE --student-config student.json --out RUN --max-steps 200
+    torchrun --nproc-per-node 2 -m pikv_offline train-student --cache CACHE --student DIR --out RUN --epochs 1
+
+Read top to bottom: set-up (cache, student, optimizer, resume), then one loop of optimizer steps.
+Every loss is a sum over valid positions divided once by the step's global count of valid
+positions (all micro-batches, all ranks); DDP averages gradients over ranks, so the loss is
+multiplied by the world size to make that average a sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from .. import dist
+from ..cache.reader import open_cache
+from ..config import TrainConfig
+from ..errors import PikvError, brief
+from ..modeling import lm_logits, text_config, tokenizer_hash
+from . import data as D
+from .losses import ce_loss, kd_loss
+
+STATE_FILE = "trainer_state.pt"
+
+
+class Distiller(torch.nn.Module):
+    """The trained module: the student plus its losses (issue-5 projections will live here too).
+
+    DDP wraps this module, so the whole forward, loss included, goes through DDP.
+    """
+
+    def __init__(self, student, *, temperature: float, divergence: str, tail: str, loss_chunk: int):
+        super().__init__()
+        self.student = student
+        self.temperature, self.divergence, self.tail, self.loss_chunk = temperature, divergence, tail, loss_chunk
+
+    def _losses(self, h, labels, t_ids, t_logprobs, t_lse1, t_lseT):
+        logits = lm_logits(self.student, h)
+        kd, _ = kd_loss(logits, t_ids, t_logprobs, t_lse1, t_lseT, temperature=self.temperature,
+                        kind=self.divergence, tail=self.tail)
+        ce, _ = ce_loss(logits, labels)
+        top1 = (logits.argmax(-1) == t_ids[:, 0]).sum()
+        return kd, ce, top1
+
+    def forward(self, input_ids, loss_mask, t_ids, t_logprobs, t_lse1, t_lseT):
+        """Sums over the valid predictions of the micro-batch: (kd, ce, top-1 agreement hits, count)."""
+        h = self.student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        valid = loss_mask[:, 1:]  # the prediction at t is for token t+1
+        args = (h[:, :-1][valid], input_ids[:, 1:][valid], t_ids[:, :-1][valid], t_logprobs[:, :-1][valid],
+                t_lse1[:, :-1][valid], t_lseT[:, :-1][valid])
+        n = args[0].shape[0]
+        chunk = self.loss_chunk or n
+        if chunk >= n:
+            kd, ce, top1 = self._losses(*args)
+            return kd, ce, top1, n
+        # Checkpointing each chunk keeps only [chunk, V] logits alive: recomputed in backward.
+        kd = ce = top1 = 0
+        for s in range(0, n, chunk):
+            part = [a[s:s + chunk] for a in args]
+            k_, c_, t_ = torch.utils.checkpoint.checkpoint(self._losses, *part, use_reentrant=False)
+            kd, ce, top1 = kd + k_, ce + c_, top1 + t_
+        return kd, ce, top1, n
+
+
+def resolve_targets(cache, top_k: int | None, temperature: float, tail: str) -> tuple[int, int]:
+    """(k to read, index of the temperature's LSE column); refuses k above the cache or T off its grid."""
+    k = top_k or cache.top_k
+    if k > cache.top_k:
+        raise PikvError(f"--top-k {k} is above the cached k of {cache.top_k}; use --top-k {cache.top_k} or less")
+    grid = cache.temperatures
+    if temperature in grid:
+        return k, grid.index(temperature)
+    if tail == "renorm":
+        return k, 0  # renorm needs no LSE at T
+    raise PikvError(f"--temperature {temperature} is not in the cache's grid {grid}: the tail bucket "
+                    "is exact only there; pick one of those, re-dump with it, or use --tail renorm")
+
+
+def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
+    """Multiplier of --lr at ``step``: linear warmup, then cosine / WSD / constant down to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    lo = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(total - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    if cfg.schedule == "cosine":
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = 1.0 - cfg.decay_fraction  # WSD: warmup, stable at the peak, then linear decay
+    if progress < decay_start:
+        return 1.0
+    return 1.0 - (1 - lo) * (progress - decay_start) / max(cfg.decay_fraction, 1e-9)
+
+
+def load_student(cfg: TrainConfig, seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if cfg.student_config:
+        try:
+            spec = json.load(open(cfg.student_config))
+            config = AutoConfig.for_model(**spec)
+        except Exception as e:
+            raise PikvError(f"--student-config {cfg.student_config}: not a usable model config json ({brief(e)})")
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config), None
+    path = os.path.expanduser(cfg.student)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:
+        raise PikvError(f"--student {cfg.student}: cannot load it as a causal LM ({brief(e)})")
+    tok = None
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                   for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception:
+            tok = None
+    return model, tok
+
+
+def check_compatible(model, student_tok, cache_attrs: dict) -> None:
+    t_vocab = int(cache_attrs["teacher"]["vocab_size"])
+    s_vocab = int(model.get_output_embeddings().weight.shape[0])
+    if s_vocab < t_vocab:
+        raise PikvError(f"the student's vocabulary ({s_vocab}) does not cover the teacher's ({t_vocab}); "
+                        "the student must use the teacher's tokenizer (a larger, padded vocabulary is fine)")
+    if student_tok is not None and tokenizer_hash(student_tok) != cache_attrs["tokenizer_sha256"]:
+        raise PikvError("the student's tokenizer differs from the teacher's (tokenizer hash mismatch); "
+                        "distillation needs the teacher's tokenizer, which the cache holds in its tokenizer/ folder")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def latest_checkpoint(out: str) -> str | None:
+    found = [(int(p.rsplit("-", 1)[1]), p) for p in glob.glob(os.path.join(out, "checkpoint-*"))
+             if p.rsplit("-", 1)[1].isdigit() and os.path.isfile(os.path.join(p, STATE_FILE))]
+    return max(found)[1] if found else None
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path: str, student, cache, state: dict) -> None:
+    """Atomic: everything goes to a temporary folder that is renamed into place at the end."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tok_dir = os.path.join(cache.path, cache.attrs.get("tokenizer_dir", "tokenizer"))
+    for f in os.listdir(tok_dir):
+        shutil.copy(os.path.join(tok_dir, f), tmp)
+    if state:
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def _reduce(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: Distiller, cache, index, batch_size: int, d, autocast, top_k: int, t_index: int) -> dict:
+    """Held-out CE, perplexity, KD loss and top-1 agreement with the teacher, over all ranks."""
+    was_training = model.training
+    model.eval()
+    kd = ce = top1 = n = 0.0
+    for batch in D.eval_batches(cache, index, rank=d.rank, world_size=d.world_size, batch_size=batch_size,
+                                top_k=top_k, t_index=t_index):
+        b = {k: v.to(d.device) for k, v in batch.items() if k != "sample_id"}
+        with autocast():
+            k_, c_, t_, n_ = model(**b)
+        kd, ce, top1, n = kd + float(k_), ce + float(c_), top1 + float(t_), n + n_
+    kd, ce, top1, n = _reduce([kd, ce, top1, n], d.device)
+    model.train(was_training)
+    if n == 0:
+        return {}
+    return {"eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50)), "eval_kd": kd / n,
+            "eval_top1": top1 / n, "eval_tokens": int(n)}
+
+
+def run(cfg: TrainConfig) -> dict:
+    d = dist.init(cfg.device)
+    try:
+        return _run(cfg, d)
+    finally:
+        dist.teardown()
+
+
+def _run(cfg: TrainConfig, d: dist.Dist) -> dict:
+    # ---- cache and targets ---------------------------------------------------------------------
+    if not os.path.exists(cfg.cache):
+        raise PikvError(f"--cache {cfg.cache} does not exist; create it with `pikv dump-teacher`")
+    cache = open_cache(cfg.cache)
+    top_k, t_index = resolve_targets(cache, cfg.top_k, cfg.temperature, cfg.tail)
+    index = D.CacheIndex(cache, cfg.eval_fraction)
+    micro_per_epoch = D.micro_steps_per_epoch(len(index.train), cfg.batch_size, d.world_size)
+    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world_size
+    if steps_per_epoch == 0:
+        raise PikvError(f"the cache has {len(index.train)} training sequences, fewer than one global batch of "
+                        f"{global_batch} (batch-size x grad-accum x ranks); lower --batch-size or --grad-accum")
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    # ---- student, optimizer, resume --------------------------------------------------------------
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        raise PikvError(f"--resume: {cfg.out} holds no checkpoint to resume from; drop --resume to start fresh")
+    state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=False) if ckpt else None
+    if state:
+        if state["world_size"] != d.world_size:
+            raise PikvError(f"--resume: the checkpoint was written by {state['world_size']} ranks, this run has "
+                            f"{d.world_size}; resume with the same number of ranks")
+        if state["data_order"] != cfg.data_order() or state["cache_key"] != cache.attrs["cache_key"]:
+            raise PikvError("--resume: the cache or a setting that fixes the data order (seed, batch size, "
+                            "grad accum, eval fraction) changed since the checkpoint; use a new --out")
+    model, student_tok = load_student(cfg, cfg.seed)
+    check_compatible(model, student_tok, cache.attrs)
+    if state:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")), strict=False)
+    model.config.use_cache = False
+    model.to(d.device).train()
+    distiller = Distiller(model, temperature=cfg.temperature, divergence=cfg.divergence, tail=cfg.tail,
+                          loss_chunk=cfg.loss_chunk)
+    ddp = torch.nn.parallel.DistributedDataParallel(distiller) if d.world_size > 1 else None
+    net = ddp or distiller
+
+    decay = [p for p in distiller.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in distiller.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.zero and d.world_size > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=cfg.lr, betas=(0.9, 0.95))
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total))
+    amp_dtype = resolve_dtype(cfg.dtype, d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
+
+    def autocast():
+        if amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(d.device.type, dtype=amp_dtype)
+
+    step, epoch, micro, skipped, tokens_seen = 0, 0, 0, 0, 0
+    torch.manual_seed(cfg.seed + d.rank)
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, micro = state["step"], state["epoch"], state["micro"]
+        skipped, tokens_seen = state["skipped"], state["tokens_seen"]
+        set_rng_state(state["rng"][d.rank])
+        dist.print0(f"resuming from {ckpt} at step {step}")
+
+    def loader(ep: int, start: int):
+        stream = D.TrainStream(cfg.cache, seed=cfg.seed, epoch=ep, start=start, batch_size=cfg.batch_size,
+                               rank=d.rank, world_size=d.world_size, top_k=top_k, t_index=t_index,
+                               eval_fraction=cfg.eval_fraction)
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+                                                pin_memory=d.device.type == "cuda",
+                                                prefetch_factor=4 if cfg.num_workers else None))
+
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    metrics = open(metrics_path, "a") if d.is_main else None
+    tb = wb = None
+    if d.is_main and cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise PikvError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
+    if d.is_main and cfg.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise PikvError("--wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works offline)")
+        wb = wandb.init(project="pikv-offline", dir=cfg.out, config=cfg.to_dict(), resume="allow")
+    if d.is_main:
+        json.dump({**cfg.to_dict(), "world_size": d.world_size, "total_steps": total, "top_k": top_k,
+                   "cache_key": cache.attrs["cache_key"]}, open(os.path.join(cfg.out, "config.json"), "w"), indent=2)
+
+    def log(record: dict) -> None:
+        if not d.is_main:
+            return
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                if tb:
+                    tb.add_scalar(k, v, record["step"])
+        if wb:
+            wb.log(record, step=record["step"])
+
+    def checkpoint(name: str, with_state: bool) -> None:
+        if cfg.zero and d.world_size > 1 and with_state:
+            opt.consolidate_state_dict(to=0)
+        rngs = dist.all_gather_object(rng_state())
+        if d.is_main:
+            st = {"step": step, "epoch": epoch, "micro": micro, "skipped": skipped, "tokens_seen": tokens_seen,
+                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                  "rng": rngs, "world_size": d.world_size, "data_order": cfg.data_order(),
+                  "cache_key": cache.attrs["cache_key"], "config": cfg.to_dict()} if with_state else None
+            save_checkpoint(os.path.join(cfg.out, name), model, cache, st)
+        dist.barrier()
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    dist.print0(f"training {total} steps ({steps_per_epoch} per epoch) of {global_batch} sequences x "
+                f"{cache.seq_len} tokens; KD {cfg.divergence}/{cfg.tail} at T={cfg.temperature}, k={top_k}")
+    it = loader(epoch, micro)
+    bar = tqdm(total=total, initial=step, desc="train", disable=not d.is_main, dynamic_ncols=True)
+    t_log, tok_log = time.perf_counter(), 0
+    last = {}
+    while step < total:
+        batches = []
+        for _ in range(cfg.grad_accum):
+            if micro >= steps_per_epoch * cfg.grad_accum:
+                epoch, micro = epoch + 1, 0
+                it = loader(epoch, micro)
+            batches.append({k: v.to(d.device, non_blocking=True) for k, v in next(it).items() if k != "sample_id"})
+            micro += 1
+        local = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
+        (count,) = _reduce([local], d.device)
+        sums = torch.zeros(3, dtype=torch.float64)
+        for a, b in enumerate(batches):
+            sync = contextlib.nullcontext() if ddp is None or a == len(batches) - 1 else ddp.no_sync()
+            with sync:
+                with autocast():
+                    kd, ce, top1, _ = net(**b)
+                    loss = (cfg.kd_weight * kd + cfg.ce_weight * ce) * (d.world_size / max(count, 1))
+                scaler.scale(loss).backward()
+            sums += torch.tensor([float(kd.detach()), float(ce.detach()), float(top1)], dtype=torch.float64)
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(distiller.parameters(), cfg.grad_clip or float("inf"))
+        kd_sum, ce_sum, top1_sum = _reduce(sums.tolist(), d.device)
+        total_loss = (cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum) / max(count, 1)
+        finite = math.isfinite(total_loss) and math.isfinite(float(grad_norm))
+        if finite:
+            scaler.step(opt)
+        else:
+            skipped += 1
+            dist.print0(f"step {step}: non-finite loss {total_loss} or grad norm {float(grad_norm)}; step skipped")
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        tokens_seen += int(count)
+        tok_log += int(count)
+        bar.update(1)
+        last = {"step": step, "loss": total_loss, "kd": kd_sum / max(count, 1), "ce": ce_sum / max(count, 1),
+                "top1": top1_sum / max(count, 1), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                "skipped": skipped, "epoch": epoch}
+        if step % max(cfg.log_every, 1) == 0 or step == total:
+            now = time.perf_counter()
+            last["tokens_per_s"] = tok_log / max(now - t_log, 1e-9)
+            t_log, tok_log = now, 0
+            bar.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            log(last)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            ev = evaluate(distiller, cache, index, cfg.batch_size, d, autocast, top_k, t_index)
+            if ev:
+                log({"step": step, **ev})
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            checkpoint(f"checkpoint-{step}", with_state=True)
+    bar.close()
+    ev = evaluate(distiller, cache, index, cfg.batch_size, d, autocast, top_k, t_index)
+    if ev:
+        log({"step": step, **ev})
+        dist.print0("eval: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
+    checkpoint(f"checkpoint-{step}", with_state=True)
+    checkpoint("final", with_state=False)
+    if metrics:
+        metrics.close()
+    if tb:
+        tb.close()
+    if wb:
+        wb.finish()
+    return {"steps": step, "skipped": skipped, "tokens_seen": tokens_seen, "last": last, "eval": ev,
+            "out": cfg.out}
