@@ -56,32 +56,39 @@ def heldout_loss(model, held: np.ndarray, seq: int = SEQ) -> float:
     return total / (n * seq)
 
 
-def train_teacher(out: str, train: np.ndarray, held: np.ndarray, tokenizer, steps: int, seed: int = 0) -> dict:
-    """Plain next-token training of a small GPT-2 shaped model; saves it with the tokenizer in HF form."""
-    torch.manual_seed(seed)
-    model = make_model("gpt2", len(tokenizer), hidden=128, layers=4, heads=4, context=512, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95))
+def train_lm(model, train: np.ndarray, steps: int, *, batch: int = 16, seq: int = SEQ, lr: float = 2e-3,
+             seed: int = 0, log_every: int = 100) -> float:
+    """Plain next-token training on random windows of a token stream (AdamW, warmup + cosine); returns seconds."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
     rng = np.random.default_rng(seed)
-    batch = 16
+    model.train()
     t0 = time.perf_counter()
     for step in range(steps):
-        starts = rng.integers(0, len(train) - SEQ - 1, size=batch)
-        x = torch.from_numpy(np.stack([train[s:s + SEQ] for s in starts]))
-        y = torch.from_numpy(np.stack([train[s + 1:s + SEQ + 1] for s in starts]))
+        starts = rng.integers(0, len(train) - seq - 1, size=batch)
+        x = torch.from_numpy(np.stack([train[s:s + seq] for s in starts]))
+        y = torch.from_numpy(np.stack([train[s + 1:s + seq + 1] for s in starts]))
         loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  teacher step {step:4d}  train loss {loss.item():.3f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"  step {step:4d}  train loss {loss.item():.3f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+    model.eval()
+    return time.perf_counter() - t0
+
+
+def train_teacher(out: str, train: np.ndarray, held: np.ndarray, tokenizer, steps: int, seed: int = 0) -> dict:
+    """The demo teacher: a small GPT-2 shaped model, saved with the tokenizer in HF form."""
+    model = make_model("gpt2", len(tokenizer), hidden=128, layers=4, heads=4, context=512, seed=seed)
+    seconds = train_lm(model, train, steps, seed=seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {"heldout_loss": heldout_loss(model, held), "params": sum(p.numel() for p in model.parameters()),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(seconds, 1)}
 
 
 def main(argv=None) -> None:

@@ -96,7 +96,7 @@ def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
     lo = cfg.min_lr_ratio
     if cfg.schedule == "constant":
         return 1.0
-    span = max(total - cfg.warmup_steps, 1)
+    span = max(total - cfg.warmup_steps - 1, 1)  # the last step reaches the floor
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     if cfg.schedule == "cosine":
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))

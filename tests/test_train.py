@@ -1,0 +1,141 @@
+"""Stage two: accumulation, ranks, resume and chunking are equivalences; checkpoints load and generate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import pikv_subprocess
+from pikv_offline.config import TrainConfig
+from pikv_offline.student import data as D
+from pikv_offline.student.train import run
+
+
+def train(cache, student_config, out, **kw):
+    kw.setdefault("max_steps", 4)
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("lr", 3e-3)
+    kw.setdefault("eval_fraction", 0.1)
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("log_every", 1)
+    kw.setdefault("warmup_steps", 1)
+    return run(TrainConfig(cache=cache, student_config=student_config, out=str(out), **kw))
+
+
+def weights(run_dir):
+    return load_file(os.path.join(run_dir, "final", "model.safetensors"))
+
+
+def assert_weights_close(a, b, exact=False):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def test_order_is_a_permutation_and_splits_disjointly(train_cache):
+    from pikv_offline.cache.reader import open_cache
+
+    index = D.CacheIndex(open_cache(train_cache), 0.1)
+    o0, o1 = index.epoch_order(0, 0), index.epoch_order(0, 1)
+    assert sorted(map(tuple, o0)) == sorted(map(tuple, index.train)) and len(index.eval) > 0
+    assert not (o0 == o1).all(), "each epoch reshuffles"
+    seen = []
+    for rank in range(2):
+        stream = D.TrainStream(train_cache, seed=0, epoch=0, start=0, batch_size=3, rank=rank, world_size=2,
+                               top_k=16, t_index=0, eval_fraction=0.1)
+        seen.append([int(s) for b in stream for s in b["sample_id"]])
+    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == D.micro_steps_per_epoch(len(o0), 3, 2) * 3
+
+
+def test_grad_accumulation_2_equals_1(train_cache, student_config, tmp_path):
+    train(train_cache, student_config, tmp_path / "a", batch_size=8, grad_accum=1, ce_weight=0.3)
+    train(train_cache, student_config, tmp_path / "b", batch_size=4, grad_accum=2, ce_weight=0.3)
+    assert_weights_close(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    la, lb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert abs(la[0]["loss"] - lb[0]["loss"]) < 1e-5
+
+
+def test_two_ranks_equal_one_rank(train_cache, student_config, tmp_path):
+    train(train_cache, student_config, tmp_path / "one", batch_size=8)
+    p = pikv_subprocess(["train-student", "--cache", train_cache, "--student-config", student_config,
+                         "--out", str(tmp_path / "two"), "--max-steps", "4", "--batch-size", "4", "--lr", "3e-3",
+                         "--eval-fraction", "0.1", "--num-workers", "0", "--warmup-steps", "1", "--zero"], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_weights_close(weights(tmp_path / "one"), weights(tmp_path / "two"))
+
+
+def test_resume_equals_uninterrupted(train_cache, student_config, tmp_path):
+    train(train_cache, student_config, tmp_path / "full", max_steps=6, ce_weight=0.2)
+    part = tmp_path / "part"
+    train(train_cache, student_config, part, max_steps=6, ce_weight=0.2, save_every=3)
+    for name in ("final", "checkpoint-6"):  # as if it had been killed after checkpoint-3
+        shutil.rmtree(part / name)
+    res = train(train_cache, student_config, part, max_steps=6, ce_weight=0.2, save_every=3, resume=True)
+    assert res["steps"] == 6
+    assert_weights_close(weights(tmp_path / "full"), weights(part), exact=True)
+
+
+def test_checkpoint_reloads_and_generates(train_cache, student_config, tmp_path):
+    train(train_cache, student_config, tmp_path / "r", max_steps=2)
+    final = tmp_path / "r" / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    x = tok("The function returns", return_tensors="pt")
+    out = model.generate(**x, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == x["input_ids"].shape[1] + 5
+    assert not any(f.endswith(".pt") for f in os.listdir(final)), "final/ is the student alone"
+    assert os.path.isfile(tmp_path / "r" / "checkpoint-2" / "trainer_state.pt")
+
+
+def test_kd_loss_falls_and_metrics_are_logged(trained_cache, student_config, tmp_path):
+    res = train(trained_cache, student_config, tmp_path / "e2e", max_steps=30, lr=1e-2, warmup_steps=2,
+                temperature=2.0, eval_every=10, batch_size=8)
+    m = metrics(tmp_path / "e2e")
+    steps = [r for r in m if "loss" in r]
+    evals = [r for r in m if "eval_ce" in r]
+    for key in ("step", "loss", "kd", "ce", "lr", "grad_norm", "tokens_per_s", "skipped"):
+        assert key in steps[-1]
+    assert sum(r["kd"] for r in steps[-5:]) / 5 < 0.7 * sum(r["kd"] for r in steps[:5]) / 5
+    assert len(evals) == 3 and evals[-1]["eval_kd"] < evals[0]["eval_kd"]
+    assert {"eval_ce", "eval_ppl", "eval_kd", "eval_top1"} <= evals[-1].keys()
+    assert res["skipped"] == 0
+
+
+def test_eval_command_matches_training_eval(train_cache, student_config, tmp_path):
+    res = train(train_cache, student_config, tmp_path / "ev", max_steps=3)
+    p = pikv_subprocess(["eval", "--cache", train_cache, "--student", str(tmp_path / "ev" / "final"),
+                         "--eval-fraction", "0.1", "--json"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["eval_tokens"] == res["eval"]["eval_tokens"]
+    assert abs(got["eval_ce"] - res["eval"]["eval_ce"]) < 1e-4
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules(schedule):
+    from pikv_offline.student.train import lr_factor
+
+    cfg = TrainConfig(cache="c", out="o", student="s", max_steps=100, warmup_steps=10, schedule=schedule,
+                      min_lr_ratio=0.1, decay_fraction=0.2)
+    f = [lr_factor(s, cfg, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    if schedule == "constant":
+        assert all(x == 1.0 for x in f[10:])
+    elif schedule == "wsd":
+        assert all(x == 1.0 for x in f[10:82]) and f[99] == pytest.approx(0.1, abs=0.02)
+    else:
+        assert f[99] == pytest.approx(0.1, abs=0.01) and f[50] < f[30]
