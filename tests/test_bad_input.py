@@ -14,10 +14,13 @@ from pikv_offline.cli import main
 
 def run_main(args, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["pikv", *args])
-    with pytest.raises(SystemExit) as exc:
+    try:
         main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
     cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
+    return code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +79,93 @@ def test_bad_input(case, capsys, monkeypatch, llama_teacher, corpus, workdir, no
     assert attrs is None or not attrs.get("complete")
     if spec.get("out") == "@notcache":
         assert (out / "notes.txt").read_text() == "mine"
+
+
+# ---- pikv train-student --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_caches(train_cache, workdir):
+    """An incomplete copy and an unknown-version copy of the training cache."""
+    import zarr
+
+    out = {}
+    for name, change in (("incomplete", {"complete": False}), ("future", {"format_version": 99})):
+        path = workdir / f"cache-{name}"
+        if not path.exists():
+            shutil.copytree(train_cache, path)
+            root = zarr.open_group(str(path), mode="r+")
+            root.attrs["pikv"] = {**root.attrs["pikv"], **change}
+        out[name] = str(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mismatched_students(workdir, texts, tokenizer):
+    from pikv_offline.toy import make_model, train_tokenizer
+
+    small = workdir / "student-small-vocab"
+    make_model("llama", 100, hidden=32, layers=1, context=64).save_pretrained(small)
+    other = workdir / "student-other-tokenizer"
+    other_tok = train_tokenizer(texts[::-1][:200], vocab_size=len(tokenizer))
+    make_model("llama", len(other_tok), hidden=32, layers=1, context=64).save_pretrained(other)
+    other_tok.save_pretrained(other)
+    return {"small": str(small), "other": str(other)}
+
+
+TRAIN_CASES = {
+    "cache missing": (["--cache", "/nonexistent/cache"], "does not exist"),
+    "cache incomplete": (["--cache", "@incomplete"], "incomplete cache"),
+    "cache version unknown": (["--cache", "@future"], "format version 99"),
+    "vocab too small": (["--student", "@small"], "does not cover the teacher's"),
+    "tokenizer mismatch": (["--student", "@other"], "tokenizer differs"),
+    "temperature off grid": (["--temperature", "3"], "not in the cache's grid"),
+    "top-k above cached": (["--top-k", "17"], "above the cached k of 16"),
+    "both student flags": (["--student", "@small", "--student-config", "@config"], "exactly one of --student"),
+    "no student flag": (["--no-student"], "exactly one of --student"),
+    "resume with nothing": (["--resume"], "holds no checkpoint"),
+    "neither steps nor epochs": (["--no-steps"], "exactly one of --max-steps or --epochs"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_bad_input(case, capsys, monkeypatch, train_cache, student_config, workdir, bad_caches,
+                         mismatched_students):
+    extra, expected = TRAIN_CASES[case]
+    subst = {"@incomplete": bad_caches["incomplete"], "@future": bad_caches["future"],
+             "@small": mismatched_students["small"], "@other": mismatched_students["other"],
+             "@config": student_config}
+    extra = [subst.get(a, a) for a in extra]
+    args = ["train-student", "--out", str(workdir / f"bad-train-{case.replace(' ', '-')}"),
+            "--batch-size", "2", "--num-workers", "0"]
+    if "--cache" not in extra:
+        args += ["--cache", train_cache]
+    if "--student" not in extra and "--no-student" not in extra:
+        args += ["--student-config", student_config]
+    if "--no-steps" not in extra:
+        args += ["--max-steps", "1"]
+    args += [a for a in extra if a not in ("--no-student", "--no-steps")]
+    code, stdout, stderr = run_main(args, capsys, monkeypatch)
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
+    assert "Traceback" not in stderr + stdout
+
+
+@pytest.mark.parametrize("change, expected", [(["--seed", "1"], "data order"),
+                                              (["--fake-world"], "written by 2 ranks")])
+def test_resume_refuses_changed_order_or_world(change, expected, capsys, monkeypatch, train_cache,
+                                               student_config, tmp_path):
+    import torch
+
+    base = ["train-student", "--cache", train_cache, "--student-config", student_config, "--out",
+            str(tmp_path / "r"), "--batch-size", "2", "--num-workers", "0", "--max-steps", "2"]
+    code, _, err = run_main(base, capsys, monkeypatch)
+    assert code == 0, err
+    if change == ["--fake-world"]:
+        state_path = tmp_path / "r" / "checkpoint-2" / "trainer_state.pt"
+        state = torch.load(state_path, weights_only=False)
+        state["world_size"] = 2
+        torch.save(state, state_path)
+        change = []
+    code, _, err = run_main(base + ["--resume", *change], capsys, monkeypatch)
+    assert code == 2 and expected in err and "Traceback" not in err

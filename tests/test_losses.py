@@ -22,6 +22,10 @@ def teacher_targets(t_logits: torch.Tensor, k: int, temps=(1.0, 2.0), fp16: bool
     return ids, top, lse
 
 
+def lsm(logits, T=1.0):
+    return torch.log_softmax(logits / T, -1)
+
+
 @pytest.fixture
 def logits():
     g = torch.Generator().manual_seed(0)
@@ -34,7 +38,7 @@ def test_bucket_kd_at_full_k_equals_kl_div(logits, T, fp16):
     t_logits, s_logits = logits
     ids, top, lse = teacher_targets(t_logits, 50, fp16=fp16)
     j = 0 if T == 1.0 else 1
-    got, n = kd_loss(s_logits, ids, top, lse[:, 0], lse[:, j], temperature=T)
+    got, n = kd_loss(lsm(s_logits, T), ids, top, lse[:, 0], lse[:, j], temperature=T)
     # The reference: F.kl_div over the full vocabulary with the teacher distribution as stored.
     p_stored = torch.zeros_like(t_logits).scatter(-1, ids, (top + lse[:, :1]) / T - lse[:, j:j + 1]).exp()
     want = F.kl_div(torch.log_softmax(s_logits / T, -1), p_stored, reduction="sum") * T * T
@@ -46,7 +50,7 @@ def test_bucket_kd_at_full_k_equals_kl_div(logits, T, fp16):
 def test_other_divergences_at_full_k(logits, kind):
     t_logits, s_logits = logits
     ids, top, lse = teacher_targets(t_logits, 50)
-    got, _ = kd_loss(s_logits, ids, top, lse[:, 0], lse[:, 0], kind=kind)
+    got, _ = kd_loss(lsm(s_logits), ids, top, lse[:, 0], lse[:, 0], kind=kind)
     p, q = torch.softmax(t_logits, -1), torch.softmax(s_logits, -1)
     if kind == "reverse_kl":
         want = (q * (q.log() - p.log())).sum()
@@ -60,7 +64,7 @@ def test_bucket_tail_is_the_mass_outside_top_k(logits):
     t_logits, s_logits = logits
     k = 5
     ids, top, lse = teacher_targets(t_logits, k)
-    got, _ = kd_loss(s_logits, ids, top, lse[:, 0], lse[:, 0])
+    got, _ = kd_loss(lsm(s_logits), ids, top, lse[:, 0], lse[:, 0])
     p, q = torch.softmax(t_logits, -1), torch.softmax(s_logits, -1)
     pk, qk = torch.gather(p, -1, ids), torch.gather(q, -1, ids)
     pb = torch.cat([pk, 1 - pk.sum(-1, keepdim=True)], -1)
@@ -71,7 +75,7 @@ def test_bucket_tail_is_the_mass_outside_top_k(logits):
 def test_renorm_is_kl_inside_top_k(logits):
     t_logits, s_logits = logits
     ids, top, lse = teacher_targets(t_logits, 7)
-    got, _ = kd_loss(s_logits, ids, top, lse[:, 0], None, temperature=3.0, tail="renorm")
+    got, _ = kd_loss(lsm(s_logits, 3.0), ids, top, lse[:, 0], None, temperature=3.0, tail="renorm")
     p = torch.softmax(torch.gather(t_logits, -1, ids) / 3.0, -1)
     q = torch.softmax(torch.gather(s_logits, -1, ids) / 3.0, -1)
     torch.testing.assert_close(got, (p * (p.log() - q.log())).sum() * 9.0, rtol=1e-5, atol=1e-4)
@@ -82,20 +86,20 @@ def test_renorm_is_kl_inside_top_k(logits):
 def test_zero_when_student_equals_teacher_and_gradient_points_to_teacher(logits, kind, tail):
     t_logits, s_logits = logits
     ids, top, lse = teacher_targets(t_logits, 8)
-    same, _ = kd_loss(t_logits.clone(), ids, top, lse[:, 0], lse[:, 0], kind=kind, tail=tail)
+    same, _ = kd_loss(lsm(t_logits), ids, top, lse[:, 0], lse[:, 0], kind=kind, tail=tail)
     assert abs(same.item()) < 1e-4
     s = s_logits.clone().requires_grad_()
-    loss, _ = kd_loss(s, ids, top, lse[:, 0], lse[:, 0], kind=kind, tail=tail)
+    loss, _ = kd_loss(lsm(s), ids, top, lse[:, 0], lse[:, 0], kind=kind, tail=tail)
     loss.backward()
     with torch.no_grad():  # a small step against the gradient lowers the loss
-        lower, _ = kd_loss(s - 1e-2 * s.grad, ids, top, lse[:, 0], lse[:, 0], kind=kind, tail=tail)
+        lower, _ = kd_loss(lsm(s - 1e-2 * s.grad), ids, top, lse[:, 0], lse[:, 0], kind=kind, tail=tail)
     assert lower < loss
 
 
 def test_ce_matches_cross_entropy(logits):
     _, s_logits = logits
     labels = torch.randint(0, 50, (40,))
-    got, n = ce_loss(s_logits, labels)
+    got, n = ce_loss(lsm(s_logits), labels)
     torch.testing.assert_close(got / n, F.cross_entropy(s_logits, labels))
 
 

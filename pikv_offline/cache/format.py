@@ -7,6 +7,7 @@ bump FORMAT_VERSION.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -36,6 +37,12 @@ ARRAY_NAMES = (INPUT_IDS, LOSS_MASK, SAMPLE_ID, TOPK_IDS, TOPK_LOGPROBS, LSE)
 # filter turns them into small numbers that zstd packs well. Delta on a float dtype would be lossy,
 # which is why the view is taken before the filter.
 LOGPROB_ENCODING = "float16-bits"
+
+# Sequences per inner chunk of the per-position target arrays. zarr-python spends ~0.3 ms per inner
+# chunk on a read (measured: 64 rows of logits/ids in 18.8 ms with 1-sequence chunks, 4.9 ms with
+# 8), so chunks of 8 sequences make reads 4x cheaper and compress slightly better; the small
+# per-sequence arrays (input_ids, loss_mask, sample_id) take one chunk per shard.
+CHUNK_SEQS = 8
 
 
 def shard_name(rank: int) -> str:
@@ -73,22 +80,24 @@ def array_specs(n_seqs: int, seq_len: int, top_k: int, n_temps: int, vocab_size:
                 shard_seqs: int) -> dict[str, ArraySpec]:
     """Specs of every array in one rank's shard group holding ``n_seqs`` sequences.
 
-    The inner chunk is one sequence and a zarr shard (one file) holds ``shard_seqs`` sequences, so a
-    reader fetches many sequences per call and the writer writes whole shards at once. Every inner
-    chunk ends with a crc32c checksum, so corruption is caught on read.
+    A zarr shard (one file) holds ``shard_seqs`` sequences, so a reader fetches many sequences per
+    call and the writer writes whole shards at once; inner chunks are CHUNK_SEQS sequences (or a
+    divisor of the shard) for the targets and a whole shard for the small arrays. Every inner chunk
+    ends with a crc32c checksum, so corruption is caught on read.
     """
     s = max(n_seqs, 1)  # zarr needs a non-zero extent to size chunks; an empty shard stays unwritten
     n = min(shard_seqs, s)
+    c = math.gcd(n, CHUNK_SEQS)
 
-    def spec(tail: tuple[int, ...], dtype, filters=()) -> ArraySpec:
-        return ArraySpec(shape=(n_seqs, *tail), dtype=np.dtype(dtype), chunks=(1, *tail),
+    def spec(tail: tuple[int, ...], dtype, filters=(), chunk=c) -> ArraySpec:
+        return ArraySpec(shape=(n_seqs, *tail), dtype=np.dtype(dtype), chunks=(chunk, *tail),
                          shards=(n, *tail), filters=tuple(filters),
                          compressors=(_blosc(), Crc32cCodec()))
 
     return {
-        INPUT_IDS: spec((seq_len,), np.int32),
-        LOSS_MASK: spec((seq_len,), np.bool_),
-        SAMPLE_ID: spec((), np.int64),
+        INPUT_IDS: spec((seq_len,), np.int32, chunk=n),
+        LOSS_MASK: spec((seq_len,), np.bool_, chunk=n),
+        SAMPLE_ID: spec((), np.int64, chunk=n),
         TOPK_IDS: spec((seq_len, top_k), id_dtype(vocab_size)),
         TOPK_LOGPROBS: spec((seq_len, top_k), np.uint16, filters=(Delta(dtype="<u2"),)),
         LSE: spec((seq_len, n_temps), np.float32),

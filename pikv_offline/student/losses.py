@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 # float16 log-prob storage rounds each value by at most 2^-11 relative. A teacher tail mass below
 # the resulting uncertainty of sum_i p_i is indistinguishable from zero and is treated as zero,
@@ -52,30 +51,28 @@ def teacher_log_probs(t_logprobs: torch.Tensor, t_lse1: torch.Tensor, t_lseT: to
     return (t_logprobs + t_lse1[:, None]) / temperature - t_lseT[:, None]
 
 
-def kd_loss(s_logits: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Tensor, t_lse1: torch.Tensor,
+def kd_loss(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Tensor, t_lse1: torch.Tensor,
             t_lseT: torch.Tensor | None, *, temperature: float = 1.0, kind: str = "forward_kl",
             tail: str = "bucket") -> tuple[torch.Tensor, int]:
     """KD loss sum over N positions and N.
 
-    s_logits [N, V] (any float dtype; computed in float32), t_ids [N, k] int64, t_logprobs [N, k]
-    (T=1 log-softmax, sorted), t_lse1 / t_lseT [N] (LSE at T=1 / at ``temperature``; t_lseT unused
-    with tail="renorm").
+    s_logprobs [N, V] the student's log-softmax at ``temperature`` (float32), t_ids [N, k] int64,
+    t_logprobs [N, k] (T=1 log-softmax, sorted), t_lse1 / t_lseT [N] (teacher LSE at T=1 / at
+    ``temperature``; t_lseT unused with tail="renorm").
     """
     T = temperature
-    zs = s_logits.float() / T
-    s_top = torch.gather(zs, -1, t_ids)
+    s_top = torch.gather(s_logprobs, -1, t_ids)
     if tail == "renorm":
         logp = torch.log_softmax(t_logprobs / T, dim=-1)  # the lse_1 shift cancels in the softmax
         logq = torch.log_softmax(s_top, dim=-1)
     else:
-        s_top = s_top - torch.logsumexp(zs, dim=-1, keepdim=True)
         p_top = teacher_log_probs(t_logprobs, t_lse1, t_lseT, T)
         floor = LOGPROB_REL_ERROR / T * (p_top.exp() * t_logprobs.abs()).sum(-1)
         logp = torch.cat([p_top, _log_tail(p_top, floor)[:, None]], dim=-1)
         logq = torch.cat([s_top, _log_tail(s_top)[:, None]], dim=-1)
-    return divergence(logp, logq, kind).sum() * (T * T), s_logits.shape[0]
+    return divergence(logp, logq, kind).sum() * (T * T), s_logprobs.shape[0]
 
 
-def ce_loss(s_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy sum over N positions and N. s_logits [N, V], labels [N] int64."""
-    return F.cross_entropy(s_logits.float(), labels, reduction="sum"), labels.shape[0]
+def ce_loss(s_logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy sum over N positions and N. s_logprobs [N, V] log-softmax at T=1, labels [N]."""
+    return -torch.gather(s_logprobs, -1, labels[:, None]).sum(), labels.shape[0]

@@ -42,17 +42,27 @@ class Distiller(torch.nn.Module):
     DDP wraps this module, so the whole forward, loss included, goes through DDP.
     """
 
-    def __init__(self, student, *, temperature: float, divergence: str, tail: str, loss_chunk: int):
+    def __init__(self, student, *, temperature: float, divergence: str, tail: str, loss_chunk: int,
+                 kd_weight: float = 1.0, ce_weight: float = 1.0):
         super().__init__()
         self.student = student
         self.temperature, self.divergence, self.tail, self.loss_chunk = temperature, divergence, tail, loss_chunk
+        self.kd_weight, self.ce_weight = kd_weight, ce_weight
 
     def _losses(self, h, labels, t_ids, t_logprobs, t_lse1, t_lseT):
         logits = lm_logits(self.student, h)
-        kd, _ = kd_loss(logits, t_ids, t_logprobs, t_lse1, t_lseT, temperature=self.temperature,
-                        kind=self.divergence, tail=self.tail)
-        ce, _ = ce_loss(logits, labels)
-        top1 = (logits.argmax(-1) == t_ids[:, 0]).sum()
+        # One fused log-softmax serves CE and (at T=1) KD; a part with weight 0 is still reported
+        # but kept out of the graph, so it costs no backward pass.
+        lsm1 = torch.log_softmax(logits.float(), dim=-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight > 0):
+            ce, _ = ce_loss(lsm1, labels)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_weight > 0):
+            T = self.temperature
+            lsmT = lsm1 if T == 1 else torch.log_softmax(logits.float() / T, dim=-1)
+            kd, _ = kd_loss(lsmT, t_ids, t_logprobs, t_lse1, t_lseT, temperature=T, kind=self.divergence,
+                            tail=self.tail)
+        # Top-1 agreement with the teacher is an eval figure; an argmax over V per step is not free.
+        top1 = (logits.argmax(-1) == t_ids[:, 0]).sum() if not self.training else torch.zeros((), dtype=torch.long)
         return kd, ce, top1
 
     def forward(self, input_ids, loss_mask, t_ids, t_logprobs, t_lse1, t_lseT):
@@ -260,7 +270,7 @@ def _run(cfg: TrainConfig, d: dist.Dist) -> dict:
     model.config.use_cache = False
     model.to(d.device).train()
     distiller = Distiller(model, temperature=cfg.temperature, divergence=cfg.divergence, tail=cfg.tail,
-                          loss_chunk=cfg.loss_chunk)
+                          loss_chunk=cfg.loss_chunk, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight)
     ddp = torch.nn.parallel.DistributedDataParallel(distiller) if d.world_size > 1 else None
     net = ddp or distiller
 
@@ -350,7 +360,7 @@ def _run(cfg: TrainConfig, d: dist.Dist) -> dict:
     it = loader(epoch, micro)
     bar = tqdm(total=total, initial=step, desc="train", disable=not d.is_main, dynamic_ncols=True)
     t_log, tok_log = time.perf_counter(), 0
-    last = {}
+    last, history = {}, []  # history: (wall time, loss tokens) after each step, for throughput figures
     while step < total:
         batches = []
         for _ in range(cfg.grad_accum):
@@ -372,7 +382,7 @@ def _run(cfg: TrainConfig, d: dist.Dist) -> dict:
             sums += torch.tensor([float(kd.detach()), float(ce.detach()), float(top1)], dtype=torch.float64)
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(distiller.parameters(), cfg.grad_clip or float("inf"))
-        kd_sum, ce_sum, top1_sum = _reduce(sums.tolist(), d.device)
+        kd_sum, ce_sum, _ = _reduce(sums.tolist(), d.device)
         total_loss = (cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum) / max(count, 1)
         finite = math.isfinite(total_loss) and math.isfinite(float(grad_norm))
         if finite:
@@ -386,9 +396,10 @@ def _run(cfg: TrainConfig, d: dist.Dist) -> dict:
         step += 1
         tokens_seen += int(count)
         tok_log += int(count)
+        history.append((time.perf_counter(), int(count)))
         bar.update(1)
         last = {"step": step, "loss": total_loss, "kd": kd_sum / max(count, 1), "ce": ce_sum / max(count, 1),
-                "top1": top1_sum / max(count, 1), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                 "skipped": skipped, "epoch": epoch}
         if step % max(cfg.log_every, 1) == 0 or step == total:
             now = time.perf_counter()
@@ -416,4 +427,4 @@ def _run(cfg: TrainConfig, d: dist.Dist) -> dict:
     if wb:
         wb.finish()
     return {"steps": step, "skipped": skipped, "tokens_seen": tokens_seen, "last": last, "eval": ev,
-            "out": cfg.out}
+            "out": cfg.out, "history": history}
