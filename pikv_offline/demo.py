@@ -1,11 +1,15 @@
-"""The main job on the embedded default: a small real teacher, dumped with 2 ranks.
+"""The main job on the embedded default: a small real teacher, dumped once, students trained from it.
 
     python -m pikv_offline.demo [--workdir runs/demo]     (what `make demo` runs)
 
 1. builds the corpus from the standard library's docstrings (data is generated, never downloaded);
 2. trains a byte-level BPE tokenizer and a small GPT-2 shaped teacher on it until its held-out
    loss is well below a unigram model's (the teacher is saved and reused by later runs);
-3. runs `pikv dump-teacher` under torchrun with 2 ranks (gloo on CPU) and `pikv inspect`.
+3. runs `pikv dump-teacher` under torchrun with 2 ranks (gloo on CPU) on the training docstrings,
+   and once more on the held-out docstrings (the evaluation set), then `pikv inspect`;
+4. trains the same small student twice with `pikv train-student` (2 ranks, same steps and seed):
+   top-k KD from the cache, and CE only as the baseline; then `pikv eval` on the held-out cache
+   and a table of held-out CE, perplexity, top-1 agreement with the teacher and tokens/s.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--teacher-steps", type=int, default=400)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--student-steps", type=int, default=300)
     args = ap.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     corpus = os.path.join(args.workdir, "corpus.jsonl")
@@ -104,17 +109,17 @@ def main(argv=None) -> None:
     cache = os.path.join(args.workdir, "cache")
 
     n_train, n_held = write_corpus(corpus, held_path)
-    print(f"[1/3] corpus: {n_train} train and {n_held} held-out docstrings from the standard library")
+    print(f"[1/4] corpus: {n_train} train and {n_held} held-out docstrings from the standard library")
     info_path = os.path.join(teacher, "pikv_teacher.json")
     if os.path.isfile(info_path):
         info = json.load(open(info_path))
-        print(f"[2/3] teacher: reusing {teacher} (held-out loss {info['heldout_loss']:.3f}, "
+        print(f"[2/4] teacher: reusing {teacher} (held-out loss {info['heldout_loss']:.3f}, "
               f"unigram {info['unigram_loss']:.3f})")
     else:
         texts = [json.loads(line)["text"] for line in open(corpus)]
         tokenizer = train_tokenizer(texts, vocab_size=VOCAB)
         train, held = _tokens(corpus, tokenizer), _tokens(held_path, tokenizer)
-        print(f"[2/3] teacher: tokenizer of {len(tokenizer)} tokens; {len(train)} train tokens; "
+        print(f"[2/4] teacher: tokenizer of {len(tokenizer)} tokens; {len(train)} train tokens; "
               f"training a GPT-2 shaped teacher for {args.teacher_steps} steps")
         info = train_teacher(teacher, train, held, tokenizer, args.teacher_steps)
         info["unigram_loss"] = unigram_loss(train, held, len(tokenizer))
@@ -125,13 +130,46 @@ def main(argv=None) -> None:
         sys.exit(f"error: the teacher's held-out loss {info['heldout_loss']:.3f} is not clearly below the "
                  f"unigram model's {info['unigram_loss']:.3f}; delete {teacher} and train longer")
 
-    print(f"[3/3] pikv dump-teacher with {args.nproc} ranks -> {cache}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-           "-m", "pikv_offline", "dump-teacher", "--teacher", teacher, "--data", corpus, "--out", cache,
-           "--seq-len", str(SEQ), "--top-k", "64", "--temperatures", "1,2,4", "--batch-size", "16"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    subprocess.run(cmd, check=True, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+                "-m", "pikv_offline"]
+    heldout_cache = os.path.join(args.workdir, "cache-heldout")
+    print(f"[3/4] pikv dump-teacher with {args.nproc} ranks -> {cache} (and {heldout_cache})")
+    for data, out in ((corpus, cache), (held_path, heldout_cache)):
+        subprocess.run(torchrun + ["dump-teacher", "--teacher", teacher, "--data", data, "--out", out,
+                                   "--seq-len", str(SEQ), "--top-k", "64", "--temperatures", "1,2,4",
+                                   "--batch-size", "16"], check=True, env=env)
     subprocess.run([sys.executable, "-m", "pikv_offline", "inspect", cache], check=True)
+
+    student_cfg = os.path.join(args.workdir, "student.json")
+    json.dump({"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 384,
+               "max_position_embeddings": 512, "tie_word_embeddings": True}, open(student_cfg, "w"))
+    runs = {"kd (top-64 + tail, T=1)": ["--kd-weight", "1", "--ce-weight", "0"],
+            "ce only (baseline)": ["--kd-weight", "0", "--ce-weight", "1"]}
+    print(f"[4/4] pikv train-student, {args.student_steps} steps each, {args.nproc} ranks: " + ", ".join(runs))
+    rows = []
+    for name, flags in runs.items():
+        out = os.path.join(args.workdir, "students", name.split()[0])
+        if not os.path.isdir(os.path.join(out, "final")):
+            subprocess.run(torchrun + ["train-student", "--cache", cache, "--student-config", student_cfg,
+                                       "--out", out, "--max-steps", str(args.student_steps), "--batch-size", "8",
+                                       "--lr", "3e-3", "--warmup-steps", "20", "--eval-fraction", "0.02",
+                                       "--log-every", "10", "--seed", "0", *flags], check=True, env=env)
+        p = subprocess.run([sys.executable, "-m", "pikv_offline", "eval", "--cache", heldout_cache, "--student",
+                            os.path.join(out, "final"), "--eval-fraction", "1", "--json"],
+                           check=True, env=env, capture_output=True, text=True)
+        ev = json.loads(p.stdout.strip().splitlines()[-1])
+        logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        speeds = [r["tokens_per_s"] for r in logged if "tokens_per_s" in r][1:]
+        rows.append((name, ev["eval_ce"], ev["eval_ppl"], ev["eval_top1"], sum(speeds) / max(len(speeds), 1)))
+    print(f"\nheld-out docstrings ({ev['eval_tokens']} tokens), teacher held-out CE {info['heldout_loss']:.3f}:")
+    print(f"| {'run':<26} | held-out CE | perplexity | top-1 = teacher | train tok/s |")
+    print(f"|{'-' * 28}|-------------|------------|-----------------|-------------|")
+    for name, ce, ppl, top1, tps in rows:
+        print(f"| {name:<26} | {ce:11.3f} | {ppl:10.1f} | {top1:15.3f} | {tps:11.0f} |")
+    json.dump([dict(zip(("run", "heldout_ce", "perplexity", "top1", "tokens_per_s"), r)) for r in rows],
+              open(os.path.join(args.workdir, "results.json"), "w"), indent=2)
 
 
 if __name__ == "__main__":

@@ -139,3 +139,48 @@ def test_schedules(schedule):
         assert all(x == 1.0 for x in f[10:82]) and f[99] == pytest.approx(0.1, abs=0.02)
     else:
         assert f[99] == pytest.approx(0.1, abs=0.01) and f[50] < f[30]
+
+
+def test_bucket_kd_from_a_full_vocab_cache_equals_kl_div(llama_teacher, corpus, workdir):
+    """End to end through the cache: dump at k = vocab, read as training does, compare with F.kl_div."""
+    import torch.nn.functional as F
+
+    from conftest import VOCAB
+    from pikv_offline.cache.reader import open_cache
+    from pikv_offline.config import DumpConfig
+    from pikv_offline.student.losses import kd_loss
+    from pikv_offline.teacher.dump import run as dump
+
+    out = workdir / "fullk-train"
+    dump(DumpConfig(teacher=llama_teacher, data=corpus, out=str(out), seq_len=32, top_k=VOCAB,
+                    temperatures=(1.0, 2.0), shard_seqs=4, max_sequences=3))
+    cache = open_cache(str(out))
+    for T, j in ((1.0, 0), (2.0, 1)):
+        b = D.to_tensors(D.read_rows(cache, D.CacheIndex(cache, 0.0).train, VOCAB, j))
+        n = b["t_ids"].shape[0] * b["t_ids"].shape[1]
+        s_logits = torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(0)) * 2
+        s_lsm = torch.log_softmax(s_logits / T, -1)
+        args = [b[k].reshape(n, *b[k].shape[2:]) for k in ("t_ids", "t_logprobs", "t_lse1", "t_lseT")]
+        got, _ = kd_loss(s_lsm, *args, temperature=T)
+        ids, lp, lse1, lseT = args
+        p = torch.zeros(n, VOCAB).scatter(-1, ids, ((lp + lse1[:, None]) / T - lseT[:, None]).exp())
+        torch.testing.assert_close(got, F.kl_div(s_lsm, p, reduction="sum") * T * T, rtol=1e-5, atol=1e-3)
+
+
+def test_non_finite_loss_is_reported_and_skipped(train_cache, student_config, tmp_path, monkeypatch, capsys):
+    from pikv_offline.student import train as T
+
+    calls = {"n": 0}
+    real = T.kd_loss
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        s, n = real(*a, **k)
+        return (s * float("nan"), n) if calls["n"] == 2 else (s, n)
+
+    monkeypatch.setattr(T, "kd_loss", flaky)
+    res = train(train_cache, student_config, tmp_path / "nan", max_steps=3)
+    assert res["skipped"] == 1
+    assert "step 1: non-finite loss" in capsys.readouterr().out
+    assert [r["skipped"] for r in metrics(tmp_path / "nan") if "loss" in r] == [0, 1, 1]
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "nan").values())

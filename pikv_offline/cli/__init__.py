@@ -131,7 +131,8 @@ def train_student(**kw):
               type=click.Choice(["forward_kl", "reverse_kl", "jsd"]))
 @click.option("--tail", default="bucket", show_default=True, type=click.Choice(["bucket", "renorm"]))
 @click.option("--top-k", default=None, type=int)
-@click.option("--eval-fraction", default=0.01, show_default=True, type=float)
+@click.option("--eval-fraction", default=0.01, show_default=True, type=float,
+              help="The held-out share train-student used; 1 evaluates on every sequence (a held-out cache).")
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True)

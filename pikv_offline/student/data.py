@@ -28,6 +28,8 @@ def is_eval(sample_ids: np.ndarray, fraction: float) -> np.ndarray:
     """Held-out sequences, chosen by a hash of the sample id (stable across dumps of the same data)."""
     if fraction <= 0:
         return np.zeros(len(sample_ids), dtype=bool)
+    if fraction >= 1:
+        return np.ones(len(sample_ids), dtype=bool)
     h = np.array([int(hashlib.sha256(str(int(s)).encode()).hexdigest()[:8], 16) for s in sample_ids])
     return h / 0xFFFFFFFF < fraction
 
