@@ -34,3 +34,13 @@ def tokenizer_hash(tokenizer) -> str:
     payload = {"vocab": sorted(tokenizer.get_vocab().items()),
                "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype to a torch dtype: auto is bf16 on a GPU that has it (else fp16), fp32 on CPU (exact,
+    and faster there than emulated bf16)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]

@@ -169,3 +169,20 @@ def test_resume_refuses_changed_order_or_world(change, expected, capsys, monkeyp
         change = []
     code, _, err = run_main(base + ["--resume", *change], capsys, monkeypatch)
     assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_missing_logger_package_is_one_line(capsys, monkeypatch, train_cache, student_config, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    code, _, err = run_main(["train-student", "--cache", train_cache, "--student-config", student_config,
+                             "--out", str(tmp_path / "tb"), "--max-steps", "1", "--num-workers", "0",
+                             "--tensorboard"], capsys, monkeypatch)
+    assert code == 2 and "pip install tensorboard" in err and "Traceback" not in err

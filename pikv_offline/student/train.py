@@ -29,7 +29,7 @@ from .. import dist
 from ..cache.reader import open_cache
 from ..config import TrainConfig
 from ..errors import PikvError, brief
-from ..modeling import lm_logits, text_config, tokenizer_hash
+from ..modeling import lm_logits, resolve_dtype, tokenizer_hash
 from . import data as D
 from .losses import ce_loss, kd_loss
 
@@ -157,14 +157,6 @@ def check_compatible(model, student_tok, cache_attrs: dict) -> None:
                         "distillation needs the teacher's tokenizer, which the cache holds in its tokenizer/ folder")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
 def latest_checkpoint(out: str) -> str | None:
     found = [(int(p.rsplit("-", 1)[1]), p) for p in glob.glob(os.path.join(out, "checkpoint-*"))
              if p.rsplit("-", 1)[1].isdigit() and os.path.isfile(os.path.join(p, STATE_FILE))]
@@ -263,10 +255,10 @@ def _run(cfg: TrainConfig, d: dist.Dist) -> dict:
                             "grad accum, eval fraction) changed since the checkpoint; use a new --out")
     model, student_tok = load_student(cfg, cfg.seed)
     check_compatible(model, student_tok, cache.attrs)
-    if state:
-        from safetensors.torch import load_file
+    if state:  # the checkpoint's weights, through from_pretrained so tied weights load as saved
+        from transformers import AutoModelForCausalLM
 
-        model.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")), strict=False)
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     model.config.use_cache = False
     model.to(d.device).train()
     distiller = Distiller(model, temperature=cfg.temperature, divergence=cfg.divergence, tail=cfg.tail,
@@ -314,17 +306,17 @@ def _run(cfg: TrainConfig, d: dist.Dist) -> dict:
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     metrics = open(metrics_path, "a") if d.is_main else None
     tb = wb = None
-    if d.is_main and cfg.tensorboard:
-        try:
+    try:  # every rank imports, so a missing package stops all ranks rather than hanging the others
+        if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise PikvError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        if cfg.wandb:
+            import wandb
+    except ImportError as e:
+        raise PikvError(f"--tensorboard / --wandb need their package ({brief(e)}): pip install tensorboard "
+                        "or pip install wandb (WANDB_MODE=offline works without a network)")
+    if d.is_main and cfg.tensorboard:
         tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
     if d.is_main and cfg.wandb:
-        try:
-            import wandb
-        except ImportError:
-            raise PikvError("--wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works offline)")
         wb = wandb.init(project="pikv-offline", dir=cfg.out, config=cfg.to_dict(), resume="allow")
     if d.is_main:
         json.dump({**cfg.to_dict(), "world_size": d.world_size, "total_steps": total, "top_k": top_k,

@@ -9,7 +9,7 @@ import os
 import torch
 
 from ..errors import PikvError, brief
-from ..modeling import lm_logits, text_config, tokenizer_hash  # noqa: F401  (re-exported)
+from ..modeling import lm_logits, resolve_dtype, text_config, tokenizer_hash  # noqa: F401  (re-exported)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PROBE = 4 << 20  # bytes hashed at each end of a weight file
@@ -85,15 +85,6 @@ def context_length(config) -> int | None:
 def layer_count(config) -> int | None:
     c = text_config(config)
     return getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        # fp32 on CPU is both exact and faster than emulated bf16 there.
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
 def load_model(folder: str, teacher: str, dtype: torch.dtype, device: torch.device, device_map: str | None):
