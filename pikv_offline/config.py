@@ -152,6 +152,11 @@ class TrainConfig:
             raise PikvError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype}")
         if self.device not in DEVICES:
             raise PikvError(f"--device must be one of {', '.join(DEVICES)}; got {self.device}")
+        if self.num_workers not in (0, 1):
+            # One worker streams a rank's batches in order; several would each replay the stream.
+            raise PikvError(f"--num-workers must be 0 or 1 (one background reader per rank); got {self.num_workers}")
+        if self.loss_chunk < 0:
+            raise PikvError(f"--loss-chunk must be >= 0; got {self.loss_chunk}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

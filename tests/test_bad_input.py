@@ -124,6 +124,7 @@ TRAIN_CASES = {
     "no student flag": (["--no-student"], "exactly one of --student"),
     "resume with nothing": (["--resume"], "holds no checkpoint"),
     "neither steps nor epochs": (["--no-steps"], "exactly one of --max-steps or --epochs"),
+    "several loader workers": (["--num-workers", "2"], "--num-workers must be 0 or 1"),
 }
 
 
@@ -135,8 +136,9 @@ def test_train_bad_input(case, capsys, monkeypatch, train_cache, student_config,
              "@small": mismatched_students["small"], "@other": mismatched_students["other"],
              "@config": student_config}
     extra = [subst.get(a, a) for a in extra]
-    args = ["train-student", "--out", str(workdir / f"bad-train-{case.replace(' ', '-')}"),
-            "--batch-size", "2", "--num-workers", "0"]
+    args = ["train-student", "--out", str(workdir / f"bad-train-{case.replace(' ', '-')}"), "--batch-size", "2"]
+    if "--num-workers" not in extra:
+        args += ["--num-workers", "0"]
     if "--cache" not in extra:
         args += ["--cache", train_cache]
     if "--student" not in extra and "--no-student" not in extra:
