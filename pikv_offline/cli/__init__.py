@@ -3,6 +3,7 @@
     pikv dump-teacher --teacher DIR --data corpus.jsonl --out CACHE
     pikv inspect CACHE [--json]
     pikv train-student --cache CACHE --student-config student.json --out RUN --max-steps 200
+    pikv sweep --cache CACHE --student-config student.json --out SWEEP --grid temperature=1,2 --max-steps 200
     pikv eval --cache CACHE --student RUN/final
 """
 
@@ -78,49 +79,73 @@ def inspect_cmd(cache_dir, as_json):
                + f"  (total {info['bytes_per_token_total']})")
 
 
+TRAIN_OPTIONS = [
+    click.option("--cache", required=True, help="Teacher cache written by `pikv dump-teacher`."),
+    click.option("--student", default=None, help="Student: a HF model folder or hub id (fine-tuned from its weights)."),
+    click.option("--student-config", default=None, help="Student: a config json (fresh init with AutoConfig.for_model)."),
+    click.option("--kd-weight", default=1.0, show_default=True, type=float),
+    click.option("--ce-weight", default=0.0, show_default=True, type=float),
+    click.option("--temperature", default=1.0, show_default=True, type=float),
+    click.option("--divergence", default="forward_kl", show_default=True,
+                  type=click.Choice(["forward_kl", "reverse_kl", "jsd"])),
+    click.option("--tail", default="bucket", show_default=True, type=click.Choice(["bucket", "renorm"])),
+    click.option("--top-k", default=None, type=int, help="Use only the first N cached ids (<= cached k)."),
+    click.option("--batch-size", default=8, show_default=True, type=int, help="Sequences per micro-batch per rank."),
+    click.option("--grad-accum", default=1, show_default=True, type=int),
+    click.option("--lr", default=3e-4, show_default=True, type=float),
+    click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "wsd", "constant"])),
+    click.option("--warmup-steps", default=0, show_default=True, type=int),
+    click.option("--min-lr-ratio", default=0.1, show_default=True, type=float),
+    click.option("--decay-fraction", default=0.2, show_default=True, type=float, help="WSD: share of steps spent decaying."),
+    click.option("--weight-decay", default=0.1, show_default=True, type=float),
+    click.option("--grad-clip", default=1.0, show_default=True, type=float, help="0 disables clipping."),
+    click.option("--max-steps", default=None, type=int),
+    click.option("--epochs", default=None, type=float),
+    click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"])),
+    click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    click.option("--seed", default=0, show_default=True, type=int),
+    click.option("--save-every", default=0, show_default=True, type=int, help="Checkpoint every N steps (0: only at the end)."),
+    click.option("--eval-every", default=0, show_default=True, type=int, help="Held-out eval every N steps (0: only at the end)."),
+    click.option("--eval-fraction", default=0.01, show_default=True, type=float),
+    click.option("--log-every", default=10, show_default=True, type=int),
+    click.option("--loss-chunk", default=0, show_default=True, type=int,
+                  help="Positions per chunk of the LM head + loss (checkpointed); 0 = whole micro-batch."),
+    click.option("--num-workers", default=1, show_default=True, type=int, help="DataLoader worker processes (0 or 1)."),
+    click.option("--tensorboard", is_flag=True),
+    click.option("--wandb", is_flag=True),
+    click.option("--zero", is_flag=True, help="Shard optimizer state over ranks (ZeroRedundancyOptimizer)."),
+]
+
+
+def train_options(f):
+    """The train-student flags (all but --out and --resume), shared by train-student and sweep."""
+    for option in reversed(TRAIN_OPTIONS):
+        f = option(f)
+    return f
+
+
 @cli.command("train-student")
-@click.option("--cache", required=True, help="Teacher cache written by `pikv dump-teacher`.")
-@click.option("--student", default=None, help="Student: a HF model folder or hub id (fine-tuned from its weights).")
-@click.option("--student-config", default=None, help="Student: a config json (fresh init with AutoConfig.for_model).")
+@train_options
 @click.option("--out", required=True, help="Run folder: checkpoints, final/, metrics.jsonl.")
-@click.option("--kd-weight", default=1.0, show_default=True, type=float)
-@click.option("--ce-weight", default=0.0, show_default=True, type=float)
-@click.option("--temperature", default=1.0, show_default=True, type=float)
-@click.option("--divergence", default="forward_kl", show_default=True,
-              type=click.Choice(["forward_kl", "reverse_kl", "jsd"]))
-@click.option("--tail", default="bucket", show_default=True, type=click.Choice(["bucket", "renorm"]))
-@click.option("--top-k", default=None, type=int, help="Use only the first N cached ids (<= cached k).")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Sequences per micro-batch per rank.")
-@click.option("--grad-accum", default=1, show_default=True, type=int)
-@click.option("--lr", default=3e-4, show_default=True, type=float)
-@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "wsd", "constant"]))
-@click.option("--warmup-steps", default=0, show_default=True, type=int)
-@click.option("--min-lr-ratio", default=0.1, show_default=True, type=float)
-@click.option("--decay-fraction", default=0.2, show_default=True, type=float, help="WSD: share of steps spent decaying.")
-@click.option("--weight-decay", default=0.1, show_default=True, type=float)
-@click.option("--grad-clip", default=1.0, show_default=True, type=float, help="0 disables clipping.")
-@click.option("--max-steps", default=None, type=int)
-@click.option("--epochs", default=None, type=float)
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--save-every", default=0, show_default=True, type=int, help="Checkpoint every N steps (0: only at the end).")
-@click.option("--eval-every", default=0, show_default=True, type=int, help="Held-out eval every N steps (0: only at the end).")
-@click.option("--eval-fraction", default=0.01, show_default=True, type=float)
-@click.option("--log-every", default=10, show_default=True, type=int)
-@click.option("--loss-chunk", default=0, show_default=True, type=int,
-              help="Positions per chunk of the LM head + loss (checkpointed); 0 = whole micro-batch.")
-@click.option("--num-workers", default=1, show_default=True, type=int, help="DataLoader worker processes (0 or 1).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
-@click.option("--tensorboard", is_flag=True)
-@click.option("--wandb", is_flag=True)
-@click.option("--zero", is_flag=True, help="Shard optimizer state over ranks (ZeroRedundancyOptimizer).")
 def train_student(**kw):
     """Train a student from the cache (KD on top-k + tail, optional CE); the teacher is never loaded."""
     from ..config import TrainConfig
     from ..student.train import run
 
     run(TrainConfig(**kw))
+
+
+@cli.command("sweep")
+@train_options
+@click.option("--out", required=True, help="Sweep folder: one run folder per grid point, results.csv, results.png.")
+@click.option("--grid", "grid", multiple=True, required=True,
+              help="flag=v1,v2,... over a train-student flag, e.g. --grid temperature=1,2,4; repeat for a cross product.")
+def sweep_cmd(out, grid, **kw):
+    """Train one student per point of a grid of train-student settings, all from the same cache."""
+    from ..student.sweep import SweepConfig, parse_grid, run
+
+    run(SweepConfig(out=out, grid=parse_grid(grid), base=kw))
 
 
 @cli.command("eval")

@@ -220,12 +220,13 @@ def evaluate(model: Distiller, cache, index, batch_size: int, d, autocast, top_k
 def run(cfg: TrainConfig) -> dict:
     d = dist.init(cfg.device)
     try:
-        return _run(cfg, d)
+        return train(cfg, d)
     finally:
         dist.teardown()
 
 
-def _run(cfg: TrainConfig, d: dist.Dist) -> dict:
+def train(cfg: TrainConfig, d: dist.Dist) -> dict:
+    """One training run in an initialised process group (a sweep runs several in one group)."""
     # ---- cache and targets ---------------------------------------------------------------------
     if not os.path.exists(cfg.cache):
         raise PikvError(f"--cache {cfg.cache} does not exist; create it with `pikv dump-teacher`")

@@ -1,0 +1,112 @@
+"""`pikv sweep`: the cross product of a grid of train-student settings, all reading one cache.
+
+    pikv sweep --cache CACHE --student-config student.json --out SWEEP \
+        --grid temperature=1,2,4 --grid kd-weight=0.5,1.0 --max-steps 300
+    torchrun --nproc-per-node 2 -m pikv_offline sweep ...
+
+Runs go one after another in one process group. A run whose final/ exists is skipped (its
+figures are read back from its metrics), and one with a checkpoint but no final/ is resumed, so
+a sweep can be re-run after a crash. Writes SWEEP/results.csv and SWEEP/results.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import os
+import typing
+
+from .. import dist
+from ..config import TrainConfig
+from ..errors import PikvError
+from ..plot import plot_runs, read_metrics
+from .train import latest_checkpoint, train
+
+NOT_SWEEPABLE = {"cache", "out", "student", "student_config", "resume"}
+
+
+def _caster(field: dataclasses.Field):
+    ann = str(field.type)
+    if "bool" in ann:
+        return lambda v: v.lower() in ("1", "true", "yes")
+    if "float" in ann:
+        return float
+    if "int" in ann:
+        return int
+    return str
+
+
+def parse_grid(specs: typing.Sequence[str]) -> tuple[tuple[str, tuple], ...]:
+    """['temperature=1,2', 'kd-weight=0.5,1'] -> (('temperature', (1.0, 2.0)), ('kd_weight', (0.5, 1.0)))."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    grid = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        name = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not values.strip():
+            raise PikvError(f"--grid {spec!r}: write it as flag=v1,v2,... e.g. --grid temperature=1,2")
+        if name not in fields or name in NOT_SWEEPABLE:
+            raise PikvError(f"--grid {spec!r}: {key} is not a train-student setting that can be swept")
+        if any(name == g[0] for g in grid):
+            raise PikvError(f"--grid names {key} twice; give all its values in one --grid")
+        try:
+            grid.append((name, tuple(_caster(fields[name])(v.strip()) for v in values.split(","))))
+        except ValueError:
+            raise PikvError(f"--grid {spec!r}: a value is not a valid {fields[name].type}")
+    if not grid:
+        raise PikvError("give at least one --grid flag=v1,v2,...")
+    return tuple(grid)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    out: str
+    grid: tuple[tuple[str, tuple], ...]
+    base: dict  # the fixed train-student settings (everything but out and resume)
+
+    def points(self) -> list[dict]:
+        names = [g[0] for g in self.grid]
+        return [dict(zip(names, combo)) for combo in itertools.product(*(g[1] for g in self.grid))]
+
+    def run_name(self, point: dict) -> str:
+        return "_".join(f"{k.replace('_', '-')}={v:g}" if isinstance(v, float) else f"{k.replace('_', '-')}={v}"
+                        for k, v in point.items())
+
+
+def run(cfg: SweepConfig) -> list[dict]:
+    # Build every run's config first: a bad grid value fails before any training starts.
+    configs = [(cfg.run_name(p), p, TrainConfig(**{**cfg.base, **p, "out": os.path.join(cfg.out, cfg.run_name(p))}))
+               for p in cfg.points()]
+    d = dist.init(cfg.base.get("device", "auto"))
+    try:
+        rows = []
+        for i, (name, point, tcfg) in enumerate(configs):
+            if os.path.isdir(os.path.join(tcfg.out, "final")):
+                dist.print0(f"[{i + 1}/{len(configs)}] {name}: finished before, skipped")
+            else:
+                resume = latest_checkpoint(tcfg.out) is not None
+                dist.print0(f"[{i + 1}/{len(configs)}] {name}" + (" (resuming)" if resume else ""))
+                train(dataclasses.replace(tcfg, resume=resume), d)
+            steps, ev = read_metrics(tcfg.out)
+            speeds = [r["tokens_per_s"] for r in steps if "tokens_per_s" in r][1:]  # the first includes start-up
+            rows.append({"run": name, **point, "steps": steps[-1]["step"] if steps else 0,
+                         **{k: ev.get(k) for k in ("eval_ce", "eval_ppl", "eval_kd", "eval_top1")},
+                         "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None})
+        if d.is_main:
+            with open(os.path.join(cfg.out, "results.csv"), "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+            plot_runs({r["run"]: os.path.join(cfg.out, r["run"]) for r in rows},
+                      os.path.join(cfg.out, "results.png"), title=f"sweep over {cfg.base['cache']}")
+            width = max(len(r["run"]) for r in rows)
+            print(f"\n| {'run':<{width}} | held-out CE | perplexity | top-1 = teacher | tok/s |")
+            for r in rows:
+                print(f"| {r['run']:<{width}} | {r['eval_ce'] or float('nan'):11.4f} | "
+                      f"{r['eval_ppl'] or float('nan'):10.2f} | {r['eval_top1'] or float('nan'):15.3f} | "
+                      f"{r['tokens_per_s'] or 0:5.0f} |")
+            print(f"wrote {os.path.join(cfg.out, 'results.csv')} and results.png")
+        return rows
+    finally:
+        dist.teardown()
