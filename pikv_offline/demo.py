@@ -7,9 +7,10 @@
    loss is well below a unigram model's (the teacher is saved and reused by later runs);
 3. runs `pikv dump-teacher` under torchrun with 2 ranks (gloo on CPU) on the training docstrings,
    and once more on the held-out docstrings (the evaluation set), then `pikv inspect`;
-4. trains the same small student three times with `pikv train-student` (2 ranks, same steps and seed):
-   top-k KD + CE, top-k KD only, and CE only as the baseline; then `pikv eval` on the held-out cache
-   and a table of held-out CE, perplexity, top-1 agreement with the teacher and tokens/s.
+4. `pikv sweep --grid kd-weight=0,1 --ce-weight 1` trains the same small student (2 ranks, same steps
+   and seed) as the CE-only baseline and with top-k KD + CE, then one KD-only run for contrast;
+   `pikv eval` on the held-out cache gives the table (held-out CE, perplexity, top-1 agreement with
+   the teacher, tokens/s), and results.png plots every run's CE curve and held-out CE.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from .corpus import write_corpus
+from .plot import plot_runs
 from .toy import make_model, train_tokenizer
 
 VOCAB = 4096
@@ -148,18 +150,22 @@ def main(argv=None) -> None:
     # KD alone constrains only the total teacher mass outside the top-k, not its shape; with this small,
     # high-entropy teacher (~39% of its mass lies outside the top-64) the hard-label CE term is what
     # shapes the student's tail, so KD+CE is the recommended run and KD-only is shown for contrast.
-    runs = {"kd+ce (top-64 + tail, T=1)": ["--kd-weight", "1", "--ce-weight", "1"],
-            "kd only": ["--kd-weight", "1", "--ce-weight", "0"],
-            "ce only (baseline)": ["--kd-weight", "0", "--ce-weight", "1"]}
-    print(f"[4/4] pikv train-student, {args.student_steps} steps each, {args.nproc} ranks: " + ", ".join(runs))
+    common = ["--cache", cache, "--student-config", student_cfg, "--max-steps", str(args.student_steps),
+              "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "20", "--eval-fraction", "0.02",
+              "--log-every", "10", "--seed", "0"]
+    sweep_dir = os.path.join(args.workdir, "sweep")
+    runs = {"kd+ce (top-64 + tail, T=1)": os.path.join(sweep_dir, "kd-weight=1"),
+            "kd only": os.path.join(args.workdir, "kd-only"),
+            "ce only (baseline)": os.path.join(sweep_dir, "kd-weight=0")}
+    print(f"[4/4] pikv sweep --grid kd-weight=0,1 --ce-weight 1 (CE baseline and KD+CE), then a KD-only run; "
+          f"{args.student_steps} steps each, {args.nproc} ranks")
+    subprocess.run(torchrun + ["sweep", *common, "--out", sweep_dir, "--grid", "kd-weight=0,1", "--ce-weight", "1"],
+                   check=True, env=env)
+    if not os.path.isdir(os.path.join(runs["kd only"], "final")):
+        subprocess.run(torchrun + ["train-student", *common, "--out", runs["kd only"], "--kd-weight", "1",
+                                   "--ce-weight", "0"], check=True, env=env)
     rows = []
-    for name, flags in runs.items():
-        out = os.path.join(args.workdir, "students", name.split()[0].replace("+", "-"))
-        if not os.path.isdir(os.path.join(out, "final")):
-            subprocess.run(torchrun + ["train-student", "--cache", cache, "--student-config", student_cfg,
-                                       "--out", out, "--max-steps", str(args.student_steps), "--batch-size", "8",
-                                       "--lr", "3e-3", "--warmup-steps", "20", "--eval-fraction", "0.02",
-                                       "--log-every", "10", "--seed", "0", *flags], check=True, env=env)
+    for name, out in runs.items():
         p = subprocess.run([sys.executable, "-m", "pikv_offline", "eval", "--cache", heldout_cache, "--student",
                             os.path.join(out, "final"), "--eval-fraction", "1", "--json"],
                            check=True, env=env, capture_output=True, text=True)
@@ -174,6 +180,9 @@ def main(argv=None) -> None:
         print(f"| {name:<26} | {ce:11.3f} | {ppl:10.1f} | {top1:15.3f} | {tps:11.0f} |")
     json.dump([dict(zip(("run", "heldout_ce", "perplexity", "top1", "tokens_per_s"), r)) for r in rows],
               open(os.path.join(args.workdir, "results.json"), "w"), indent=2)
+    png = plot_runs(runs, os.path.join(args.workdir, "results.png"),
+                    title="students from one cache (held-out: the cache's own held-out share)")
+    print(f"wrote {os.path.join(args.workdir, 'results.json')} and {png}")
 
 
 if __name__ == "__main__":
