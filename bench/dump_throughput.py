@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pikv_offline.config import DumpConfig  # noqa: E402
 from pikv_offline.data import build_sequences, iter_documents, load_records  # noqa: E402
+from pikv_offline.modeling import resolve_dtype  # noqa: E402
 from pikv_offline.teacher import dump as dump_mod  # noqa: E402
 from pikv_offline.teacher import model as M  # noqa: E402
 
@@ -42,7 +43,7 @@ def main() -> None:
     temps = tuple(float(t) for t in args.temperatures.split(","))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    dtype = M.resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device)
 
     tok = M.load_tokenizer(args.teacher, args.teacher)
     docs = iter_documents(load_records(args.data), tok, "text", None)

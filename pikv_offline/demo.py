@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .corpus import write_corpus
-from .plot import plot_runs
+from .plot import mean_tokens_per_s, plot_runs, read_metrics
 from .toy import make_model, train_tokenizer
 
 VOCAB = 4096
@@ -170,9 +170,7 @@ def main(argv=None) -> None:
                             os.path.join(out, "final"), "--eval-fraction", "1", "--json"],
                            check=True, env=env, capture_output=True, text=True)
         ev = json.loads(p.stdout.strip().splitlines()[-1])
-        logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-        speeds = [r["tokens_per_s"] for r in logged if "tokens_per_s" in r][1:]
-        rows.append((name, ev["eval_ce"], ev["eval_ppl"], ev["eval_top1"], sum(speeds) / max(len(speeds), 1)))
+        rows.append((name, ev["eval_ce"], ev["eval_ppl"], ev["eval_top1"], mean_tokens_per_s(read_metrics(out)[0]) or 0))
     print(f"\nheld-out docstrings ({ev['eval_tokens']} tokens), teacher held-out CE {info['heldout_loss']:.3f}:")
     print(f"| {'run':<26} | held-out CE | perplexity | top-1 = teacher | train tok/s |")
     print(f"|{'-' * 28}|-------------|------------|-----------------|-------------|")

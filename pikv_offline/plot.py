@@ -20,6 +20,12 @@ def read_metrics(run_dir: str) -> tuple[list[dict], dict]:
     return steps, last_eval
 
 
+def mean_tokens_per_s(steps: list[dict]) -> float | None:
+    """Mean logged training tokens/s, leaving out the first record (it includes start-up)."""
+    speeds = [r["tokens_per_s"] for r in steps if "tokens_per_s" in r][1:]
+    return sum(speeds) / len(speeds) if speeds else None
+
+
 def plot_runs(runs: dict[str, str], out_png: str, title: str = "") -> str:
     """runs: label -> run folder. Left: training CE on the next token (logged for every run, whatever
     its loss weights, so the curves compare); right: held-out CE at the end of each run."""

@@ -54,8 +54,8 @@ def test_order_is_a_permutation_and_splits_disjointly(train_cache):
     assert not (o0 == o1).all(), "each epoch reshuffles"
     seen = []
     for rank in range(2):
-        stream = D.TrainStream(train_cache, seed=0, epoch=0, start=0, batch_size=3, rank=rank, world_size=2,
-                               top_k=16, t_index=0, eval_fraction=0.1)
+        stream = D.TrainStream(train_cache, index, seed=0, epoch=0, start=0, batch_size=3, rank=rank, world_size=2,
+                               top_k=16, t_index=0)
         seen.append([int(s) for b in stream for s in b["sample_id"]])
     assert not set(seen[0]) & set(seen[1])
     assert len(seen[0]) == len(seen[1]) == D.micro_steps_per_epoch(len(o0), 3, 2) * 3

@@ -112,23 +112,25 @@ def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 class TrainStream(torch.utils.data.IterableDataset):
-    """Rank ``rank``'s micro-batches of one epoch, starting at global micro-step ``start``."""
+    """Rank ``rank``'s micro-batches of one epoch, starting at global micro-step ``start``.
 
-    def __init__(self, path: str, *, seed: int, epoch: int, start: int, batch_size: int, rank: int,
-                 world_size: int, top_k: int, t_index: int, eval_fraction: float, window_blocks: int = 4):
-        self.path, self.seed, self.epoch, self.start = path, seed, epoch, start
+    ``index`` is the trainer's CacheIndex (plain arrays, safe to hand to a forked worker), so the
+    sample ids are read and hashed once per run, not once per epoch.
+    """
+
+    def __init__(self, path: str, index: CacheIndex, *, seed: int, epoch: int, start: int, batch_size: int,
+                 rank: int, world_size: int, top_k: int, t_index: int, window_blocks: int = 4):
+        self.path, self.index, self.seed, self.epoch, self.start = path, index, seed, epoch, start
         self.batch_size, self.rank, self.world = batch_size, rank, world_size
-        self.top_k, self.t_index, self.eval_fraction = top_k, t_index, eval_fraction
-        self.window_blocks = window_blocks
+        self.top_k, self.t_index, self.window_blocks = top_k, t_index, window_blocks
 
     def __iter__(self):
         cache = open_cache(self.path)  # opened here, in the iterating process
-        index = CacheIndex(cache, self.eval_fraction)
-        order = index.epoch_order(self.seed, self.epoch, self.window_blocks)
+        order = self.index.epoch_order(self.seed, self.epoch, self.window_blocks)
         b, w = self.batch_size, self.world
         n_micro = micro_steps_per_epoch(len(order), b, w)
-        window = self.window_blocks * index.shard_seqs
-        loaded_window, data, pos_of = -1, None, None
+        window = self.window_blocks * self.index.shard_seqs
+        loaded_window, data, mine = -1, None, None
         for m in range(self.start, n_micro):
             lo = m * b * w + self.rank * b
             positions = np.arange(lo, lo + b)
@@ -138,9 +140,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                 span = np.arange(w0 * window, min((w1 + 1) * window, n_micro * b * w))
                 mine = span[(span // b) % w == self.rank]
                 data = read_rows(cache, order[mine], self.top_k, self.t_index)
-                pos_of = {int(p): i for i, p in enumerate(mine)}
                 loaded_window = w1
-            sel = np.array([pos_of[int(p)] for p in positions])
+            sel = np.searchsorted(mine, positions)  # mine is sorted and holds every position of the batch
             yield to_tensors({k: v[sel] for k, v in data.items()})
 
 

@@ -20,7 +20,7 @@ import typing
 from .. import dist
 from ..config import TrainConfig
 from ..errors import PikvError
-from ..plot import plot_runs, read_metrics
+from ..plot import mean_tokens_per_s, plot_runs, read_metrics
 from .train import latest_checkpoint, train
 
 NOT_SWEEPABLE = {"cache", "out", "student", "student_config", "resume"}
@@ -89,10 +89,10 @@ def run(cfg: SweepConfig) -> list[dict]:
                 dist.print0(f"[{i + 1}/{len(configs)}] {name}" + (" (resuming)" if resume else ""))
                 train(dataclasses.replace(tcfg, resume=resume), d)
             steps, ev = read_metrics(tcfg.out)
-            speeds = [r["tokens_per_s"] for r in steps if "tokens_per_s" in r][1:]  # the first includes start-up
+            tps = mean_tokens_per_s(steps)
             rows.append({"run": name, **point, "steps": steps[-1]["step"] if steps else 0,
                          **{k: ev.get(k) for k in ("eval_ce", "eval_ppl", "eval_kd", "eval_top1")},
-                         "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None})
+                         "tokens_per_s": round(tps, 1) if tps else None})
         if d.is_main:
             with open(os.path.join(cfg.out, "results.csv"), "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))

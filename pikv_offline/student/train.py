@@ -297,9 +297,8 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
         dist.print0(f"resuming from {ckpt} at step {step}")
 
     def loader(ep: int, start: int):
-        stream = D.TrainStream(cfg.cache, seed=cfg.seed, epoch=ep, start=start, batch_size=cfg.batch_size,
-                               rank=d.rank, world_size=d.world_size, top_k=top_k, t_index=t_index,
-                               eval_fraction=cfg.eval_fraction)
+        stream = D.TrainStream(cfg.cache, index, seed=cfg.seed, epoch=ep, start=start, batch_size=cfg.batch_size,
+                               rank=d.rank, world_size=d.world_size, top_k=top_k, t_index=t_index)
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                                                 pin_memory=d.device.type == "cuda",
                                                 prefetch_factor=4 if cfg.num_workers else None))
@@ -328,9 +327,9 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
             return
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                if tb:
+        if tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
                     tb.add_scalar(k, v, record["step"])
         if wb:
             wb.log(record, step=record["step"])
@@ -364,18 +363,18 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
             micro += 1
         local = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
         (count,) = _reduce([local], d.device)
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64)
         for a, b in enumerate(batches):
             sync = contextlib.nullcontext() if ddp is None or a == len(batches) - 1 else ddp.no_sync()
             with sync:
                 with autocast():
-                    kd, ce, top1, _ = net(**b)
+                    kd, ce, _, _ = net(**b)
                     loss = (cfg.kd_weight * kd + cfg.ce_weight * ce) * (d.world_size / max(count, 1))
                 scaler.scale(loss).backward()
-            sums += torch.tensor([float(kd.detach()), float(ce.detach()), float(top1)], dtype=torch.float64)
+            sums += torch.tensor([float(kd.detach()), float(ce.detach())], dtype=torch.float64)
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(distiller.parameters(), cfg.grad_clip or float("inf"))
-        kd_sum, ce_sum, _ = _reduce(sums.tolist(), d.device)
+        kd_sum, ce_sum = _reduce(sums.tolist(), d.device)
         total_loss = (cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum) / max(count, 1)
         finite = math.isfinite(total_loss) and math.isfinite(float(grad_norm))
         if finite:

@@ -27,6 +27,7 @@ from ..cache.writer import ShardWriter
 from ..config import DumpConfig
 from ..data import build_sequences, fingerprint, iter_documents, load_records
 from ..errors import PikvError
+from ..modeling import resolve_dtype, text_config, tokenizer_hash
 from . import model as M
 
 TOKENIZER_DIR = "tokenizer"  # the teacher's tokenizer, saved inside the cache for stage two
@@ -88,7 +89,7 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
     folder = M.resolve_teacher(cfg.teacher)
     config = M.load_config(folder, cfg.teacher)
     tokenizer = M.load_tokenizer(folder, cfg.teacher)
-    vocab = int(M.text_config(config).vocab_size)
+    vocab = int(text_config(config).vocab_size)
     ctx = M.context_length(config)
     if ctx is not None and cfg.seq_len > ctx:
         raise PikvError(f"--seq-len {cfg.seq_len} exceeds the teacher's context of {ctx} tokens; "
@@ -106,7 +107,7 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
     n_seqs = len(input_ids)
 
     device = d.device if not cfg.device_map else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = M.resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
     teacher_info = {"name": cfg.teacher, "weights_sha256": M.weights_identity(folder),
                     "config_sha256": hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True,
@@ -118,7 +119,7 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
                  "max_sequences": cfg.max_sequences, "fingerprint": fingerprint(input_ids, loss_mask)}
     targets = {"logits": {"top_k": cfg.top_k, "temperatures": list(cfg.temperatures),
                           "logprob_encoding": F.LOGPROB_ENCODING, "id_dtype": F.id_dtype(vocab).name}}
-    tok_hash = M.tokenizer_hash(tokenizer)
+    tok_hash = tokenizer_hash(tokenizer)
     key = cache_key({"format_version": F.FORMAT_VERSION, "teacher": {k: v for k, v in teacher_info.items() if k != "name"},
                      "tokenizer": tok_hash, "data": data_info["fingerprint"], "seq_len": cfg.seq_len,
                      "targets": targets})

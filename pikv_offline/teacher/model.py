@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import torch
 
 from ..errors import PikvError, brief
-from ..modeling import lm_logits, resolve_dtype, text_config, tokenizer_hash  # noqa: F401  (re-exported)
+from ..modeling import lm_logits, text_config
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PROBE = 4 << 20  # bytes hashed at each end of a weight file
@@ -125,7 +124,7 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
         # LSE_T = m/T + log sum exp((z - m)/T) with m = the row max (= top[:, 0]). One shifted copy
         # and one reused buffer instead of torch.logsumexp per T: half the memory passes, same values.
         m = top[:, :1]
-        shifted = z.sub_(m) if z.is_contiguous() else z - m
+        shifted = z.sub_(m)  # z is this chunk's own tensor
         if buf is None or buf.shape != shifted.shape:
             buf = torch.empty_like(shifted)
         cols = []
