@@ -44,8 +44,8 @@ class OnlineStream(D.TrainStream):
         vocab = teacher.get_output_embeddings().weight.shape[0]
         temps = (1.0,) if self.t_index == 0 else (1.0, self.temperature)
         for batch in super().__iter__():
-            ids, lps, lse = logit_targets(teacher, batch["input_ids"], vocab, temps)
-            batch.update(t_ids=ids, t_logprobs=lps, t_lse1=lse[..., 0], t_lseT=lse[..., -1])
+            got = logit_targets(teacher, batch["input_ids"], vocab, temps)
+            batch.update(t_ids=got["ids"], t_logprobs=got["logprobs"], t_tnorm=got["tnorm"][..., -1])
             yield batch
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .cache.format import ENCODINGS, MAX_TAIL
 from .errors import PikvError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -49,6 +50,8 @@ class DumpConfig:
     device_map: str | None = None
     overwrite: bool = False
     shard_seqs: int = 64
+    sampled_tail: int = 0  # draws per position from the teacher's distribution outside the top-k
+    encoding: str = "fp16"
 
     def __post_init__(self):
         if self.chat_field and self.text_field:
@@ -57,8 +60,13 @@ class DumpConfig:
             object.__setattr__(self, "text_field", "text")
         if self.seq_len < 2:
             raise PikvError(f"--seq-len must be at least 2; got {self.seq_len}")
-        if self.top_k < 1:
-            raise PikvError(f"--top-k must be at least 1; got {self.top_k}")
+        if self.top_k < 0 or (self.top_k == 0 and self.sampled_tail == 0):
+            raise PikvError(f"--top-k must be at least 1 (or 0 with --sampled-tail N); got {self.top_k}")
+        if not 0 <= self.sampled_tail <= MAX_TAIL:
+            raise PikvError(f"--sampled-tail must be in [0, {MAX_TAIL}] (counts are stored as uint8); "
+                            f"got {self.sampled_tail}")
+        if self.encoding not in ENCODINGS:
+            raise PikvError(f"--encoding must be one of {', '.join(ENCODINGS)}; got {self.encoding}")
         if self.batch_size < 1:
             raise PikvError(f"--batch-size must be at least 1; got {self.batch_size}")
         if self.shard_seqs < 1:
@@ -79,7 +87,7 @@ class DumpConfig:
 
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-TAILS = ("bucket", "renorm")
+TAILS = ("auto", "bucket", "renorm", "sampled")
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -93,7 +101,7 @@ class TrainConfig:
     ce_weight: float = 0.0
     temperature: float = 1.0
     divergence: str = "forward_kl"
-    tail: str = "bucket"
+    tail: str = "auto"  # sampled when the cache holds a sampled tail, else bucket
     top_k: int | None = None  # None: the cached k
     batch_size: int = 8
     grad_accum: int = 1

@@ -48,20 +48,21 @@ def test_stored_topk_equals_live_teacher(kind, request, corpus, workdir):
     np.testing.assert_array_equal(got[F.SAMPLE_ID], np.arange(10))
     logits = live_logits(teacher, got[F.INPUT_IDS])
     logprobs = torch.log_softmax(logits, -1)
-    ids = torch.from_numpy(got[F.TOPK_IDS])
-    stored = torch.from_numpy(got[F.TOPK_LOGPROBS])
-    # The stored ids are the live top-k: the live log-probs at them are the live top-k values.
+    ids = torch.from_numpy(got[F.HEAD_IDS])
+    stored = torch.from_numpy(got[F.HEAD_LOGPROBS])
+    # The stored ids are the live top-k: the live log-probs at them are the live top-k values (the
+    # order among values equal after rounding may differ, hence the sort).
     live_top = torch.topk(logprobs, 16, dim=-1).values
-    torch.testing.assert_close(torch.gather(logprobs, -1, ids), live_top, atol=1e-5, rtol=0)
+    at_ids = torch.sort(torch.gather(logprobs, -1, ids), dim=-1, descending=True).values
+    torch.testing.assert_close(at_ids, live_top, atol=1e-5, rtol=0)
     # fp16 log-probs: relative error <= 2^-11.
     torch.testing.assert_close(stored, live_top, atol=1e-3, rtol=2 ** -10)
     assert (stored[..., :-1] >= stored[..., 1:]).all(), "top-k is sorted by probability"
     for j, t in enumerate(cache.temperatures):
-        torch.testing.assert_close(torch.from_numpy(got[F.LSE][..., j]), torch.logsumexp(logits / t, -1),
+        torch.testing.assert_close(torch.from_numpy(got[F.TNORM][..., j]), torch.logsumexp(logprobs / t, -1),
                                    atol=1e-4, rtol=1e-5)
     # Tempered top-k from the stored values matches the live tempered distribution.
-    lse = torch.from_numpy(got[F.LSE])
-    tempered = (stored + lse[..., :1]) / 2.0 - lse[..., 1:2]
+    tempered = stored / 2.0 - torch.from_numpy(got[F.TNORM][..., 1:2])
     torch.testing.assert_close(tempered, torch.gather(torch.log_softmax(logits / 2.0, -1), -1, ids),
                                atol=2e-3, rtol=2 ** -10)
 
@@ -70,25 +71,26 @@ def test_full_vocab_k_sums_to_one(llama_teacher, corpus, workdir):
     out = workdir / "fullk"
     dump(llama_teacher, corpus, out, max_sequences=3, top_k=VOCAB, temperatures=(1.0,))
     got = open_cache(str(out)).read_all()
-    mass = np.exp(got[F.TOPK_LOGPROBS].astype(np.float64)).sum(-1)
+    mass = np.exp(got[F.HEAD_LOGPROBS].astype(np.float64)).sum(-1)
     np.testing.assert_allclose(mass, 1.0, atol=2e-3)
-    logits = live_logits(llama_teacher, got[F.INPUT_IDS])
-    np.testing.assert_allclose(got[F.LSE][..., 0], torch.logsumexp(logits, -1).numpy(), atol=1e-4, rtol=1e-5)
+    assert F.TNORM not in open_cache(str(out)).names  # T=1 alone: its normalizer is 0, nothing stored
 
 
 def test_chunked_targets_equal_plain(llama_teacher):
     model = AutoModelForCausalLM.from_pretrained(llama_teacher).eval()
     x = torch.randint(0, VOCAB, (2, 40))
-    a = logit_targets(model, x, 8, (1.0, 2.0), chunk_tokens=7)
-    b = logit_targets(model, x, 8, (1.0, 2.0), chunk_tokens=10_000)
-    for u, v in zip(a, b):
-        torch.testing.assert_close(u, v)
+    u = torch.rand(2, 40, 5)
+    a = logit_targets(model, x, 8, (1.0, 2.0), u, chunk_tokens=7)
+    b = logit_targets(model, x, 8, (1.0, 2.0), u, chunk_tokens=10_000)
+    assert a.keys() == b.keys() == {"ids", "logprobs", "tnorm", "tail_ids", "tail_logprobs"}
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
 
 
 @pytest.fixture(scope="module")
 def one_rank_cache(llama_teacher, corpus, workdir):
     out = workdir / "one-rank"
-    dump(llama_teacher, corpus, out, max_sequences=22)
+    dump(llama_teacher, corpus, out, max_sequences=22, sampled_tail=8)
     return out
 
 
@@ -103,7 +105,7 @@ def two_rank_cache(llama_teacher, corpus, workdir):
 def _cli_args(teacher, data, out, n=22):
     return ["dump-teacher", "--teacher", teacher, "--data", data, "--out", str(out), "--seq-len", str(SEQ),
             "--top-k", "16", "--temperatures", "1,2,4", "--shard-size", "4", "--batch-size", "3",
-            "--max-sequences", str(n)]
+            "--max-sequences", str(n), "--sampled-tail", "8"]
 
 
 def _assert_same(a, b, exact=True):
@@ -122,9 +124,11 @@ def test_two_ranks_equal_one_rank(one_rank_cache, two_rank_cache):
     for name in (F.INPUT_IDS, F.LOSS_MASK, F.SAMPLE_ID):
         np.testing.assert_array_equal(a[name], b[name])
     # Different batch composition on each rank: equal within float tolerance.
-    np.testing.assert_allclose(a[F.TOPK_LOGPROBS], b[F.TOPK_LOGPROBS], atol=2e-3)
-    np.testing.assert_allclose(a[F.LSE], b[F.LSE], atol=1e-4)
-    assert (a[F.TOPK_IDS] == b[F.TOPK_IDS]).mean() > 0.999
+    np.testing.assert_allclose(a[F.HEAD_LOGPROBS], b[F.HEAD_LOGPROBS], atol=2e-3)
+    np.testing.assert_allclose(a[F.TNORM], b[F.TNORM], atol=1e-4)
+    assert (a[F.HEAD_IDS] == b[F.HEAD_IDS]).mean() > 0.999
+    # The tail's draws are seeded per sample id, so the split over ranks does not change them.
+    assert (a[F.TAIL_IDS] == b[F.TAIL_IDS]).mean() > 0.999 and (a[F.TAIL_COUNTS] == b[F.TAIL_COUNTS]).mean() > 0.999
     assert c2.attrs["cache_key"] == open_cache(str(one_rank_cache)).attrs["cache_key"]
 
 
@@ -165,11 +169,11 @@ def test_cache_hit_skips_teacher_and_key_mismatch_is_refused(llama_teacher, corp
 
     monkeypatch.setattr(dump_mod.M, "load_model", no_teacher)
     t0 = time.perf_counter()
-    res = dump(llama_teacher, corpus, one_rank_cache, max_sequences=22)
+    res = dump(llama_teacher, corpus, one_rank_cache, max_sequences=22, sampled_tail=8)
     assert res["cache_hit"] and time.perf_counter() - t0 < 20
     assert sorted(os.walk(one_rank_cache)) == before
     with pytest.raises(PikvError, match="different inputs"):
-        dump(llama_teacher, corpus, one_rank_cache, max_sequences=22, top_k=8)
+        dump(llama_teacher, corpus, one_rank_cache, max_sequences=22, top_k=8, sampled_tail=8)
     monkeypatch.undo()
     other = workdir / "overwrite"
     dump(llama_teacher, corpus, other, max_sequences=4)
@@ -185,7 +189,7 @@ def test_tokenizer_is_saved_in_cache(one_rank_cache, tokenizer):
 def test_corrupted_chunk_is_detected(llama_teacher, corpus, workdir):
     out = workdir / "corrupt"
     dump(llama_teacher, corpus, out, max_sequences=4)
-    shard_file = out / "shards" / "rank-00000" / "logits" / "lse" / "c" / "0" / "0" / "0"
+    shard_file = out / "shards" / "rank-00000" / "logits" / "ids" / "c" / "0" / "0" / "0"
     data = bytearray(shard_file.read_bytes())
     data[10] ^= 0xFF
     shard_file.write_bytes(bytes(data))
@@ -248,7 +252,45 @@ def test_inspect_reports_bytes_per_token(one_rank_cache):
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
     assert info["complete"] and info["counts"]["committed"] == 22
-    assert set(info["bytes_per_token"]) == set(F.ARRAY_NAMES)
-    assert 0 < info["bytes_per_token"][F.TOPK_IDS] < 16 * 2  # uint16 ids, compressed
+    assert set(info["bytes_per_token"]) == set(F.ARRAY_NAMES)  # this cache holds every array
+    assert 0 < info["bytes_per_token"][F.HEAD_IDS] < 16 * 2  # uint16 ids, compressed
     p = pikv_subprocess(["inspect", str(one_rank_cache)])
     assert "bytes/token" in p.stdout and "complete" in p.stdout
+
+
+def test_sampled_tail_is_stored_as_drawn(one_rank_cache, llama_teacher):
+    cache = open_cache(str(one_rank_cache))
+    assert cache.tail == 8 and cache.top_k == 16
+    got = cache.read_all()
+    head, ids, counts = got[F.HEAD_IDS], got[F.TAIL_IDS], got[F.TAIL_COUNTS]
+    assert (counts.sum(-1) == 8).all()
+    used = counts > 0
+    assert not ((ids[..., :, None] == head[..., None, :]) & used[..., None]).any(), "draws lie outside the top-k"
+    assert (np.diff(ids, axis=-1) >= 0).all() and not (np.diff(ids, axis=-1) == 0)[used[..., 1:]].any()
+    live = torch.log_softmax(live_logits(llama_teacher, got[F.INPUT_IDS]), -1)
+    want = torch.gather(live, -1, torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(got[F.TAIL_LOGPROBS][used], want[used], rtol=2 ** -10, atol=1e-3)
+
+
+@pytest.mark.parametrize("encoding", ["fp16", "bf16"])
+def test_encodings_round_trip_within_their_declared_error(encoding):
+    x = -np.random.default_rng(0).exponential(3.0, 10_000).astype(np.float32)
+    back = F.decode_logprobs(F.encode_logprobs(x, encoding), encoding)
+    rel = np.abs(back - x) / np.maximum(np.abs(x), 1e-30)
+    assert rel.max() <= F.ENCODINGS[encoding].relative_error * 1.0001
+    assert rel.max() > F.ENCODINGS[encoding].relative_error / 4  # the declared bound is not loose
+
+
+def test_pure_sampling_and_bf16_cache(llama_teacher, corpus, workdir):
+    out = workdir / "pure-sampling"
+    dump(llama_teacher, corpus, out, max_sequences=6, top_k=0, sampled_tail=12, encoding="bf16")
+    cache = open_cache(str(out))
+    assert F.HEAD_IDS not in cache.names and cache.encoding == "bf16"
+    got = cache.read_all()
+    assert got[F.HEAD_IDS].shape == (6, SEQ, 0) and (got[F.TAIL_COUNTS].sum(-1) == 12).all()
+    live = torch.log_softmax(live_logits(llama_teacher, got[F.INPUT_IDS]), -1)
+    used = got[F.TAIL_COUNTS] > 0
+    want = torch.gather(live, -1, torch.from_numpy(got[F.TAIL_IDS])).numpy()
+    np.testing.assert_allclose(got[F.TAIL_LOGPROBS][used], want[used], rtol=2 ** -7, atol=1e-3)
+    np.testing.assert_allclose(got[F.TNORM][..., 1:], torch.stack(
+        [torch.logsumexp(live / t, -1) for t in (2.0, 4.0)], -1).numpy(), rtol=2 ** -10, atol=1e-3)

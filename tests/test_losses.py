@@ -1,4 +1,5 @@
-"""Losses: bucket KD at k = V equals the full-vocabulary divergence; chunked == plain; zero at equality."""
+"""Losses: bucket KD at k = V equals the full-vocabulary divergence; the sampled tail is unbiased for
+the full KL and its gradient; chunked == plain; zero at equality."""
 
 from __future__ import annotations
 
@@ -8,18 +9,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pikv_offline.cache.format import decode_logprobs, encode_logprobs
-from pikv_offline.student.losses import ce_loss, divergence, kd_loss
+import itertools
+
+import numpy as np
+
+from pikv_offline.cache.format import decode_logprobs, encode_logprobs, encode_tail
+from pikv_offline.student.losses import ce_loss, divergence, kd_loss, kd_rows
 
 
 def teacher_targets(t_logits: torch.Tensor, k: int, temps=(1.0, 2.0), fp16: bool = False):
-    """What the cache stores for these logits: top-k ids, T=1 log-probs (optionally fp16-rounded), LSEs."""
+    """What the cache stores for these logits: top-k ids, T=1 log-probs (optionally fp16-rounded), tnorm."""
     lp = torch.log_softmax(t_logits, -1)
     top, ids = torch.topk(lp, k, -1)
     if fp16:
         top = torch.from_numpy(decode_logprobs(encode_logprobs(top.numpy())))
-    lse = torch.stack([torch.logsumexp(t_logits / t, -1) for t in temps], -1)
-    return ids, top, lse
+    tnorm = torch.stack([torch.logsumexp(lp / t, -1) for t in temps], -1)
+    return ids, top, tnorm
 
 
 def lsm(logits, T=1.0):
@@ -38,9 +43,9 @@ def test_bucket_kd_at_full_k_equals_kl_div(logits, T, fp16):
     t_logits, s_logits = logits
     ids, top, lse = teacher_targets(t_logits, 50, fp16=fp16)
     j = 0 if T == 1.0 else 1
-    got, n = kd_loss(lsm(s_logits, T), ids, top, lse[:, 0], lse[:, j], temperature=T)
+    got, n = kd_loss(lsm(s_logits, T), ids, top, lse[:, j], temperature=T)
     # The reference: F.kl_div over the full vocabulary with the teacher distribution as stored.
-    p_stored = torch.zeros_like(t_logits).scatter(-1, ids, (top + lse[:, :1]) / T - lse[:, j:j + 1]).exp()
+    p_stored = torch.zeros_like(t_logits).scatter(-1, ids, top / T - lse[:, j:j + 1]).exp()
     want = F.kl_div(torch.log_softmax(s_logits / T, -1), p_stored, reduction="sum") * T * T
     assert n == 40
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
@@ -50,7 +55,7 @@ def test_bucket_kd_at_full_k_equals_kl_div(logits, T, fp16):
 def test_other_divergences_at_full_k(logits, kind):
     t_logits, s_logits = logits
     ids, top, lse = teacher_targets(t_logits, 50)
-    got, _ = kd_loss(lsm(s_logits), ids, top, lse[:, 0], lse[:, 0], kind=kind)
+    got, _ = kd_loss(lsm(s_logits), ids, top, lse[:, 0], kind=kind)
     p, q = torch.softmax(t_logits, -1), torch.softmax(s_logits, -1)
     if kind == "reverse_kl":
         want = (q * (q.log() - p.log())).sum()
@@ -64,7 +69,7 @@ def test_bucket_tail_is_the_mass_outside_top_k(logits):
     t_logits, s_logits = logits
     k = 5
     ids, top, lse = teacher_targets(t_logits, k)
-    got, _ = kd_loss(lsm(s_logits), ids, top, lse[:, 0], lse[:, 0])
+    got, _ = kd_loss(lsm(s_logits), ids, top, lse[:, 0])
     p, q = torch.softmax(t_logits, -1), torch.softmax(s_logits, -1)
     pk, qk = torch.gather(p, -1, ids), torch.gather(q, -1, ids)
     pb = torch.cat([pk, 1 - pk.sum(-1, keepdim=True)], -1)
@@ -75,7 +80,7 @@ def test_bucket_tail_is_the_mass_outside_top_k(logits):
 def test_renorm_is_kl_inside_top_k(logits):
     t_logits, s_logits = logits
     ids, top, lse = teacher_targets(t_logits, 7)
-    got, _ = kd_loss(lsm(s_logits, 3.0), ids, top, lse[:, 0], None, temperature=3.0, tail="renorm")
+    got, _ = kd_loss(lsm(s_logits, 3.0), ids, top, lse[:, 0], temperature=3.0, tail="renorm")
     p = torch.softmax(torch.gather(t_logits, -1, ids) / 3.0, -1)
     q = torch.softmax(torch.gather(s_logits, -1, ids) / 3.0, -1)
     torch.testing.assert_close(got, (p * (p.log() - q.log())).sum() * 9.0, rtol=1e-5, atol=1e-4)
@@ -86,13 +91,13 @@ def test_renorm_is_kl_inside_top_k(logits):
 def test_zero_when_student_equals_teacher_and_gradient_points_to_teacher(logits, kind, tail):
     t_logits, s_logits = logits
     ids, top, lse = teacher_targets(t_logits, 8)
-    same, _ = kd_loss(lsm(t_logits), ids, top, lse[:, 0], lse[:, 0], kind=kind, tail=tail)
+    same, _ = kd_loss(lsm(t_logits), ids, top, lse[:, 0], kind=kind, tail=tail)
     assert abs(same.item()) < 1e-4
     s = s_logits.clone().requires_grad_()
-    loss, _ = kd_loss(lsm(s), ids, top, lse[:, 0], lse[:, 0], kind=kind, tail=tail)
+    loss, _ = kd_loss(lsm(s), ids, top, lse[:, 0], kind=kind, tail=tail)
     loss.backward()
     with torch.no_grad():  # a small step against the gradient lowers the loss
-        lower, _ = kd_loss(lsm(s - 1e-2 * s.grad), ids, top, lse[:, 0], lse[:, 0], kind=kind, tail=tail)
+        lower, _ = kd_loss(lsm(s - 1e-2 * s.grad), ids, top, lse[:, 0], kind=kind, tail=tail)
     assert lower < loss
 
 
@@ -120,8 +125,9 @@ def test_chunked_loss_equals_plain(tokenizer):
     t_logits = torch.randn(b, length, v, generator=g) * 2
     ids, top, lse = teacher_targets(t_logits.reshape(-1, v), k)
     batch = dict(input_ids=input_ids, loss_mask=loss_mask, t_ids=ids.reshape(b, length, k),
-                 t_logprobs=top.reshape(b, length, k), t_lse1=lse[:, 0].reshape(b, length),
-                 t_lseT=lse[:, 0].reshape(b, length))
+                 t_logprobs=top.reshape(b, length, k), t_tnorm=lse[:, 0].reshape(b, length),
+                 tail_ids=torch.zeros(b, length, 0, dtype=torch.long), tail_logprobs=torch.zeros(b, length, 0),
+                 tail_counts=torch.zeros(b, length, 0))
     results = []
     for chunk in (0, 7):
         student.zero_grad()
@@ -137,3 +143,104 @@ def test_chunked_loss_equals_plain(tokenizer):
     for a, c in zip(g0, g1):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
     assert math.isfinite(kd0.item())
+
+
+def full_kl(t_logits, s_logits, T):
+    p, logq = torch.log_softmax(t_logits / T, -1), torch.log_softmax(s_logits / T, -1)
+    return (p.exp() * (p - logq)).sum(-1)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+def test_sampled_tail_is_unbiased_by_exact_enumeration(k, T):
+    """E over every ordered n-tuple of tail draws of the estimator (and of its gradient) == full KL."""
+    g = torch.Generator().manual_seed(k)
+    v, n = 7, 3
+    t_logits = torch.randn(v, generator=g, dtype=torch.float64) * 2
+    s_logits = (torch.randn(v, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    lp = torch.log_softmax(t_logits, -1)
+    head = torch.topk(lp, k).indices
+    tail = [i for i in range(v) if i not in head.tolist()]
+    r = lp[tail].exp() / lp[tail].exp().sum()  # the dump's sampling distribution
+    draws = np.array(list(itertools.product(tail, repeat=n)))
+    prob = torch.stack([torch.prod(r[[tail.index(i) for i in d]]) for d in draws])
+    assert abs(prob.sum().item() - 1) < 1e-12
+    ids, _, counts = encode_tail(draws, lp.detach().numpy()[draws], "fp16", v)
+    ids = torch.from_numpy(ids.astype(np.int64))
+    rows = len(draws)
+    tnorm = torch.logsumexp(lp / T, -1)
+    # Exact float64 log-probs at the stored ids (storage rounding is the other test's business).
+    est = kd_rows(torch.log_softmax(s_logits / T, -1).expand(rows, v), head.expand(rows, k), lp[head].expand(rows, k),
+                  tnorm.expand(rows), temperature=T, tail="sampled", rel_error=0.0, tail_ids=ids, draws=n,
+                  tail_logprobs=lp[ids], tail_counts=torch.from_numpy(counts).double())
+    expected = (prob * est).sum()
+    want = full_kl(t_logits, s_logits, T)
+    torch.testing.assert_close(expected, want, rtol=1e-10, atol=1e-12)
+    g_est, = torch.autograd.grad(expected, s_logits)
+    g_full, = torch.autograd.grad(want, s_logits)
+    torch.testing.assert_close(g_est, g_full, rtol=1e-10, atol=1e-12)
+    assert est.std() > 0.01  # a real estimator: single draws differ
+
+
+def test_sampled_tail_from_the_dump_sampler_averages_to_full_kl(llama_teacher):
+    """Many seeds through the real sampler (logit_targets) and the real storage (encode/decode_tail)."""
+    from transformers import AutoModelForCausalLM
+
+    from pikv_offline.cache.format import decode_head, encode_head
+    from pikv_offline.teacher.model import logit_targets
+
+    model = AutoModelForCausalLM.from_pretrained(llama_teacher).eval()
+    seeds, length, k, n, T = 4000, 6, 4, 8, 2.0
+    x = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    u = torch.rand(seeds, length, n, generator=torch.Generator().manual_seed(1))
+    got = logit_targets(model, x.expand(seeds, length), k, (1.0, T), u)
+    v = model.config.vocab_size
+    # every draw lies outside the head; the log-probs are the live ones
+    assert not (got["tail_ids"][..., :, None] == got["ids"][..., None, :]).any()
+    with torch.no_grad():
+        live = torch.log_softmax(model(x).logits.float(), -1)[0]
+    torch.testing.assert_close(got["tail_logprobs"], torch.gather(live.expand(seeds, -1, -1), -1, got["tail_ids"]),
+                               atol=1e-5, rtol=1e-5)
+    ids, lps, counts = encode_tail(got["tail_ids"].numpy(), got["tail_logprobs"].numpy(), "fp16", v)
+    assert (counts.sum(-1) == n).all()
+    h_ids, h_bits = encode_head(got["ids"].numpy(), got["logprobs"].numpy(), "fp16", v)
+    h_ids, h_lp = decode_head(h_ids, h_bits, "fp16")
+    s_logits = torch.randn(length, v, generator=torch.Generator().manual_seed(2))
+    per_seed = s_logits.expand(seeds, -1, -1).clone().requires_grad_()  # one leaf per seed: per-seed gradients
+    rows = kd_rows(torch.log_softmax(per_seed / T, -1).reshape(-1, v),
+                   torch.from_numpy(h_ids).reshape(-1, k), torch.from_numpy(h_lp).reshape(-1, k),
+                   got["tnorm"][..., 1].reshape(-1), temperature=T, tail="sampled",
+                   tail_ids=torch.from_numpy(ids.astype(np.int64)).reshape(-1, n),
+                   tail_logprobs=torch.from_numpy(decode_logprobs(lps)).reshape(-1, n),
+                   tail_counts=torch.from_numpy(counts).float().reshape(-1, n), draws=n).reshape(seeds, length)
+    full = s_logits.clone().requires_grad_()
+    want = full_kl(live, full, T)
+    mean, se = rows.mean(0), rows.std(0) / seeds ** 0.5
+    assert ((mean - want).abs() < 4 * se + 2e-3).all(), (mean, want, se)
+    # Gradient: per coordinate, the seeds' mean is within noise of the full gradient (z^2 averages ~1).
+    (grads,) = torch.autograd.grad(rows.sum(), per_seed)
+    (g_full,) = torch.autograd.grad(want.sum(), full)
+    se_g = grads.std(0) / seeds ** 0.5 + 1e-7
+    z2 = ((grads.mean(0) - g_full) / se_g) ** 2
+    assert z2.mean() < 1.5 and z2.max() < 40, (z2.mean(), z2.max())
+
+
+def test_sampled_tail_zero_at_equality_and_descends():
+    g = torch.Generator().manual_seed(5)
+    v, k, n, rows = 30, 4, 6, 50
+    t_logits = torch.randn(rows, v, generator=g) * 2
+    lp = torch.log_softmax(t_logits, -1)
+    top, ids = torch.topk(lp, k, -1)
+    masked = lp.exp().scatter(-1, ids, 0.0)
+    draws = torch.multinomial(masked, n, replacement=True, generator=g)
+    t_ids, t_lps, counts = encode_tail(draws.numpy(), torch.gather(lp, -1, draws).numpy(), "fp16", v)
+    kw = dict(tail="sampled", draws=n, tail_ids=torch.from_numpy(t_ids.astype(np.int64)),
+              tail_logprobs=torch.from_numpy(decode_logprobs(t_lps)), tail_counts=torch.from_numpy(counts).float())
+    same, _ = kd_loss(lp, ids, top, torch.zeros(rows), **kw)
+    assert abs(same.item()) < 1e-2 * rows  # fp16 tail log-probs: exact zero only up to rounding
+    s = torch.randn(rows, v, generator=g).requires_grad_()
+    loss, _ = kd_loss(torch.log_softmax(s, -1), ids, top, torch.zeros(rows), **kw)
+    loss.backward()
+    with torch.no_grad():
+        lower, _ = kd_loss(torch.log_softmax(s - 1e-2 * s.grad, -1), ids, top, torch.zeros(rows), **kw)
+    assert lower < loss

@@ -156,14 +156,14 @@ def test_bucket_kd_from_a_full_vocab_cache_equals_kl_div(llama_teacher, corpus, 
                     temperatures=(1.0, 2.0), shard_seqs=4, max_sequences=3))
     cache = open_cache(str(out))
     for T, j in ((1.0, 0), (2.0, 1)):
-        b = D.to_tensors(D.read_rows(cache, D.CacheIndex(cache, 0.0).train, VOCAB, j))
+        b = D.to_tensors(D.read_rows(cache, D.CacheIndex(cache, 0.0).train), cache.layout, VOCAB, j)
         n = b["t_ids"].shape[0] * b["t_ids"].shape[1]
         s_logits = torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(0)) * 2
         s_lsm = torch.log_softmax(s_logits / T, -1)
-        args = [b[k].reshape(n, *b[k].shape[2:]) for k in ("t_ids", "t_logprobs", "t_lse1", "t_lseT")]
+        args = [b[k].reshape(n, *b[k].shape[2:]) for k in ("t_ids", "t_logprobs", "t_tnorm")]
         got, _ = kd_loss(s_lsm, *args, temperature=T)
-        ids, lp, lse1, lseT = args
-        p = torch.zeros(n, VOCAB).scatter(-1, ids, ((lp + lse1[:, None]) / T - lseT[:, None]).exp())
+        ids, lp, tnorm = args
+        p = torch.zeros(n, VOCAB).scatter(-1, ids, (lp / T - tnorm[:, None]).exp())
         torch.testing.assert_close(got, F.kl_div(s_lsm, p, reduction="sum") * T * T, rtol=1e-5, atol=1e-3)
 
 
@@ -184,3 +184,32 @@ def test_non_finite_loss_is_reported_and_skipped(train_cache, student_config, tm
     assert "step 1: non-finite loss" in capsys.readouterr().out
     assert [r["skipped"] for r in metrics(tmp_path / "nan") if "loss" in r] == [0, 1, 1]
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "nan").values())
+
+
+@pytest.mark.parametrize("top_k", [4, 0])
+def test_sampled_tail_cache_trains(top_k, trained_cache, student_config, workdir, tmp_path):
+    """--tail auto picks the sampled estimator on a cache that holds one; KD goes down; 2 ranks == 1."""
+    from pikv_offline.config import DumpConfig
+    from pikv_offline.teacher.dump import run as dump
+
+    cache = workdir / f"sampled-train-{top_k}"
+    if not cache.exists():  # the trained teacher of the trained_cache fixture, so there is something to learn
+        dump(DumpConfig(teacher=str(workdir / "trained-teacher"), data=str(workdir / "corpus-train.jsonl"),
+                        out=str(cache), seq_len=64, top_k=top_k, sampled_tail=8, encoding="bf16",
+                        temperatures=(1.0, 2.0), shard_seqs=8, max_sequences=64))
+    res = train(str(cache), student_config, tmp_path / "s", max_steps=12, ce_weight=0.0)
+    cfg = json.load(open(tmp_path / "s" / "config.json"))
+    assert cfg["tail_mode"] == "sampled"
+    kd = [r["kd"] for r in metrics(tmp_path / "s") if "kd" in r]
+    assert sum(kd[-3:]) < 0.8 * sum(kd[:3]), kd
+    assert res["eval"]["eval_kd"] > 0
+    if top_k:
+        return
+    p = pikv_subprocess(["train-student", "--cache", str(cache), "--student-config", student_config,
+                         "--out", str(tmp_path / "two"), "--max-steps", "12", "--batch-size", "2", "--lr", "3e-3",
+                         "--eval-fraction", "0.1", "--num-workers", "0", "--warmup-steps", "1",
+                         "--ce-weight", "0"], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    train(str(cache), student_config, tmp_path / "one", max_steps=12, ce_weight=0.0,
+          batch_size=4)
+    assert_weights_close(weights(tmp_path / "one"), weights(tmp_path / "two"))

@@ -1,4 +1,4 @@
-"""The teacher cache format, version 1: every array name, dtype, shape, codec and attribute key.
+"""The teacher cache format, version 2: every array name, dtype, shape, codec, encoding and attribute key.
 
 The writer and the reader both import this module and nothing else defines the layout. See
 FORMAT.md beside this file for the contract in prose. Any change to what is written here must
@@ -19,7 +19,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 from zarr.codecs.numcodecs import Delta  # noqa: E402
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROOT_ATTR = "pikv"  # key of the root attributes dict
 SHARD_ATTR = "pikv_shard"  # key of each shard group's attributes dict
 SHARDS_GROUP = "shards"
@@ -27,16 +27,34 @@ SHARDS_GROUP = "shards"
 INPUT_IDS = "input_ids"
 LOSS_MASK = "loss_mask"
 SAMPLE_ID = "sample_id"
-TOPK_IDS = "logits/ids"
-TOPK_LOGPROBS = "logits/logprobs"
-LSE = "logits/lse"
-ARRAY_NAMES = (INPUT_IDS, LOSS_MASK, SAMPLE_ID, TOPK_IDS, TOPK_LOGPROBS, LSE)
+HEAD_IDS = "logits/ids"  # the exact top-k, each position's ids in ascending id order
+HEAD_LOGPROBS = "logits/logprobs"  # their T=1 log-probs, in the same order
+TNORM = "logits/tnorm"  # log sum_v p_1(v)^(1/T) for each grid T after the first (T=1: 0)
+TAIL_IDS = "logits/tail_ids"  # distinct sampled tail ids, ascending, padded with the last one
+TAIL_LOGPROBS = "logits/tail_logprobs"
+TAIL_COUNTS = "logits/tail_counts"  # draws of each id; 0 marks padding
+ARRAY_NAMES = (INPUT_IDS, LOSS_MASK, SAMPLE_ID, HEAD_IDS, HEAD_LOGPROBS, TNORM, TAIL_IDS, TAIL_LOGPROBS,
+               TAIL_COUNTS)
+MAX_TAIL = 255  # counts are uint8
 
-# Log-probs are stored as the bit patterns of float16 in a uint16 array. For sorted (descending)
-# log-probs, which are <= 0, the patterns increase monotonically along k, so an integer Delta
-# filter turns them into small numbers that zstd packs well. Delta on a float dtype would be lossy,
-# which is why the view is taken before the filter.
-LOGPROB_ENCODING = "float16-bits"
+
+@dataclass(frozen=True)
+class Encoding:
+    """How log-probs and normalizers are stored. Every encoding keeps ids exact."""
+    name: str
+    logprob_bits: str  # "float16" or "bfloat16": uint16 bit patterns of that type
+    tnorm_dtype: str
+    relative_error: float  # max |stored - exact| / |logprob| from rounding to nearest
+
+
+# Chosen by measurement on the demo teacher (V=4096, k=64; bench/storage.py): bf16 log-probs cost
+# 56.5 B/token against 84.8 for fp16, at 4x the rounding error; a float16 normalizer costs 2.4
+# B/token against 5.8 for float32 (two grid temperatures).
+ENCODINGS = {
+    "fp16": Encoding("fp16", "float16", "float32", 2.0 ** -11),
+    "bf16": Encoding("bf16", "bfloat16", "float16", 2.0 ** -8),
+}
+DEFAULT_ENCODING = "fp16"
 
 # Sequences per inner chunk of the per-position target arrays. zarr-python spends ~0.3 ms per inner
 # chunk on a read (measured: 64 rows of logits/ids in 18.8 ms with 1-sequence chunks, 4.9 ms with
@@ -53,13 +71,91 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def encode_logprobs(logprobs: np.ndarray) -> np.ndarray:
-    """float log-probs -> uint16 bit patterns of their float16 values (finite, since fp16 covers >= -65504)."""
-    return np.clip(logprobs, -65504.0, 0.0).astype(np.float16).view(np.uint16)
+def present_arrays(top_k: int, n_temps: int, tail: int) -> tuple[str, ...]:
+    """The arrays a cache with these settings holds: an empty target is not written at all."""
+    skip = set()
+    if top_k == 0:
+        skip |= {HEAD_IDS, HEAD_LOGPROBS}
+    if n_temps == 1:
+        skip.add(TNORM)
+    if tail == 0:
+        skip |= {TAIL_IDS, TAIL_LOGPROBS, TAIL_COUNTS}
+    return tuple(n for n in ARRAY_NAMES if n not in skip)
 
 
-def decode_logprobs(bits: np.ndarray) -> np.ndarray:
-    return bits.view(np.float16).astype(np.float32)
+def encode_logprobs(logprobs: np.ndarray, encoding: str = DEFAULT_ENCODING) -> np.ndarray:
+    """float log-probs (<= 0) -> uint16 bit patterns of float16 or bfloat16, rounded to nearest."""
+    x = np.clip(np.asarray(logprobs, dtype=np.float32), -65504.0, 0.0)
+    if ENCODINGS[encoding].logprob_bits == "float16":
+        return x.astype(np.float16).view(np.uint16)
+    u = x.view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # round half to even
+
+
+def decode_logprobs(bits: np.ndarray, encoding: str = DEFAULT_ENCODING) -> np.ndarray:
+    if ENCODINGS[encoding].logprob_bits == "float16":
+        return bits.view(np.float16).astype(np.float32)
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def encode_head(ids: np.ndarray, logprobs: np.ndarray, encoding: str, vocab_size: int):
+    """Top-k in any order -> (ids ascending, their log-prob bits). Sorted ids differ by small steps, so
+    a Delta filter packs them in 26 B/token at k=64 against 85 in probability order (measured)."""
+    order = np.argsort(ids, axis=-1)
+    return (np.take_along_axis(ids, order, -1).astype(id_dtype(vocab_size)),
+            encode_logprobs(np.take_along_axis(logprobs, order, -1), encoding))
+
+
+def decode_head(ids: np.ndarray, bits: np.ndarray, encoding: str, top_k: int | None = None,
+                by_prob: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Stored head -> (ids int64, log-probs float32). Kept in id order (the losses do not care) unless
+    ``by_prob`` or a ``top_k`` below the stored k asks for the most probable first."""
+    lp = decode_logprobs(bits, encoding)
+    ids = ids.astype(np.int64)
+    if by_prob or (top_k is not None and top_k < ids.shape[-1]):
+        order = np.argsort(-lp, axis=-1, kind="stable")[..., :top_k]
+        return np.take_along_axis(ids, order, -1), np.take_along_axis(lp, order, -1)
+    return ids, lp
+
+
+def encode_tnorm(tnorm: np.ndarray, encoding: str) -> np.ndarray:
+    """[.., nT] normalizers with column 0 (T=1, always 0) -> the stored [.., nT-1]."""
+    return tnorm[..., 1:].astype(ENCODINGS[encoding].tnorm_dtype)
+
+
+def decode_tnorm(stored: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """Stored [.., nT-1] (or None when the grid is T=1 alone) -> [.., nT] float32 with the zero column."""
+    out = np.zeros((*shape, 1 + (0 if stored is None else stored.shape[-1])), np.float32)
+    if stored is not None:
+        out[..., 1:] = stored
+    return out
+
+
+def encode_tail(draws: np.ndarray, logprobs: np.ndarray, encoding: str, vocab_size: int):
+    """Sampled tail [.., n] draws (with replacement; -1 = no draw) and their log-probs -> distinct ids
+    ascending with counts; the unused slots repeat the last id (so its Delta is 0) with count 0."""
+    shape, n = draws.shape[:-1], draws.shape[-1]
+    d = draws.reshape(-1, n).astype(np.int64)
+    d = np.where(d < 0, vocab_size, d)  # a sentinel that sorts last
+    order = np.argsort(d, axis=-1, kind="stable")
+    d = np.take_along_axis(d, order, -1)
+    lp = np.take_along_axis(logprobs.reshape(-1, n), order, -1)
+    first = np.ones_like(d, dtype=bool)
+    first[:, 1:] = d[:, 1:] != d[:, :-1]
+    slot = np.cumsum(first, -1) - 1
+    rows = np.repeat(np.arange(len(d)), n)
+    counts = np.zeros(d.shape, np.int64)
+    np.add.at(counts, (rows, slot.ravel()), 1)
+    ids = np.zeros_like(d)
+    lps = np.zeros(d.shape, np.float32)
+    r, c = np.nonzero(first)
+    ids[r, slot[r, c]] = d[r, c]
+    lps[r, slot[r, c]] = lp[r, c]
+    counts[ids == vocab_size] = 0
+    ids[ids == vocab_size] = 0
+    ids = np.maximum.accumulate(ids, axis=-1)  # padding repeats the last id
+    return (ids.reshape(*shape, n).astype(id_dtype(vocab_size)),
+            encode_logprobs(lps.reshape(*shape, n), encoding), counts.reshape(*shape, n).astype(np.uint8))
 
 
 @dataclass(frozen=True)
@@ -76,8 +172,8 @@ def _blosc(typesize_shuffle: str = "shuffle") -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=5, shuffle=typesize_shuffle)
 
 
-def array_specs(n_seqs: int, seq_len: int, top_k: int, n_temps: int, vocab_size: int,
-                shard_seqs: int) -> dict[str, ArraySpec]:
+def array_specs(n_seqs: int, seq_len: int, top_k: int, n_temps: int, vocab_size: int, shard_seqs: int,
+                tail: int = 0, encoding: str = DEFAULT_ENCODING) -> dict[str, ArraySpec]:
     """Specs of every array in one rank's shard group holding ``n_seqs`` sequences.
 
     A zarr shard (one file) holds ``shard_seqs`` sequences, so a reader fetches many sequences per
@@ -88,17 +184,22 @@ def array_specs(n_seqs: int, seq_len: int, top_k: int, n_temps: int, vocab_size:
     s = max(n_seqs, 1)  # zarr needs a non-zero extent to size chunks; an empty shard stays unwritten
     n = min(shard_seqs, s)
     c = math.gcd(n, CHUNK_SEQS)
+    ids = id_dtype(vocab_size)
 
-    def spec(tail: tuple[int, ...], dtype, filters=(), chunk=c) -> ArraySpec:
-        return ArraySpec(shape=(n_seqs, *tail), dtype=np.dtype(dtype), chunks=(chunk, *tail),
-                         shards=(n, *tail), filters=tuple(filters),
+    def spec(tail_shape: tuple[int, ...], dtype, filters=(), chunk=c) -> ArraySpec:
+        return ArraySpec(shape=(n_seqs, *tail_shape), dtype=np.dtype(dtype), chunks=(chunk, *tail_shape),
+                         shards=(n, *tail_shape), filters=tuple(filters),
                          compressors=(_blosc(), Crc32cCodec()))
 
-    return {
+    specs = {
         INPUT_IDS: spec((seq_len,), np.int32, chunk=n),
         LOSS_MASK: spec((seq_len,), np.bool_, chunk=n),
         SAMPLE_ID: spec((), np.int64, chunk=n),
-        TOPK_IDS: spec((seq_len, top_k), id_dtype(vocab_size)),
-        TOPK_LOGPROBS: spec((seq_len, top_k), np.uint16, filters=(Delta(dtype="<u2"),)),
-        LSE: spec((seq_len, n_temps), np.float32),
+        HEAD_IDS: spec((seq_len, top_k), ids, filters=(Delta(dtype=ids.str),)),
+        HEAD_LOGPROBS: spec((seq_len, top_k), np.uint16),
+        TNORM: spec((seq_len, n_temps - 1), ENCODINGS[encoding].tnorm_dtype),
+        TAIL_IDS: spec((seq_len, tail), ids, filters=(Delta(dtype=ids.str),)),
+        TAIL_LOGPROBS: spec((seq_len, tail), np.uint16),
+        TAIL_COUNTS: spec((seq_len, tail), np.uint8),
     }
+    return {name: specs[name] for name in present_arrays(top_k, n_temps, tail)}

@@ -24,6 +24,30 @@ def read_root_attrs(path: str) -> dict | None:
     return dict(attrs) if isinstance(attrs, dict) else None
 
 
+def decode(raw: dict[str, np.ndarray], layout: dict, top_k: int | None = None,
+           by_prob: bool = False) -> dict[str, np.ndarray]:
+    """Stored arrays of some rows -> decoded ones: ids int64, log-probs float32, counts int64, and
+    ``tnorm`` [.., nT] float32 with its T=1 column of zeros. A target the cache does not hold comes
+    back empty (e.g. [S, L, 0] head ids of a pure sampling cache), so callers need no special case."""
+    shape = raw[F.INPUT_IDS].shape
+    enc = layout["encoding"]
+    out = {F.INPUT_IDS: raw[F.INPUT_IDS], F.LOSS_MASK: raw[F.LOSS_MASK], F.SAMPLE_ID: raw[F.SAMPLE_ID]}
+    if F.HEAD_IDS in raw:
+        out[F.HEAD_IDS], out[F.HEAD_LOGPROBS] = F.decode_head(raw[F.HEAD_IDS], raw[F.HEAD_LOGPROBS], enc, top_k,
+                                                              by_prob)
+    else:
+        out[F.HEAD_IDS], out[F.HEAD_LOGPROBS] = np.zeros((*shape, 0), np.int64), np.zeros((*shape, 0), np.float32)
+    out[F.TNORM] = F.decode_tnorm(raw.get(F.TNORM), shape)
+    if F.TAIL_IDS in raw:
+        out[F.TAIL_IDS] = raw[F.TAIL_IDS].astype(np.int64)
+        out[F.TAIL_LOGPROBS] = F.decode_logprobs(raw[F.TAIL_LOGPROBS], enc)
+        out[F.TAIL_COUNTS] = raw[F.TAIL_COUNTS].astype(np.int64)
+    else:
+        out.update({F.TAIL_IDS: np.zeros((*shape, 0), np.int64), F.TAIL_LOGPROBS: np.zeros((*shape, 0), np.float32),
+                    F.TAIL_COUNTS: np.zeros((*shape, 0), np.int64)})
+    return out
+
+
 @dataclass
 class Cache:
     path: str
@@ -31,36 +55,50 @@ class Cache:
     shards: list  # zarr groups, one per writer rank, in rank order
 
     @property
+    def logits(self) -> dict:
+        return self.attrs["targets"]["logits"]
+
+    @property
     def top_k(self) -> int:
-        return int(self.attrs["targets"]["logits"]["top_k"])
+        return int(self.logits["top_k"])
+
+    @property
+    def tail(self) -> int:
+        """Draws of the sampled tail per position (0: none)."""
+        return int(self.logits.get("sampled_tail", 0))
+
+    @property
+    def encoding(self) -> str:
+        return self.logits["encoding"]
 
     @property
     def temperatures(self) -> list[float]:
-        return [float(t) for t in self.attrs["targets"]["logits"]["temperatures"]]
+        return [float(t) for t in self.logits["temperatures"]]
 
     @property
     def seq_len(self) -> int:
         return int(self.attrs["seq_len"])
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return F.present_arrays(self.top_k, len(self.temperatures), self.tail)
+
+    @property
+    def layout(self) -> dict:
+        """What decode() needs: plain values, safe to hand to a DataLoader worker."""
+        return {"encoding": self.encoding, "top_k": self.top_k, "tail": self.tail}
+
     def shard_len(self, i: int) -> int:
         return int(self.shards[i].attrs[F.SHARD_ATTR]["committed"])
 
     def read(self, i: int, start: int, stop: int, top_k: int | None = None) -> dict[str, np.ndarray]:
-        """Sequences [start, stop) of shard ``i``, decoded: log-probs float32, ids int64.
+        """Sequences [start, stop) of shard ``i``, decoded, the head most probable first.
 
-        ``top_k`` truncates at read time (the stored k is sorted by probability), so one cache
-        serves a sweep over k.
+        ``top_k`` truncates at read time (the stored head is exact, so its best k' are too), so one
+        cache serves a sweep over k.
         """
         g = self.shards[i]
-        k = self.top_k if top_k is None else top_k
-        return {
-            F.INPUT_IDS: g[F.INPUT_IDS][start:stop],
-            F.LOSS_MASK: g[F.LOSS_MASK][start:stop],
-            F.SAMPLE_ID: g[F.SAMPLE_ID][start:stop],
-            F.TOPK_IDS: g[F.TOPK_IDS][start:stop, :, :k].astype(np.int64),
-            F.TOPK_LOGPROBS: F.decode_logprobs(g[F.TOPK_LOGPROBS][start:stop, :, :k]),
-            F.LSE: g[F.LSE][start:stop],
-        }
+        return decode({name: g[name][start:stop] for name in self.names}, self.layout, top_k, by_prob=True)
 
     def read_all(self, top_k: int | None = None) -> dict[str, np.ndarray]:
         """Every committed sequence of every shard, ordered by sample id (for tests and small caches)."""
@@ -72,7 +110,7 @@ class Cache:
 
     def bytes_per_array(self) -> dict[str, int]:
         """Stored (compressed) bytes of each array summed over shards."""
-        return {name: sum(int(g[name].nbytes_stored()) for g in self.shards) for name in F.ARRAY_NAMES}
+        return {name: sum(int(g[name].nbytes_stored()) for g in self.shards) for name in self.names}
 
 
 def open_cache(path: str, allow_incomplete: bool = False) -> Cache:

@@ -32,7 +32,8 @@ def _fault(point: str, count: int) -> None:
 
 class ShardWriter:
     def __init__(self, root: str, rank: int, world_size: int, n_seqs: int, *, seq_len: int,
-                 top_k: int, n_temps: int, vocab_size: int, shard_seqs: int, cache_key: str):
+                 top_k: int, n_temps: int, vocab_size: int, shard_seqs: int, cache_key: str,
+                 tail: int = 0, encoding: str = F.DEFAULT_ENCODING):
         self.shard_seqs = shard_seqs
         self.n_seqs = n_seqs
         path = F.shard_name(rank)
@@ -45,12 +46,13 @@ class ShardWriter:
             self.committed = int(existing.attrs[F.SHARD_ATTR]["committed"])
         else:
             self.group = root_group.create_group(path, overwrite=True, attributes={F.SHARD_ATTR: meta})
-            specs = F.array_specs(n_seqs, seq_len, top_k, n_temps, vocab_size, shard_seqs)
+            specs = F.array_specs(n_seqs, seq_len, top_k, n_temps, vocab_size, shard_seqs, tail, encoding)
             for name, s in specs.items():
                 self.group.create_array(name, shape=s.shape, dtype=s.dtype, chunks=s.chunks,
                                         shards=s.shards, filters=list(s.filters) or None,
                                         compressors=list(s.compressors), fill_value=0)
             self.committed = 0
+        self.names = F.present_arrays(top_k, n_temps, tail)
         self._meta = dict(self.group.attrs[F.SHARD_ATTR])
         self._blocks = 0
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -92,7 +94,7 @@ class ShardWriter:
 
     def _write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         n = len(arrays[F.SAMPLE_ID])
-        for name in F.ARRAY_NAMES:
+        for name in self.names:
             self.group[name][start:start + n] = arrays[name]
         self._blocks += 1
         _fault("write", self._blocks)

@@ -34,9 +34,13 @@ def cli():
 @click.option("--seq-len", default=1024, show_default=True, type=int)
 @click.option("--no-pack", is_flag=True, help="One document per sequence (split, padded) instead of packing.")
 @click.option("--max-sequences", default=None, type=int, help="Dump only the first N sequences.")
-@click.option("--top-k", default=64, show_default=True, type=int)
+@click.option("--top-k", default=64, show_default=True, type=int, help="Exact teacher ids per position (0: none, with --sampled-tail).")
+@click.option("--sampled-tail", default=0, show_default=True, type=int,
+              help="Also draw N ids per position from the teacher outside the top-k (an unbiased tail estimate for KD).")
+@click.option("--encoding", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16"]),
+              help="Log-prob storage: fp16 (rel. error 2^-11) or the compact bf16 (2^-8, ~1/3 fewer bytes).")
 @click.option("--temperatures", default="1,2,4", show_default=True,
-              help="Grid of temperatures whose full-vocabulary LSE is stored (T=1 is always included, first).")
+              help="Grid of temperatures whose full-vocabulary normalizer is stored (T=1 is always included, first).")
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -46,7 +50,7 @@ def cli():
               help="Sequences per zarr shard file (the unit of writing and of resume).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache of different inputs.")
 def dump_teacher(no_pack, temperatures, **kw):
-    """Run the teacher over the data and write top-k log-probs + LSE to a Zarr cache."""
+    """Run the teacher over the data and write top-k log-probs (+ a sampled tail) to a Zarr cache."""
     from ..config import DumpConfig, parse_temperatures
     from ..teacher.dump import run
 
@@ -70,8 +74,8 @@ def inspect_cmd(cache_dir, as_json):
     click.echo(f"teacher      {t['name']}  ({t['model_type']}, {t['num_layers']} layers, vocab {t['vocab_size']}, {t['dtype']})")
     click.echo(f"data         {info['data']['data']}  (seq_len {info['seq_len']}, "
                f"{'packed' if info['data']['pack'] else 'unpacked'})")
-    click.echo(f"logits       top-k {lg['top_k']}, temperatures {lg['temperatures']}, "
-               f"log-probs {lg['logprob_encoding']}, ids {lg['id_dtype']}")
+    click.echo(f"logits       top-k {lg['top_k']}, sampled tail {lg.get('sampled_tail', 0)}, temperatures "
+               f"{lg['temperatures']}, encoding {lg['encoding']}, ids {lg['id_dtype']}")
     c = info["counts"]
     click.echo(f"counts       {c['committed']}/{c['sequences']} sequences committed over {info['world_size']} shard(s), "
                f"{c['positions']} positions, {c.get('loss_tokens', '?')} loss tokens")
@@ -88,7 +92,9 @@ TRAIN_OPTIONS = [
     click.option("--temperature", default=1.0, show_default=True, type=float),
     click.option("--divergence", default="forward_kl", show_default=True,
                   type=click.Choice(["forward_kl", "reverse_kl", "jsd"])),
-    click.option("--tail", default="bucket", show_default=True, type=click.Choice(["bucket", "renorm"])),
+    click.option("--tail", default="auto", show_default=True, type=click.Choice(["auto", "bucket", "renorm", "sampled"]),
+                  help="Teacher mass outside the top-k: one bucket, renormalize it away, or the sampled tail's "
+                       "unbiased estimate. auto: sampled when the cache holds a sampled tail, else bucket."),
     click.option("--top-k", default=None, type=int, help="Use only the first N cached ids (<= cached k)."),
     click.option("--batch-size", default=8, show_default=True, type=int, help="Sequences per micro-batch per rank."),
     click.option("--grad-accum", default=1, show_default=True, type=int),
@@ -154,7 +160,8 @@ def sweep_cmd(out, grid, **kw):
 @click.option("--temperature", default=1.0, show_default=True, type=float)
 @click.option("--divergence", default="forward_kl", show_default=True,
               type=click.Choice(["forward_kl", "reverse_kl", "jsd"]))
-@click.option("--tail", default="bucket", show_default=True, type=click.Choice(["bucket", "renorm"]))
+@click.option("--tail", default="auto", show_default=True, type=click.Choice(["auto", "bucket", "renorm", "sampled"]),
+              help="auto: sampled when the cache holds a sampled tail, else bucket.")
 @click.option("--top-k", default=None, type=int)
 @click.option("--eval-fraction", default=0.01, show_default=True, type=float,
               help="The held-out share train-student used; 1 evaluates on every sequence (a held-out cache).")

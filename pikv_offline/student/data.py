@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..cache import format as F
-from ..cache.reader import Cache, open_cache
+from ..cache.reader import Cache, decode, open_cache
 
 
 def is_eval(sample_ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -71,25 +71,15 @@ def micro_steps_per_epoch(n_train: int, batch_size: int, world_size: int) -> int
     return n_train // (batch_size * world_size)
 
 
-def read_rows(cache: Cache, rows: np.ndarray, top_k: int, t_index: int) -> dict[str, np.ndarray]:
-    """Decoded arrays of the given (shard, row) pairs, in that order; one call per array and shard."""
+def read_rows(cache: Cache, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Stored arrays of the given (shard, row) pairs, in that order; one call per array and shard."""
     out: dict[str, list] = {}
     parts, where = [], []
     for shard in np.unique(rows[:, 0]):
         sel = np.nonzero(rows[:, 0] == shard)[0]
-        idx = rows[sel, 1]
-        uniq, inv = np.unique(idx, return_inverse=True)
+        uniq, inv = np.unique(rows[sel, 1], return_inverse=True)
         g = cache.shards[int(shard)]
-        got = {
-            F.INPUT_IDS: g[F.INPUT_IDS].oindex[uniq],
-            F.LOSS_MASK: g[F.LOSS_MASK].oindex[uniq],
-            F.SAMPLE_ID: g[F.SAMPLE_ID].oindex[uniq],
-            F.TOPK_IDS: g[F.TOPK_IDS].oindex[uniq, :, :top_k],
-            F.TOPK_LOGPROBS: g[F.TOPK_LOGPROBS].oindex[uniq, :, :top_k],
-            "lse1": g[F.LSE].oindex[uniq, :, 0],
-            "lseT": g[F.LSE].oindex[uniq, :, t_index],
-        }
-        parts.append({k: v[inv] for k, v in got.items()})
+        parts.append({name: g[name].oindex[uniq][inv] for name in cache.names})
         where.append(sel)
     where = np.concatenate(where)
     back = np.empty_like(where)
@@ -99,15 +89,19 @@ def read_rows(cache: Cache, rows: np.ndarray, top_k: int, t_index: int) -> dict[
     return out
 
 
-def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def to_tensors(raw: dict[str, np.ndarray], layout: dict, top_k: int, t_index: int) -> dict[str, torch.Tensor]:
+    """A micro-batch for the trainer: teacher head (t_*), the normalizer at the run's T, sampled tail (tail_*)."""
+    a = decode(raw, layout, top_k)
     return {
-        "input_ids": torch.from_numpy(arrays[F.INPUT_IDS].astype(np.int64)),
-        "loss_mask": torch.from_numpy(arrays[F.LOSS_MASK]),
-        "sample_id": torch.from_numpy(arrays[F.SAMPLE_ID]),
-        "t_ids": torch.from_numpy(arrays[F.TOPK_IDS].astype(np.int64)),
-        "t_logprobs": torch.from_numpy(F.decode_logprobs(arrays[F.TOPK_LOGPROBS])),
-        "t_lse1": torch.from_numpy(arrays["lse1"]),
-        "t_lseT": torch.from_numpy(arrays["lseT"]),
+        "input_ids": torch.from_numpy(a[F.INPUT_IDS].astype(np.int64)),
+        "loss_mask": torch.from_numpy(a[F.LOSS_MASK]),
+        "sample_id": torch.from_numpy(a[F.SAMPLE_ID]),
+        "t_ids": torch.from_numpy(a[F.HEAD_IDS]),
+        "t_logprobs": torch.from_numpy(a[F.HEAD_LOGPROBS]),
+        "t_tnorm": torch.from_numpy(np.ascontiguousarray(a[F.TNORM][..., t_index])),
+        "tail_ids": torch.from_numpy(a[F.TAIL_IDS]),
+        "tail_logprobs": torch.from_numpy(a[F.TAIL_LOGPROBS]),
+        "tail_counts": torch.from_numpy(a[F.TAIL_COUNTS].astype(np.float32)),
     }
 
 
@@ -139,10 +133,10 @@ class TrainStream(torch.utils.data.IterableDataset):
                 w0, w1 = positions[0] // window, positions[-1] // window
                 span = np.arange(w0 * window, min((w1 + 1) * window, n_micro * b * w))
                 mine = span[(span // b) % w == self.rank]
-                data = read_rows(cache, order[mine], self.top_k, self.t_index)
+                data = read_rows(cache, order[mine])
                 loaded_window = w1
             sel = np.searchsorted(mine, positions)  # mine is sorted and holds every position of the batch
-            yield to_tensors({k: v[sel] for k, v in data.items()})
+            yield to_tensors({k: v[sel] for k, v in data.items()}, cache.layout, self.top_k, self.t_index)
 
 
 def eval_batches(cache: Cache, index: CacheIndex, *, rank: int, world_size: int, batch_size: int, top_k: int,
@@ -150,4 +144,4 @@ def eval_batches(cache: Cache, index: CacheIndex, *, rank: int, world_size: int,
     """This rank's share of the held-out sequences (rows rank::world), in micro-batches."""
     rows = index.eval[rank::world_size]
     for s in range(0, len(rows), batch_size):
-        yield to_tensors(read_rows(cache, rows[s:s + batch_size], top_k, t_index))
+        yield to_tensors(read_rows(cache, rows[s:s + batch_size]), cache.layout, top_k, t_index)

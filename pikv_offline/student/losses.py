@@ -1,17 +1,32 @@
 """Distillation losses: small pure functions on the valid positions, each returning (sum, count).
 
 The caller divides every sum once by the global count of valid tokens (all ranks, all
-micro-batches of the step). Shapes: N valid positions, V student vocabulary, k cached top-k.
+micro-batches of the step). Shapes: N valid positions, V student vocabulary, k cached top-k
+(the "head"), n sampled tail draws per position.
 
-KD on the sparse teacher ("bucket" tail). The teacher's tempered log-probs at a grid temperature T
-are exact from the cache: with z_i = logprob_i + lse_1 (the T=1 logit up to a constant),
-    log p_T(i) = z_i / T - lse_T,        p_T(tail) = 1 - sum_i p_T(i).
-The student's k+1 buckets come from its full log-softmax at T gathered at the teacher's ids, with
-its tail = 1 - sum. A divergence between the two (k+1)-bucket distributions, times T^2, is the
-loss. With k = V the tail is empty and this is the full-vocabulary divergence.
+The teacher at a grid temperature T, exactly from the cache: with lp = log p_1 (the stored T=1
+log-softmax) and tnorm_T = log sum_v p_1(v)^(1/T) over the full vocabulary (stored per T),
+    log p_T(v) = lp(v) / T - tnorm_T.
 
-"renorm" instead renormalizes both distributions inside the teacher's top-k (no tail), which is
-what most offline-KD tools do; it needs no LSE, so it accepts a T off the grid.
+"bucket": k + 1 buckets, the head ids and one tail holding 1 - sum_head p_T. The student's buckets
+come from its full log-softmax at T gathered at the head ids, tail = 1 - sum. A divergence between
+the two (k+1)-bucket distributions, times T^2, is the loss; with k = V it is the full-vocabulary one.
+
+"renorm": both distributions renormalized inside the head (no tail), what most offline-KD tools
+do; it needs no tnorm, so it accepts a T off the grid.
+
+"sampled": an unbiased estimate of the full-vocabulary forward KL and of its gradient. Split the
+vocabulary into the head H and the tail:
+    KL(p_T || q_T) = sum_{v in H} p_T(v) f(v) + sum_{v not in H} p_T(v) f(v),   f = log p_T - log q_T.
+The head term is exact. The dump drew n ids v_1..v_n with replacement from the T=1 tail
+distribution r(v) = p_1(v) / P (P = 1 - sum_H p_1, the T=1 tail mass), and for any g,
+    E_r[ p_T(v) / r(v) * g(v) ] = sum_{v not in H} p_T(v) g(v),
+so (1/n) sum_j w_j f(v_j) with importance weight w_j = P * p_T(v_j) / p_1(v_j)
+                                                  = P * exp(lp(v_j) / T - tnorm_T - lp(v_j))
+is unbiased for the tail term at every T, from stored values only (at T = 1, w_j = P). Duplicate
+draws are stored once with their count c, which enters as c/n. The student's q_T enters linearly
+through -log q_T, so the same weights make the gradient unbiased too. It is forward KL only:
+reverse KL and JSD need p_T at every id the student puts mass on.
 """
 
 from __future__ import annotations
@@ -20,17 +35,26 @@ import math
 
 import torch
 
-# float16 log-prob storage rounds each value by at most 2^-11 relative. A teacher tail mass below
-# the resulting uncertainty of sum_i p_i is indistinguishable from zero and is treated as zero,
-# so rounding never invents tail mass (it would dominate when k covers the vocabulary).
-LOGPROB_REL_ERROR = 2.0 ** -11
 _TINY = 1e-30
 
 
 def _log_tail(log_top: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
     """log(1 - sum exp(log_top)) per row, with masses <= floor set to _TINY (never -inf: no NaN grads)."""
+    return torch.log(_tail_mass(log_top, floor).clamp_min(_TINY))
+
+
+def _tail_mass(log_top: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """1 - sum exp(log_top) per row; 0 where it is <= floor (an empty head gives 1)."""
     mass = -torch.expm1(torch.logsumexp(log_top, dim=-1))
-    return torch.log(torch.where(mass > floor, mass, torch.zeros_like(mass)).clamp_min(_TINY))
+    return torch.where(mass > floor, mass, torch.zeros_like(mass))
+
+
+def rounding_floor(p_top: torch.Tensor, t_logprobs: torch.Tensor, rel_error: float, temperature: float) -> torch.Tensor:
+    """The uncertainty of sum_head p_T (p_top = log p_T of the head) left by rounding each stored
+    log-prob by ``rel_error`` relative: log p_T moves by at most rel_error * |lp| / T. A teacher tail
+    mass below it is indistinguishable from zero and counts as zero, so rounding never invents
+    tail mass (it would dominate when k covers the vocabulary)."""
+    return rel_error / temperature * (p_top.exp() * t_logprobs.abs()).sum(-1)
 
 
 def divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str) -> torch.Tensor:
@@ -45,32 +69,48 @@ def divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str) -> torch.Tenso
     raise ValueError(f"unknown divergence {kind!r}")
 
 
-def teacher_log_probs(t_logprobs: torch.Tensor, t_lse1: torch.Tensor, t_lseT: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """[N, k] teacher log p_T at the top-k ids from the T=1 log-probs and the stored LSEs."""
-    return (t_logprobs + t_lse1[:, None]) / temperature - t_lseT[:, None]
+def teacher_log_probs(logprobs1: torch.Tensor, tnorm: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N, m] teacher log p_T from the stored T=1 log-probs [N, m] and tnorm_T [N]."""
+    return logprobs1 / temperature - tnorm[:, None]
 
 
-def kd_loss(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Tensor, t_lse1: torch.Tensor,
-            t_lseT: torch.Tensor | None, *, temperature: float = 1.0, kind: str = "forward_kl",
-            tail: str = "bucket") -> tuple[torch.Tensor, int]:
-    """KD loss sum over N positions and N.
+def kd_rows(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor, *,
+            temperature: float = 1.0, kind: str = "forward_kl", tail: str = "bucket", rel_error: float = 2.0 ** -11,
+            tail_ids: torch.Tensor | None = None, tail_logprobs: torch.Tensor | None = None,
+            tail_counts: torch.Tensor | None = None, draws: int = 0) -> torch.Tensor:
+    """[N] per-position divergence (before the T^2 factor).
 
-    s_logprobs [N, V] the student's log-softmax at ``temperature`` (float32), t_ids [N, k] int64,
-    t_logprobs [N, k] (T=1 log-softmax, sorted), t_lse1 / t_lseT [N] (teacher LSE at T=1 / at
-    ``temperature``; t_lseT unused with tail="renorm").
+    s_logprobs [N, V] the student's log-softmax at ``temperature`` (float32); t_ids [N, k] int64 and
+    t_logprobs [N, k] the head (T=1 log-probs, any order); t_tnorm [N] tnorm at ``temperature``
+    (unused by renorm); rel_error the stored log-probs' relative rounding error. tail="sampled" also
+    takes tail_ids / tail_logprobs / tail_counts [N, n] (count 0 = empty slot) of ``draws`` draws.
     """
     T = temperature
     s_top = torch.gather(s_logprobs, -1, t_ids)
     if tail == "renorm":
-        logp = torch.log_softmax(t_logprobs / T, dim=-1)  # the lse_1 shift cancels in the softmax
-        logq = torch.log_softmax(s_top, dim=-1)
-    else:
-        p_top = teacher_log_probs(t_logprobs, t_lse1, t_lseT, T)
-        floor = LOGPROB_REL_ERROR / T * (p_top.exp() * t_logprobs.abs()).sum(-1)
-        logp = torch.cat([p_top, _log_tail(p_top, floor)[:, None]], dim=-1)
+        logp = torch.log_softmax(t_logprobs / T, dim=-1)  # tnorm cancels in the softmax
+        return divergence(logp, torch.log_softmax(s_top, dim=-1), kind)
+    p_top = teacher_log_probs(t_logprobs, t_tnorm, T)
+    if tail == "bucket":
+        logp = torch.cat([p_top, _log_tail(p_top, rounding_floor(p_top, t_logprobs, rel_error, T))[:, None]], dim=-1)
         logq = torch.cat([s_top, _log_tail(s_top)[:, None]], dim=-1)
-    return divergence(logp, logq, kind).sum() * (T * T), s_logprobs.shape[0]
+        return divergence(logp, logq, kind)
+    if tail != "sampled":
+        raise ValueError(f"unknown tail {tail!r}")
+    if kind != "forward_kl":
+        raise ValueError("the sampled tail estimates forward KL only")
+    head = (p_top.exp() * (p_top - s_top)).sum(-1)
+    mass1 = _tail_mass(t_logprobs, rounding_floor(t_logprobs, t_logprobs, rel_error, 1.0))  # P, the T=1 tail mass
+    p_tail = teacher_log_probs(tail_logprobs, t_tnorm, T)
+    w = mass1[:, None] * tail_counts / draws * torch.exp(p_tail - tail_logprobs)
+    return head + (w * (p_tail - torch.gather(s_logprobs, -1, tail_ids))).sum(-1)
+
+
+def kd_loss(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
+            **kw) -> tuple[torch.Tensor, int]:
+    """KD loss sum over the N positions (times T^2) and N; arguments as kd_rows."""
+    T = kw.get("temperature", 1.0)
+    return kd_rows(s_logprobs, t_ids, t_logprobs, t_tnorm, **kw).sum() * (T * T), s_logprobs.shape[0]
 
 
 def ce_loss(s_logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

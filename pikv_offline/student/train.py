@@ -26,6 +26,7 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from .. import dist
+from ..cache import format as F
 from ..cache.reader import open_cache
 from ..config import TrainConfig
 from ..errors import PikvError, brief
@@ -43,13 +44,14 @@ class Distiller(torch.nn.Module):
     """
 
     def __init__(self, student, *, temperature: float, divergence: str, tail: str, loss_chunk: int,
-                 kd_weight: float = 1.0, ce_weight: float = 1.0):
+                 kd_weight: float = 1.0, ce_weight: float = 1.0, rel_error: float = 2.0 ** -11, draws: int = 0):
         super().__init__()
         self.student = student
         self.temperature, self.divergence, self.tail, self.loss_chunk = temperature, divergence, tail, loss_chunk
         self.kd_weight, self.ce_weight = kd_weight, ce_weight
+        self.rel_error, self.draws = rel_error, draws
 
-    def _losses(self, h, labels, t_ids, t_logprobs, t_lse1, t_lseT):
+    def _losses(self, h, labels, t_ids, t_logprobs, t_tnorm, tail_ids, tail_logprobs, tail_counts):
         logits = lm_logits(self.student, h)
         # One fused log-softmax serves CE and (at T=1) KD; a part with weight 0 is still reported
         # but kept out of the graph, so it costs no backward pass.
@@ -59,18 +61,22 @@ class Distiller(torch.nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_weight > 0):
             T = self.temperature
             lsmT = lsm1 if T == 1 else torch.log_softmax(logits.float() / T, dim=-1)
-            kd, _ = kd_loss(lsmT, t_ids, t_logprobs, t_lse1, t_lseT, temperature=T, kind=self.divergence,
-                            tail=self.tail)
+            kd, _ = kd_loss(lsmT, t_ids, t_logprobs, t_tnorm, temperature=T, kind=self.divergence, tail=self.tail,
+                            rel_error=self.rel_error, tail_ids=tail_ids, tail_logprobs=tail_logprobs,
+                            tail_counts=tail_counts, draws=self.draws)
         # Top-1 agreement with the teacher is an eval figure; an argmax over V per step is not free.
-        top1 = (logits.argmax(-1) == t_ids[:, 0]).sum() if not self.training else torch.zeros((), dtype=torch.long)
+        top1 = torch.zeros((), dtype=torch.long)
+        if not self.training and t_ids.shape[1]:
+            t_top1 = torch.gather(t_ids, 1, t_logprobs.argmax(-1, keepdim=True))[:, 0]
+            top1 = (logits.argmax(-1) == t_top1).sum()
         return kd, ce, top1
 
-    def forward(self, input_ids, loss_mask, t_ids, t_logprobs, t_lse1, t_lseT):
+    def forward(self, input_ids, loss_mask, t_ids, t_logprobs, t_tnorm, tail_ids, tail_logprobs, tail_counts):
         """Sums over the valid predictions of the micro-batch: (kd, ce, top-1 agreement hits, count)."""
         h = self.student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         valid = loss_mask[:, 1:]  # the prediction at t is for token t+1
-        args = (h[:, :-1][valid], input_ids[:, 1:][valid], t_ids[:, :-1][valid], t_logprobs[:, :-1][valid],
-                t_lse1[:, :-1][valid], t_lseT[:, :-1][valid])
+        args = (h[:, :-1][valid], input_ids[:, 1:][valid],
+                *(a[:, :-1][valid] for a in (t_ids, t_logprobs, t_tnorm, tail_ids, tail_logprobs, tail_counts)))
         n = args[0].shape[0]
         chunk = self.loss_chunk or n
         if chunk >= n:
@@ -85,18 +91,33 @@ class Distiller(torch.nn.Module):
         return kd, ce, top1, n
 
 
-def resolve_targets(cache, top_k: int | None, temperature: float, tail: str) -> tuple[int, int]:
-    """(k to read, index of the temperature's LSE column); refuses k above the cache or T off its grid."""
+def resolve_targets(cache, top_k: int | None, temperature: float, tail: str,
+                    divergence: str = "forward_kl") -> tuple[int, int, str]:
+    """(k to read, index of the temperature in the grid, tail mode); refuses what the cache cannot serve."""
+    if tail == "auto":
+        tail = "sampled" if cache.tail else "bucket"
     k = top_k or cache.top_k
     if k > cache.top_k:
         raise PikvError(f"--top-k {k} is above the cached k of {cache.top_k}; use --top-k {cache.top_k} or less")
+    if tail == "sampled":
+        if not cache.tail:
+            raise PikvError("--tail sampled: the cache holds no sampled tail; re-dump with --sampled-tail N "
+                            "or use --tail bucket")
+        if divergence != "forward_kl":
+            raise PikvError(f"--tail sampled estimates forward KL only; use --divergence forward_kl "
+                            f"(got {divergence}) or --tail bucket")
+        if k != cache.top_k:
+            # The draws come from outside the stored head; a shorter head would leave ids in neither.
+            raise PikvError(f"--tail sampled uses the whole cached head; drop --top-k {k} (cached k {cache.top_k})")
+    elif cache.top_k == 0:
+        raise PikvError(f"--tail {tail}: the cache has no top-k head (dumped with --top-k 0); use --tail sampled")
     grid = cache.temperatures
     if temperature in grid:
-        return k, grid.index(temperature)
+        return k, grid.index(temperature), tail
     if tail == "renorm":
-        return k, 0  # renorm needs no LSE at T
-    raise PikvError(f"--temperature {temperature} is not in the cache's grid {grid}: the tail bucket "
-                    "is exact only there; pick one of those, re-dump with it, or use --tail renorm")
+        return k, 0, tail  # renorm needs no normalizer at T
+    raise PikvError(f"--temperature {temperature} is not in the cache's grid {grid}: the teacher at T is exact "
+                    "only there; pick one of those, re-dump with it, or use --tail renorm")
 
 
 def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
@@ -231,7 +252,7 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
     if not os.path.exists(cfg.cache):
         raise PikvError(f"--cache {cfg.cache} does not exist; create it with `pikv dump-teacher`")
     cache = open_cache(cfg.cache)
-    top_k, t_index = resolve_targets(cache, cfg.top_k, cfg.temperature, cfg.tail)
+    top_k, t_index, tail = resolve_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence)
     index = D.CacheIndex(cache, cfg.eval_fraction)
     micro_per_epoch = D.micro_steps_per_epoch(len(index.train), cfg.batch_size, d.world_size)
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
@@ -262,8 +283,9 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     model.config.use_cache = False
     model.to(d.device).train()
-    distiller = Distiller(model, temperature=cfg.temperature, divergence=cfg.divergence, tail=cfg.tail,
-                          loss_chunk=cfg.loss_chunk, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight)
+    distiller = Distiller(model, temperature=cfg.temperature, divergence=cfg.divergence, tail=tail,
+                          loss_chunk=cfg.loss_chunk, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
+                          rel_error=F.ENCODINGS[cache.encoding].relative_error, draws=cache.tail)
     ddp = torch.nn.parallel.DistributedDataParallel(distiller) if d.world_size > 1 else None
     net = ddp or distiller
 
@@ -319,7 +341,7 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
     if d.is_main and cfg.wandb:
         wb = wandb.init(project="pikv-offline", dir=cfg.out, config=cfg.to_dict(), resume="allow")
     if d.is_main:
-        json.dump({**cfg.to_dict(), "world_size": d.world_size, "total_steps": total, "top_k": top_k,
+        json.dump({**cfg.to_dict(), "world_size": d.world_size, "total_steps": total, "top_k": top_k, "tail_mode": tail,
                    "cache_key": cache.attrs["cache_key"]}, open(os.path.join(cfg.out, "config.json"), "w"), indent=2)
 
     def log(record: dict) -> None:
@@ -348,7 +370,8 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
 
     # ---- the loop ---------------------------------------------------------------------------------
     dist.print0(f"training {total} steps ({steps_per_epoch} per epoch) of {global_batch} sequences x "
-                f"{cache.seq_len} tokens; KD {cfg.divergence}/{cfg.tail} at T={cfg.temperature}, k={top_k}")
+                f"{cache.seq_len} tokens; KD {cfg.divergence}/{tail} at T={cfg.temperature}, k={top_k}"
+                + (f" + {cache.tail} sampled" if tail == "sampled" else ""))
     it = loader(epoch, micro)
     bar = tqdm(total=total, initial=step, desc="train", disable=not d.is_main, dynamic_ncols=True)
     t_log, tok_log = time.perf_counter(), 0

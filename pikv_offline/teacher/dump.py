@@ -96,6 +96,9 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
                         f"use --seq-len {ctx} or less")
     if cfg.top_k > vocab:
         raise PikvError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary of {vocab}; use --top-k {vocab} or less")
+    if cfg.sampled_tail and cfg.top_k >= vocab:
+        raise PikvError(f"--sampled-tail needs a tail: --top-k {cfg.top_k} covers the whole vocabulary of {vocab}; "
+                        "lower --top-k or drop --sampled-tail")
     if len(tokenizer) > vocab:
         raise PikvError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary is {vocab}; "
                         "they do not belong together")
@@ -117,8 +120,8 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
     data_info = {"data": cfg.data, "split": cfg.split, "data_config": cfg.data_config,
                  "text_field": cfg.text_field, "chat_field": cfg.chat_field, "pack": cfg.pack,
                  "max_sequences": cfg.max_sequences, "fingerprint": fingerprint(input_ids, loss_mask)}
-    targets = {"logits": {"top_k": cfg.top_k, "temperatures": list(cfg.temperatures),
-                          "logprob_encoding": F.LOGPROB_ENCODING, "id_dtype": F.id_dtype(vocab).name}}
+    targets = {"logits": {"top_k": cfg.top_k, "temperatures": list(cfg.temperatures), "encoding": cfg.encoding,
+                          "id_dtype": F.id_dtype(vocab).name, "sampled_tail": cfg.sampled_tail}}
     tok_hash = tokenizer_hash(tokenizer)
     key = cache_key({"format_version": F.FORMAT_VERSION, "teacher": {k: v for k, v in teacher_info.items() if k != "name"},
                      "tokenizer": tok_hash, "data": data_info["fingerprint"], "seq_len": cfg.seq_len,
@@ -145,7 +148,7 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
     mine = rank_indices(n_seqs, d.rank, d.world_size)
     writer = ShardWriter(cfg.out, d.rank, d.world_size, len(mine), seq_len=cfg.seq_len, top_k=cfg.top_k,
                          n_temps=len(cfg.temperatures), vocab_size=vocab, shard_seqs=cfg.shard_seqs,
-                         cache_key=key)
+                         cache_key=key, tail=cfg.sampled_tail, encoding=cfg.encoding)
     first_device = next(model.parameters()).device
     todo = len(mine) - writer.committed
     bar = tqdm(total=todo * cfg.seq_len, unit="tok", unit_scale=True, desc=f"dump (rank 0 of {d.world_size})",
@@ -157,18 +160,22 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
         parts = []
         for b in range(0, len(block), cfg.batch_size):
             t0 = time.perf_counter()
-            x = torch.from_numpy(input_ids[block[b:b + cfg.batch_size]]).long().to(first_device)
-            ids, lps, lse = logit_targets_host(model, x, cfg.top_k, cfg.temperatures)
+            rows = block[b:b + cfg.batch_size]
+            x = torch.from_numpy(input_ids[rows]).long().to(first_device)
+            u = torch.from_numpy(tail_uniforms(key, rows, cfg.seq_len, cfg.sampled_tail)) if cfg.sampled_tail else None
+            got = M.logit_targets(model, x, cfg.top_k, cfg.temperatures, u)
+            parts.append({k: v.cpu().numpy() for k, v in got.items()})
             forward_s += time.perf_counter() - t0
-            parts.append((ids, lps, lse))
             bar.update(x.numel())
-        ids = np.concatenate([p[0] for p in parts])
-        lps = np.concatenate([p[1] for p in parts])
-        lse = np.concatenate([p[2] for p in parts])
-        writer.submit(start, {
-            F.INPUT_IDS: input_ids[block], F.LOSS_MASK: loss_mask[block], F.SAMPLE_ID: block,
-            F.TOPK_IDS: ids.astype(F.id_dtype(vocab)), F.TOPK_LOGPROBS: F.encode_logprobs(lps),
-            F.LSE: lse})
+        t = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        arrays = {F.INPUT_IDS: input_ids[block], F.LOSS_MASK: loss_mask[block], F.SAMPLE_ID: block,
+                  F.TNORM: F.encode_tnorm(t["tnorm"], cfg.encoding)}
+        if cfg.top_k:
+            arrays[F.HEAD_IDS], arrays[F.HEAD_LOGPROBS] = F.encode_head(t["ids"], t["logprobs"], cfg.encoding, vocab)
+        if cfg.sampled_tail:
+            arrays[F.TAIL_IDS], arrays[F.TAIL_LOGPROBS], arrays[F.TAIL_COUNTS] = F.encode_tail(
+                t["tail_ids"], t["tail_logprobs"], cfg.encoding, vocab)
+        writer.submit(start, arrays)
     committed = writer.close()
     bar.close()
     loop_s = time.perf_counter() - t_loop
@@ -206,6 +213,9 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
     return result
 
 
-def logit_targets_host(model, x: torch.Tensor, top_k: int, temperatures) -> tuple[np.ndarray, ...]:
-    ids, lps, lse = M.logit_targets(model, x, top_k, temperatures)
-    return ids.cpu().numpy(), lps.cpu().numpy(), lse.cpu().numpy()
+def tail_uniforms(key: str, sample_ids: np.ndarray, seq_len: int, n: int) -> np.ndarray:
+    """[S, L, n] uniforms in [0, 1) that fix the sampled tail of each sequence: seeded by the cache key
+    and the sample id, so a resumed, re-split or re-run dump draws the same tokens."""
+    seed = int(key[:16], 16)
+    return np.stack([np.random.default_rng([seed, int(i)]).random((seq_len, n), dtype=np.float32)
+                     for i in sample_ids])

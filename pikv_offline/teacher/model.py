@@ -104,36 +104,58 @@ def load_model(folder: str, teacher: str, dtype: torch.dtype, device: torch.devi
 
 @torch.inference_mode()
 def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tuple[float, ...],
-                  chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k ids, top-k log-probs (T=1) and the full-vocabulary LSE at every T, all in float32.
+                  uniforms: torch.Tensor | None = None, chunk_tokens: int = 4096) -> dict[str, torch.Tensor]:
+    """The teacher's logit targets for input_ids [B, L], all float32 / int64 on the model's device.
 
-    input_ids [B, L] -> ids [B, L, k] int64, logprobs [B, L, k] float32 (sorted, descending),
-    lse [B, L, nT] float32 where lse[..., j] = log sum_v exp(z_v / T_j).
+    - ``ids``, ``logprobs`` [B, L, k]: the top-k, most probable first, log-softmax at T=1;
+    - ``tnorm`` [B, L, nT]: log sum_v p_1(v)^(1/T) over the FULL vocabulary per grid T, so that
+      log p_T(v) = log p_1(v) / T - tnorm_T exactly (tnorm_1 = 0);
+    - with ``uniforms`` [B, L, n] in [0, 1): ``tail_ids``, ``tail_logprobs`` [B, L, n], n draws with
+      replacement from the T=1 distribution restricted to the ids outside the top-k (inverse-CDF
+      sampling, so the caller's uniforms fix the draws on any device and batch split).
 
     The LM head runs on ``chunk_tokens`` positions at a time so a [B, L, V] float32 tensor is
-    never materialized: the peak extra memory is chunk_tokens x V floats.
+    never materialized: the peak extra memory is two chunk_tokens x V float32 buffers.
     """
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     b, length, width = hidden.shape
     flat = hidden.reshape(b * length, width)
-    ids, lps, lses = [], [], []
+    u = None if uniforms is None else uniforms.reshape(b * length, -1).to(flat.device)
+    out: dict[str, list] = {"ids": [], "logprobs": [], "tnorm": [], "tail_ids": [], "tail_logprobs": []}
     buf = None
     for s in range(0, flat.shape[0], chunk_tokens):
         z = lm_logits(model, flat[s:s + chunk_tokens]).float()
-        top, idx = torch.topk(z, top_k, dim=-1, sorted=True)
-        # LSE_T = m/T + log sum exp((z - m)/T) with m = the row max (= top[:, 0]). One shifted copy
-        # and one reused buffer instead of torch.logsumexp per T: half the memory passes, same values.
-        m = top[:, :1]
-        shifted = z.sub_(m)  # z is this chunk's own tensor
+        top, idx = torch.topk(z, top_k, dim=-1, sorted=True) if top_k else torch.max(z, -1, keepdim=True)
+        # With m the row max, log sum exp(z/T) = m/T + log sum exp((z - m)/T); m cancels in
+        # tnorm_T = lse_T - lse_1/T, so only shifted sums are needed. One shifted copy and one
+        # reused buffer instead of torch.logsumexp per T: half the memory passes.
+        shifted = z.sub_(top[:, :1])  # z is this chunk's own tensor
         if buf is None or buf.shape != shifted.shape:
             buf = torch.empty_like(shifted)
-        cols = []
-        for t in temperatures:
+        logsums = []
+        for t in temperatures:  # T=1 first, so buf holds exp(shifted) for the sampler below
             torch.mul(shifted, 1.0 / t, out=buf)
-            cols.append(buf.exp_().sum(dim=-1).log_() + m[:, 0] / t)
-        lse = torch.stack(cols, dim=-1)
-        lps.append(top - lse[:, :1])
-        ids.append(idx)
-        lses.append(lse)
-    return (torch.cat(ids).reshape(b, length, top_k), torch.cat(lps).reshape(b, length, top_k),
-            torch.cat(lses).reshape(b, length, len(temperatures)))
+            logsums.append(buf.exp_().sum(dim=-1).log_())
+            if u is not None and t == 1.0:
+                draws = _sample_tail(buf, idx[:, :top_k], u[s:s + chunk_tokens])
+                lp = torch.gather(shifted, 1, draws.clamp(min=0)) - logsums[0][:, None]
+                out["tail_ids"].append(draws)
+                out["tail_logprobs"].append(lp.masked_fill_(draws < 0, 0.0))
+        lse1 = logsums[0]
+        out["tnorm"].append(torch.stack([ls - lse1 / t for ls, t in zip(logsums, temperatures)], -1))
+        out["ids"].append(idx[:, :top_k])
+        out["logprobs"].append(top[:, :top_k] - top[:, :1] - lse1[:, None])
+    return {k: torch.cat(v).reshape(b, length, -1) for k, v in out.items() if v}
+
+
+def _sample_tail(e: torch.Tensor, head: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws [C, n] from e (unnormalized probabilities [C, V], overwritten) outside ``head``;
+    -1 where the tail's mass underflows to 0 (a teacher that sure has no tail to estimate)."""
+    e.scatter_(1, head, 0.0)
+    cdf = e.cumsum_(dim=-1)
+    total = cdf[:, -1:]
+    # u < 1, but u * total can round up to total; nextafter keeps every target strictly inside,
+    # so the first CDF entry above it has a positive step and is never a head id.
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    draws = torch.searchsorted(cdf, x.contiguous(), right=True).clamp_(max=e.shape[1] - 1)
+    return draws.masked_fill_(total <= 0, -1)
