@@ -294,3 +294,68 @@ def test_pure_sampling_and_bf16_cache(llama_teacher, corpus, workdir):
     np.testing.assert_allclose(got[F.TAIL_LOGPROBS][used], want[used], rtol=2 ** -7, atol=1e-3)
     np.testing.assert_allclose(got[F.TNORM][..., 1:], torch.stack(
         [torch.logsumexp(live / t, -1) for t in (2.0, 4.0)], -1).numpy(), rtol=2 ** -10, atol=1e-3)
+
+
+def test_verify_passes_a_good_cache_and_names_a_corrupt_shard(two_rank_cache, workdir):
+    import shutil
+
+    p = pikv_subprocess(["verify", str(two_rank_cache)])
+    assert p.returncode == 0 and p.stdout.startswith("ok:"), p.stderr[-2000:]
+    bad = workdir / "verify-corrupt"
+    shutil.copytree(two_rank_cache, bad)
+    chunk = bad / "shards" / "rank-00001" / "logits" / "tail_logprobs" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    p = pikv_subprocess(["verify", str(bad)])
+    assert p.returncode == 2 and "shards/rank-00001" in p.stderr and "unreadable chunk" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_verify_catches_inconsistent_metadata(one_rank_cache, workdir):
+    import shutil
+
+    import zarr
+
+    from pikv_offline.cache.verify import VerifyConfig, run
+
+    bad = workdir / "verify-meta"
+    shutil.copytree(one_rank_cache, bad)
+    g = zarr.open_group(str(bad / "shards" / "rank-00000"), mode="r+")
+    meta = dict(g.attrs[F.SHARD_ATTR])
+    g.attrs[F.SHARD_ATTR] = {**meta, "committed": meta["committed"] - 4}
+    with pytest.raises(PikvError, match="rank-00000 holds 18 committed"):
+        run(VerifyConfig(cache=str(bad)))
+    g.attrs[F.SHARD_ATTR] = meta
+    g[F.SAMPLE_ID][0:2] = [1, 0]
+    with pytest.raises(PikvError, match="sample ids are not this shard's"):
+        run(VerifyConfig(cache=str(bad)))
+
+
+def test_verify_recompute_measures_fidelity(one_rank_cache, llama_teacher, gpt2_teacher, workdir, tokenizer):
+    from pikv_offline.cache.verify import VerifyConfig, run
+    from pikv_offline.toy import make_model
+
+    student = workdir / "verify-student"
+    make_model("llama", len(tokenizer), hidden=32, layers=1, context=CONTEXT, seed=4).save_pretrained(student)
+    full = workdir / "verify-fullk"
+    dump(llama_teacher, _corpus_of(one_rank_cache), full, max_sequences=4, top_k=VOCAB, temperatures=(1.0, 2.0))
+    res = run(VerifyConfig(cache=str(full), recompute=3, teacher=llama_teacher, student=str(student)))
+    rows = {(r["mode"], r["T"]): r for r in res["recompute"]["rows"]}
+    assert res["recompute"]["sequences"] == 3
+    for T in (1.0, 2.0):  # k = V: the bucket loss is full KD up to fp16 storage
+        assert rows["bucket", T]["max_logprob_err"] < 2e-2 and rows["bucket", T]["kl"] < 1e-4
+        assert rows["bucket", T]["angle_deg"] < 1.0
+    res = run(VerifyConfig(cache=str(one_rank_cache), recompute=4, teacher=llama_teacher, student=str(student)))
+    rows = {(r["mode"], r["T"]): r for r in res["recompute"]["rows"]}
+    assert set(rows) == {(m, t) for m in ("bucket", "renorm", "sampled") for t in (1.0, 2.0, 4.0)}
+    assert all(r["kl"] < 1e-3 for (m, t), r in rows.items() if m != "sampled")
+    assert all(r["kl"] > -1e-8 for r in rows.values())  # a KL, up to float rounding
+    # A random teacher is nearly uniform: 8 draws barely sample its tail, so only the exact modes are bounded.
+    assert all(r["angle_deg"] < 90 for (m, t), r in rows.items() if m != "sampled")
+    with pytest.raises(PikvError, match="not the teacher that wrote this cache"):
+        run(VerifyConfig(cache=str(one_rank_cache), recompute=2, teacher=gpt2_teacher))
+
+
+def _corpus_of(cache_dir) -> str:
+    return open_cache(str(cache_dir)).attrs["data"]["data"]

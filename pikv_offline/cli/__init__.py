@@ -2,6 +2,7 @@
 
     pikv dump-teacher --teacher DIR --data corpus.jsonl --out CACHE
     pikv inspect CACHE [--json]
+    pikv verify CACHE [--recompute N --teacher DIR [--student DIR]]
     pikv train-student --cache CACHE --student-config student.json --out RUN --max-steps 200
     pikv sweep --cache CACHE --student-config student.json --out SWEEP --grid temperature=1,2 --max-steps 200
     pikv eval --cache CACHE --student RUN/final
@@ -81,6 +82,35 @@ def inspect_cmd(cache_dir, as_json):
                f"{c['positions']} positions, {c.get('loss_tokens', '?')} loss tokens")
     click.echo("bytes/token  " + ", ".join(f"{k} {v}" for k, v in info["bytes_per_token"].items())
                + f"  (total {info['bytes_per_token_total']})")
+
+
+@cli.command("verify")
+@click.argument("cache_dir")
+@click.option("--recompute", default=0, show_default=True, type=int,
+              help="Re-run the teacher on the first N sequences and measure the cache's fidelity per loss mode and T.")
+@click.option("--teacher", default=None, help="The teacher that wrote the cache (for --recompute).")
+@click.option("--student", default=None, help="A student folder: adds the gradient angle of each mode vs full KD.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify_cmd(cache_dir, as_json, **kw):
+    """Read every chunk and check a cache end to end; exits non-zero naming the first bad shard."""
+    from ..cache.verify import VerifyConfig, run
+
+    res = run(VerifyConfig(cache=cache_dir, **kw))
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"ok: {res['path']} (format v{res['format_version']}, {res['shards']} shard(s), {res['sequences']} "
+               f"sequences, {res['loss_tokens']} loss tokens; arrays {', '.join(res['arrays'])})")
+    rc = res.get("recompute")
+    if rc:
+        click.echo(f"fidelity vs the live teacher on {rc['sequences']} sequences ({rc['positions']} positions):")
+        click.echo(f"{'mode':8} {'T':>4} {'max logprob err':>16} {'KL(teacher||cache)':>19}"
+                   + (f" {'grad angle vs full KD':>22}" if rc["student"] else ""))
+        for r in rc["rows"]:
+            click.echo(f"{r['mode']:8} {r['T']:>4g} {r['max_logprob_err']:>16.2e} {r['kl']:>19.2e}"
+                       + (f" {r['angle_deg']:>21.2f}°" if "angle_deg" in r else ""))
 
 
 TRAIN_OPTIONS = [

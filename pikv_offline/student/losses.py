@@ -40,10 +40,10 @@ _TINY = 1e-30
 
 def _log_tail(log_top: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
     """log(1 - sum exp(log_top)) per row, with masses <= floor set to _TINY (never -inf: no NaN grads)."""
-    return torch.log(_tail_mass(log_top, floor).clamp_min(_TINY))
+    return torch.log(tail_mass(log_top, floor).clamp_min(_TINY))
 
 
-def _tail_mass(log_top: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
+def tail_mass(log_top: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
     """1 - sum exp(log_top) per row; 0 where it is <= floor (an empty head gives 1)."""
     mass = -torch.expm1(torch.logsumexp(log_top, dim=-1))
     return torch.where(mass > floor, mass, torch.zeros_like(mass))
@@ -100,7 +100,7 @@ def kd_rows(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Ten
     if kind != "forward_kl":
         raise ValueError("the sampled tail estimates forward KL only")
     head = (p_top.exp() * (p_top - s_top)).sum(-1)
-    mass1 = _tail_mass(t_logprobs, rounding_floor(t_logprobs, t_logprobs, rel_error, 1.0))  # P, the T=1 tail mass
+    mass1 = tail_mass(t_logprobs, rounding_floor(t_logprobs, t_logprobs, rel_error, 1.0))  # P, the T=1 tail mass
     p_tail = teacher_log_probs(tail_logprobs, t_tnorm, T)
     w = mass1[:, None] * tail_counts / draws * torch.exp(p_tail - tail_logprobs)
     return head + (w * (p_tail - torch.gather(s_logprobs, -1, tail_ids))).sum(-1)
