@@ -3,7 +3,7 @@
     python bench/dump_throughput.py --teacher runs/demo/teacher --data runs/demo/corpus.jsonl
 
 Forward-only = the plain HF forward producing logits, on exactly the sequences and batch size
-the dump uses. Dump = `pikv dump-teacher` in process (top-k, LSE at every grid temperature,
+the dump uses. Dump = `pikv dump-teacher` in process (top-k, normalizer at every grid temperature,
 encoding, compression, writing), timed over its loop, i.e. without model loading. Prints one
 JSON line.
 """

@@ -9,8 +9,13 @@ teacher never saw). Runs:
   online full KD     the teacher resident: each batch's targets come live from the teacher at
                      k = V (the whole vocabulary), so the bucket loss is the full-vocabulary KL
   offline k, tail, T top-k from the cache, k in {8, 16, 64}, tail bucket / renorm, T in {1, 2}
+  --extra CACHE:TAIL  any other cache (e.g. a compact one with a sampled tail) with that tail mode,
+                      at each T; its logit bytes/token are named in the run
 All KD runs use the same --ce-weight (default 1, the setting the demo recommends). Prints one JSON
 line per run, then a markdown table.
+
+    python bench/quality.py --workdir runs/demo --ks 64 --tails bucket --temperatures 1 \
+        --extra runs/demo/cache-compact:sampled --extra runs/demo/cache-compact:bucket
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pikv_offline.cache.reader import describe, open_cache  # noqa: E402
 from pikv_offline.config import TrainConfig  # noqa: E402
 from pikv_offline.student import data as D  # noqa: E402
 from pikv_offline.student.evaluate import run as evaluate  # noqa: E402
@@ -58,6 +64,8 @@ def main() -> None:
     ap.add_argument("--ce-weight", type=float, default=1.0)
     ap.add_argument("--ks", default="8,16,64")
     ap.add_argument("--temperatures", default="1,2")
+    ap.add_argument("--tails", default="bucket,renorm")
+    ap.add_argument("--extra", action="append", default=[], help="CACHE:TAIL, an extra offline run per T")
     args = ap.parse_args()
     w = args.workdir
     cache, heldout, teacher = (os.path.join(w, n) for n in ("cache", "cache-heldout", "teacher"))
@@ -65,15 +73,24 @@ def main() -> None:
     temps = [float(t) for t in args.temperatures.split(",")]
 
     runs = [("ce only", dict(kd_weight=0.0, ce_weight=1.0), False)]
-    runs += [(f"online full KD, T={t:g}", dict(temperature=t, ce_weight=args.ce_weight), True) for t in temps]
+    runs += [(f"online full KD, T={t:g}", dict(temperature=t, ce_weight=args.ce_weight, tail="bucket"), True)
+             for t in temps]
     runs += [(f"offline k={k}, {tail}, T={t:g}", dict(top_k=int(k), tail=tail, temperature=t,
                                                       ce_weight=args.ce_weight), False)
-             for t in temps for k in args.ks.split(",") for tail in ("bucket", "renorm")]
+             for t in temps for k in args.ks.split(",") if k for tail in args.tails.split(",")]
+    for spec in args.extra:
+        path, tail = spec.rsplit(":", 1)
+        c = open_cache(path)
+        logit_bytes = sum(v for a, v in describe(path)["bytes_per_token"].items() if a.startswith("logits/"))
+        name = f"k={c.top_k}" + (f"+{c.tail} sampled" if c.tail else "") + f" {c.encoding}, {logit_bytes:.0f} B/token"
+        runs += [(f"offline {name}, {tail}, T={t:g}", dict(cache=path, tail=tail, temperature=t,
+                                                           ce_weight=args.ce_weight), False) for t in temps]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, kw, online) in enumerate(runs):
             out = os.path.join(tmp, f"run{i}")
-            cfg = TrainConfig(cache=cache, student_config=student_cfg, out=out, max_steps=args.steps,
+            kw = {"cache": cache, **kw}
+            cfg = TrainConfig(student_config=student_cfg, out=out, max_steps=args.steps,
                               batch_size=args.batch_size, lr=args.lr, warmup_steps=20, eval_fraction=0.0,
                               log_every=10**9, seed=0, num_workers=0 if online else 1, **kw)
             real = D.TrainStream
