@@ -5,7 +5,8 @@
 Each mode runs in its own process (so peak memory is its own):
   ce       plain loop: the same student, the same token batches (preloaded in memory), HF forward
            + masked next-token CE, AdamW; the baseline.
-  kd       `pikv train-student` from the cache: top-k KD with the tail bucket (kd-weight 1).
+  kd       `pikv train-student` from the cache: top-k KD with the cache's default tail (bucket, or
+           sampled when it holds draws), kd-weight 1.
   kd+ce    the same with ce-weight 0.5.
 Tokens/s counts loss tokens over the timed steps (the first --warmup steps are not timed). Peak
 memory is the process's max RSS on CPU and torch.cuda.max_memory_allocated on GPU. Prints one
@@ -44,7 +45,7 @@ def run_ce(args, device) -> dict:
     index = D.CacheIndex(cache, 0.0)
     order = index.epoch_order(args.seed, 0)
     n = (args.steps + args.warmup) * args.batch_size
-    rows = D.read_rows(cache, order[:n], 1, 0)
+    rows = D.read_rows(cache, order[:n])
     x_all = torch.from_numpy(rows["input_ids"].astype("int64"))
     m_all = torch.from_numpy(rows["loss_mask"])
     torch.manual_seed(args.seed)
