@@ -156,7 +156,7 @@ def test_bucket_kd_from_a_full_vocab_cache_equals_kl_div(llama_teacher, corpus, 
                     temperatures=(1.0, 2.0), shard_seqs=4, max_sequences=3))
     cache = open_cache(str(out))
     for T, j in ((1.0, 0), (2.0, 1)):
-        b = D.to_tensors(D.read_rows(cache, D.CacheIndex(cache, 0.0).train), cache.layout, VOCAB, j)
+        b = D.to_tensors(D.read_rows(cache, D.CacheIndex(cache, 0.0).train), cache.encoding, VOCAB, j)
         n = b["t_ids"].shape[0] * b["t_ids"].shape[1]
         s_logits = torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(0)) * 2
         s_lsm = torch.log_softmax(s_logits / T, -1)

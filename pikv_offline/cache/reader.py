@@ -24,23 +24,22 @@ def read_root_attrs(path: str) -> dict | None:
     return dict(attrs) if isinstance(attrs, dict) else None
 
 
-def decode(raw: dict[str, np.ndarray], layout: dict, top_k: int | None = None,
+def decode(raw: dict[str, np.ndarray], encoding: str, top_k: int | None = None,
            by_prob: bool = False) -> dict[str, np.ndarray]:
     """Stored arrays of some rows -> decoded ones: ids int64, log-probs float32, counts int64, and
     ``tnorm`` [.., nT] float32 with its T=1 column of zeros. A target the cache does not hold comes
     back empty (e.g. [S, L, 0] head ids of a pure sampling cache), so callers need no special case."""
     shape = raw[F.INPUT_IDS].shape
-    enc = layout["encoding"]
     out = {F.INPUT_IDS: raw[F.INPUT_IDS], F.LOSS_MASK: raw[F.LOSS_MASK], F.SAMPLE_ID: raw[F.SAMPLE_ID]}
     if F.HEAD_IDS in raw:
-        out[F.HEAD_IDS], out[F.HEAD_LOGPROBS] = F.decode_head(raw[F.HEAD_IDS], raw[F.HEAD_LOGPROBS], enc, top_k,
+        out[F.HEAD_IDS], out[F.HEAD_LOGPROBS] = F.decode_head(raw[F.HEAD_IDS], raw[F.HEAD_LOGPROBS], encoding, top_k,
                                                               by_prob)
     else:
         out[F.HEAD_IDS], out[F.HEAD_LOGPROBS] = np.zeros((*shape, 0), np.int64), np.zeros((*shape, 0), np.float32)
     out[F.TNORM] = F.decode_tnorm(raw.get(F.TNORM), shape)
     if F.TAIL_IDS in raw:
         out[F.TAIL_IDS] = raw[F.TAIL_IDS].astype(np.int64)
-        out[F.TAIL_LOGPROBS] = F.decode_logprobs(raw[F.TAIL_LOGPROBS], enc)
+        out[F.TAIL_LOGPROBS] = F.decode_logprobs(raw[F.TAIL_LOGPROBS], encoding)
         out[F.TAIL_COUNTS] = raw[F.TAIL_COUNTS].astype(np.int64)
     else:
         out.update({F.TAIL_IDS: np.zeros((*shape, 0), np.int64), F.TAIL_LOGPROBS: np.zeros((*shape, 0), np.float32),
@@ -84,9 +83,9 @@ class Cache:
         return F.present_arrays(self.top_k, len(self.temperatures), self.tail)
 
     @property
-    def layout(self) -> dict:
-        """What decode() needs: plain values, safe to hand to a DataLoader worker."""
-        return {"encoding": self.encoding, "top_k": self.top_k, "tail": self.tail}
+    def relative_error(self) -> float:
+        """The stored log-probs' relative rounding error (their encoding's)."""
+        return F.ENCODINGS[self.encoding].relative_error
 
     def shard_len(self, i: int) -> int:
         return int(self.shards[i].attrs[F.SHARD_ATTR]["committed"])
@@ -98,11 +97,14 @@ class Cache:
         cache serves a sweep over k.
         """
         g = self.shards[i]
-        return decode({name: g[name][start:stop] for name in self.names}, self.layout, top_k, by_prob=True)
+        return decode({name: g[name][start:stop] for name in self.names}, self.encoding, top_k, by_prob=True)
 
-    def read_all(self, top_k: int | None = None) -> dict[str, np.ndarray]:
-        """Every committed sequence of every shard, ordered by sample id (for tests and small caches)."""
-        parts = [self.read(i, 0, self.shard_len(i), top_k) for i in range(len(self.shards))]
+    def read_all(self, top_k: int | None = None, first: int | None = None) -> dict[str, np.ndarray]:
+        """Every committed sequence of every shard (or the ``first`` sample ids), ordered by sample id
+        (for tests, verify and small caches). Rank r of W holds sample ids r, r+W, ..."""
+        world = len(self.shards)
+        parts = [self.read(i, 0, self.shard_len(i) if first is None else len(range(i, first, world)), top_k)
+                 for i in range(world)]
         parts = [p for p in parts if len(p[F.SAMPLE_ID])]
         out = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         order = np.argsort(out[F.SAMPLE_ID], kind="stable")

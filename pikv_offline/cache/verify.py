@@ -34,7 +34,7 @@ import torch
 from ..data import fingerprint
 from ..errors import PikvError, brief
 from . import format as F
-from .reader import decode, open_cache, read_root_attrs
+from .reader import decode, open_cache
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,15 @@ def run(cfg: VerifyConfig) -> dict:
 
 
 def check_integrity(path: str) -> dict:
-    attrs = read_root_attrs(path)
-    if attrs is None:
-        raise PikvError(f"{path} is not a pikv teacher cache (no zarr.json with '{F.ROOT_ATTR}' attributes)")
-    cache = open_cache(path)  # refuses an unknown version, an incomplete cache and missing shards
+    cache = open_cache(path)  # refuses a non-cache, an unknown version, an incomplete cache, missing shards
+    attrs = cache.attrs
     world, key = int(attrs["world_size"]), attrs["cache_key"]
     total = int(attrs["counts"]["sequences"])
     seq_len, vocab = cache.seq_len, int(attrs["teacher"]["vocab_size"])
     shard_seqs = int(attrs["shard_seqs"])
     loss_tokens = 0
+    ids = np.empty((total, seq_len), np.int32)  # every sequence in global order, for the fingerprint
+    mask = np.empty((total, seq_len), bool)
     for r, g in enumerate(cache.shards):
         name = F.shard_name(r)
         meta = g.attrs.get(F.SHARD_ATTR, {})
@@ -94,11 +94,12 @@ def check_integrity(path: str) -> dict:
             except Exception as e:
                 raise PikvError(f"{path}: {name} has an unreadable chunk in sequences [{start}, {stop}) "
                                 f"({brief(e)}); the cache is corrupt, re-dump it (or that shard)")
-            problem = _check_values(raw, decode(raw, cache.layout), start, r, world, vocab, cache.tail)
+            problem = _check_values(raw, decode(raw, cache.encoding), start, r, world, vocab, cache.tail)
             if problem:
                 raise PikvError(f"{path}: {name}, sequences [{start}, {stop}): {problem}; the cache is damaged, re-dump it")
             loss_tokens += int(raw[F.LOSS_MASK][:, 1:].sum())
-    ids, mask = _global_inputs(cache, total)
+            rows = slice(r + start * world, r + stop * world, world)  # row i of shard r is sample r + i*W
+            ids[rows], mask[rows] = raw[F.INPUT_IDS], raw[F.LOSS_MASK]
     if fingerprint(ids, mask) != attrs["data"]["fingerprint"]:
         raise PikvError(f"{path}: the stored input ids do not match the data fingerprint of the cache key; the "
                         "cache is damaged, re-dump it")
@@ -138,27 +139,7 @@ def _check_values(raw: dict, a: dict, start: int, rank: int, world: int, vocab: 
     return None
 
 
-def _global_inputs(cache, total: int) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids and loss_mask of every sequence in global order (sample id g is row g // W of shard g % W)."""
-    world = len(cache.shards)
-    ids = np.empty((total, cache.seq_len), np.int32)
-    mask = np.empty((total, cache.seq_len), bool)
-    for r, g in enumerate(cache.shards):
-        ids[r::world] = g[F.INPUT_IDS][:]
-        mask[r::world] = g[F.LOSS_MASK][:]
-    return ids, mask
-
-
-def _first_sequences(cache, n: int) -> dict[str, np.ndarray]:
-    world = len(cache.shards)
-    parts = [cache.read(r, 0, len(range(r, n, world))) for r in range(min(world, n))]
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(out[F.SAMPLE_ID], kind="stable")
-    return {k: v[order] for k, v in out.items()}
-
-
 def recompute(cfg: VerifyConfig) -> dict:
-    from ..modeling import resolve_dtype
     from ..student.losses import kd_rows
     from ..teacher import model as M
 
@@ -170,8 +151,8 @@ def recompute(cfg: VerifyConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     n = min(cfg.recompute, int(cache.attrs["counts"]["sequences"]))
-    a = _first_sequences(cache, n)
-    teacher = M.load_model(folder, cfg.teacher, resolve_dtype("fp32", device), device, None)
+    a = cache.read_all(first=n)
+    teacher = M.load_model(folder, cfg.teacher, torch.float32, device, None)
     x = torch.from_numpy(a[F.INPUT_IDS].astype(np.int64)).to(device)
     with torch.inference_mode():
         live = torch.cat([teacher(x[s:s + cfg.batch_size]).logits.float()
@@ -207,7 +188,7 @@ def recompute(cfg: VerifyConfig) -> dict:
     if cache.top_k == 0:
         modes = ["sampled"]
     rows = []
-    rel = F.ENCODINGS[cache.encoding].relative_error
+    rel = cache.relative_error
     for j, T in enumerate(cache.temperatures):
         live_T = torch.log_softmax(live / T, -1)
         stored_head = h_lp / T - tnorm[:, j:j + 1]
@@ -241,15 +222,13 @@ def _partition_kl(mode, live_head, stored_head, h_lp, t_lp, t_cnt, tnorm, T, dra
     if mode == "renorm":
         p, q = torch.log_softmax(live_head, -1), torch.log_softmax(stored_head, -1)
         return (p.exp() * (p - q)).sum(-1).mean().item()
-    from ..student.losses import rounding_floor, tail_mass
+    from ..student.losses import rounding_floor, tail_mass, tail_weights
 
     live_tail = (-torch.expm1(torch.logsumexp(live_head, -1))).clamp_min(0)
     if mode == "bucket":
         stored_tail = tail_mass(stored_head, rounding_floor(stored_head, h_lp, rel, T))
     else:
-        mass1 = tail_mass(h_lp, rounding_floor(h_lp, h_lp, rel, 1.0))
-        w = mass1[:, None] * t_cnt / draws * torch.exp(t_lp / T - tnorm[:, None] - t_lp)
-        stored_tail = w.sum(-1)
+        stored_tail = tail_weights(h_lp, t_lp, t_cnt, tnorm, T, draws, rel).sum(-1)
     p = torch.cat([live_head.exp(), live_tail[:, None]], -1).double()
     q = torch.cat([stored_head.exp(), stored_tail[:, None]], -1).double()
     q = q / q.sum(-1, keepdim=True)  # the sampled tail's mass is an estimate: q need not sum to 1

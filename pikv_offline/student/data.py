@@ -89,9 +89,9 @@ def read_rows(cache: Cache, rows: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def to_tensors(raw: dict[str, np.ndarray], layout: dict, top_k: int, t_index: int) -> dict[str, torch.Tensor]:
+def to_tensors(raw: dict[str, np.ndarray], encoding: str, top_k: int, t_index: int) -> dict[str, torch.Tensor]:
     """A micro-batch for the trainer: teacher head (t_*), the normalizer at the run's T, sampled tail (tail_*)."""
-    a = decode(raw, layout, top_k)
+    a = decode(raw, encoding, top_k)
     return {
         "input_ids": torch.from_numpy(a[F.INPUT_IDS].astype(np.int64)),
         "loss_mask": torch.from_numpy(a[F.LOSS_MASK]),
@@ -136,7 +136,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 data = read_rows(cache, order[mine])
                 loaded_window = w1
             sel = np.searchsorted(mine, positions)  # mine is sorted and holds every position of the batch
-            yield to_tensors({k: v[sel] for k, v in data.items()}, cache.layout, self.top_k, self.t_index)
+            yield to_tensors({k: v[sel] for k, v in data.items()}, cache.encoding, self.top_k, self.t_index)
 
 
 def eval_batches(cache: Cache, index: CacheIndex, *, rank: int, world_size: int, batch_size: int, top_k: int,
@@ -144,4 +144,4 @@ def eval_batches(cache: Cache, index: CacheIndex, *, rank: int, world_size: int,
     """This rank's share of the held-out sequences (rows rank::world), in micro-batches."""
     rows = index.eval[rank::world_size]
     for s in range(0, len(rows), batch_size):
-        yield to_tensors(read_rows(cache, rows[s:s + batch_size]), cache.layout, top_k, t_index)
+        yield to_tensors(read_rows(cache, rows[s:s + batch_size]), cache.encoding, top_k, t_index)

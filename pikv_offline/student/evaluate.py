@@ -12,7 +12,6 @@ import contextlib
 import torch
 
 from .. import dist
-from ..cache import format as F
 from ..cache.reader import open_cache
 from ..errors import PikvError, brief
 from . import data as D
@@ -41,7 +40,7 @@ def run(*, cache: str, student: str, temperature: float = 1.0, divergence: str =
         if len(index.eval) == 0:
             raise PikvError(f"--eval-fraction {eval_fraction} selects no held-out sequence of this cache")
         net = Distiller(model.to(d.device), temperature=temperature, divergence=divergence, tail=tail, loss_chunk=0,
-                        rel_error=F.ENCODINGS[c.encoding].relative_error, draws=c.tail)
+                        rel_error=c.relative_error, draws=c.tail)
         return evaluate(net, c, index, batch_size, d, contextlib.nullcontext, k, t_index)
     finally:
         dist.teardown()

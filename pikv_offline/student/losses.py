@@ -57,6 +57,15 @@ def rounding_floor(p_top: torch.Tensor, t_logprobs: torch.Tensor, rel_error: flo
     return rel_error / temperature * (p_top.exp() * t_logprobs.abs()).sum(-1)
 
 
+def tail_weights(t_logprobs: torch.Tensor, tail_logprobs: torch.Tensor, tail_counts: torch.Tensor,
+                 t_tnorm: torch.Tensor, temperature: float, draws: int, rel_error: float) -> torch.Tensor:
+    """[N, n] importance weights of the sampled tail at T, counts included: (c_j / n) * P * p_T / p_1,
+    with P the T=1 tail mass outside the head (module docstring). Their row sum estimates the tail mass at T."""
+    mass1 = tail_mass(t_logprobs, rounding_floor(t_logprobs, t_logprobs, rel_error, 1.0))
+    p_tail = teacher_log_probs(tail_logprobs, t_tnorm, temperature)
+    return mass1[:, None] * tail_counts / draws * torch.exp(p_tail - tail_logprobs)
+
+
 def divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-row divergence between distributions given as log-probs [N, m]: teacher p, student q."""
     if kind == "forward_kl":
@@ -100,9 +109,8 @@ def kd_rows(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Ten
     if kind != "forward_kl":
         raise ValueError("the sampled tail estimates forward KL only")
     head = (p_top.exp() * (p_top - s_top)).sum(-1)
-    mass1 = tail_mass(t_logprobs, rounding_floor(t_logprobs, t_logprobs, rel_error, 1.0))  # P, the T=1 tail mass
     p_tail = teacher_log_probs(tail_logprobs, t_tnorm, T)
-    w = mass1[:, None] * tail_counts / draws * torch.exp(p_tail - tail_logprobs)
+    w = tail_weights(t_logprobs, tail_logprobs, tail_counts, t_tnorm, T, draws, rel_error)
     return head + (w * (p_tail - torch.gather(s_logprobs, -1, tail_ids))).sum(-1)
 
 

@@ -26,7 +26,6 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from .. import dist
-from ..cache import format as F
 from ..cache.reader import open_cache
 from ..config import TrainConfig
 from ..errors import PikvError, brief
@@ -285,7 +284,7 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
     model.to(d.device).train()
     distiller = Distiller(model, temperature=cfg.temperature, divergence=cfg.divergence, tail=tail,
                           loss_chunk=cfg.loss_chunk, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
-                          rel_error=F.ENCODINGS[cache.encoding].relative_error, draws=cache.tail)
+                          rel_error=cache.relative_error, draws=cache.tail)
     ddp = torch.nn.parallel.DistributedDataParallel(distiller) if d.world_size > 1 else None
     net = ddp or distiller
 
