@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .cache.format import ENCODINGS, MAX_TAIL
+from .cache.format import DEFAULT_TENSOR_ENCODING, ENCODINGS, INT8_KINDS, MAX_TAIL, RICH_KINDS, TENSOR_ENCODINGS
 from .errors import PikvError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -28,6 +28,40 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
         raise PikvError(f"--temperatures {text!r} repeats a value")
     rest = [t for t in temps if t != 1.0]
     return (1.0, *rest)
+
+
+def parse_targets(specs) -> tuple[tuple[str, tuple[int, ...] | None, str], ...]:
+    """['hidden:4,8@int8', 'router'] -> (('hidden', (4, 8), 'int8'), ('router', None, 'bf16')).
+
+    KIND[:LAYERS][@ENCODING]; no layers means every layer the kind applies to (every MoE layer for
+    router and experts). Layers are 0-based decoder-layer indices; negative ones count from the end.
+    """
+    out, seen = [], set()
+    for spec in specs:
+        body, _, enc = spec.strip().partition("@")
+        kind, sep, layers = body.partition(":")
+        enc = enc or DEFAULT_TENSOR_ENCODING
+        if kind not in RICH_KINDS:
+            raise PikvError(f"--targets {spec!r}: the kind must be one of {', '.join(RICH_KINDS)} "
+                            "(write e.g. hidden:4,8 or kv:6@int8 or router)")
+        if kind in seen:
+            raise PikvError(f"--targets names {kind} twice; list all its layers in one flag, e.g. {kind}:4,8")
+        seen.add(kind)
+        if enc not in TENSOR_ENCODINGS:
+            raise PikvError(f"--targets {spec!r}: the encoding must be one of {', '.join(TENSOR_ENCODINGS)}")
+        if enc == "int8" and kind not in INT8_KINDS:
+            raise PikvError(f"--targets {spec!r}: int8 is for the wide targets ({', '.join(INT8_KINDS)}); "
+                            f"store {kind} as fp16 or bf16")
+        parsed = None
+        if sep:
+            try:
+                parsed = tuple(int(x) for x in layers.split(",") if x.strip())
+            except ValueError:
+                raise PikvError(f"--targets {spec!r}: layers must be comma-separated integers, e.g. {kind}:4,8")
+            if not parsed or len(set(parsed)) != len(parsed):
+                raise PikvError(f"--targets {spec!r}: give each layer once, at least one")
+        out.append((kind, parsed, enc))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -52,6 +86,8 @@ class DumpConfig:
     shard_seqs: int = 64
     sampled_tail: int = 0  # draws per position from the teacher's distribution outside the top-k
     encoding: str = "fp16"
+    targets: tuple = ()  # parse_targets(): rich targets (hidden / kv / router / experts)
+    max_cache_gb: float | None = None  # refuse a larger estimate; None: the free disk at --out
 
     def __post_init__(self):
         if self.chat_field and self.text_field:
@@ -67,6 +103,8 @@ class DumpConfig:
                             f"got {self.sampled_tail}")
         if self.encoding not in ENCODINGS:
             raise PikvError(f"--encoding must be one of {', '.join(ENCODINGS)}; got {self.encoding}")
+        if self.max_cache_gb is not None and not self.max_cache_gb > 0:
+            raise PikvError(f"--max-cache-gb must be positive; got {self.max_cache_gb}")
         if self.batch_size < 1:
             raise PikvError(f"--batch-size must be at least 1; got {self.batch_size}")
         if self.shard_seqs < 1:
@@ -86,7 +124,36 @@ class DumpConfig:
         return dataclasses.asdict(self)
 
 
+def parse_layer_map(text: str) -> tuple[tuple[int, int], ...]:
+    """'4:2,8:4' -> ((4, 2), (8, 4)): teacher layer -> student layer."""
+    pairs = []
+    for item in text.split(","):
+        t, sep, st = item.partition(":")
+        try:
+            pairs.append((int(t), int(st)))
+        except ValueError:
+            raise PikvError(f"--layer-map {text!r}: write teacher:student pairs, e.g. 4:2,8:4")
+        if not sep:
+            raise PikvError(f"--layer-map {text!r}: write teacher:student pairs, e.g. 4:2,8:4")
+    if len({t for t, _ in pairs}) != len(pairs):
+        raise PikvError(f"--layer-map {text!r} maps a teacher layer twice")
+    return tuple(pairs)
+
+
+def parse_freeze(specs) -> tuple[str, ...]:
+    """--freeze mlp | embeddings | layers:0,2 (repeatable); checked here, applied in train.freeze()."""
+    for spec in specs:
+        kind, sep, rest = spec.partition(":")
+        ok = (kind in ("mlp", "embeddings") and not sep) or (kind == "layers" and sep and all(
+            x.strip().lstrip("-").isdigit() for x in rest.split(",")))
+        if not ok:
+            raise PikvError(f"--freeze {spec!r}: use mlp, embeddings or layers:0,2")
+    return tuple(specs)
+
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+FEATURE_LOSSES = ("mse", "cosine")
+RICH_WEIGHTS = {"feature_weight": "hidden", "kv_weight": "kv", "router_weight": "router", "expert_weight": "experts"}
 TAILS = ("auto", "bucket", "renorm", "sampled")
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -127,6 +194,13 @@ class TrainConfig:
     zero: bool = False
     loss_chunk: int = 0  # positions per chunk of the vocabulary projection + loss; 0 = no chunking
     num_workers: int = 1
+    feature_weight: float = 0.0  # hidden-state targets
+    kv_weight: float = 0.0
+    router_weight: float = 0.0
+    expert_weight: float = 0.0
+    feature_loss: str = "mse"  # hidden, kv and experts: mse or cosine after the projection
+    layer_map: str | None = None  # "4:2,8:4" teacher:student; None: evenly spaced by depth
+    freeze: tuple = ()
 
     def __post_init__(self):
         if bool(self.student) == bool(self.student_config):
@@ -139,8 +213,15 @@ class TrainConfig:
             raise PikvError(f"--schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise PikvError(f"--temperature must be a positive number; got {self.temperature}")
-        if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
-            raise PikvError("--kd-weight and --ce-weight must be >= 0 and not both 0")
+        weights = [self.kd_weight, self.ce_weight, *(getattr(self, w) for w in RICH_WEIGHTS)]
+        if any(not (math.isfinite(w) and w >= 0) for w in weights) or sum(weights) == 0:
+            raise PikvError("--kd-weight, --ce-weight, --feature-weight, --kv-weight, --router-weight and "
+                            "--expert-weight must be >= 0 and not all 0")
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise PikvError(f"--feature-loss must be one of {', '.join(FEATURE_LOSSES)}; got {self.feature_loss}")
+        if self.layer_map is not None:
+            parse_layer_map(self.layer_map)
+        parse_freeze(self.freeze)
         if self.top_k is not None and self.top_k < 1:
             raise PikvError(f"--top-k must be at least 1; got {self.top_k}")
         for name in ("batch_size", "grad_accum"):

@@ -1,4 +1,4 @@
-"""The teacher cache format, version 2: every array name, dtype, shape, codec, encoding and attribute key.
+"""The teacher cache format, version 3: every array name, dtype, shape, codec, encoding and attribute key.
 
 The writer and the reader both import this module and nothing else defines the layout. See
 FORMAT.md beside this file for the contract in prose. Any change to what is written here must
@@ -19,7 +19,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 from zarr.codecs.numcodecs import Delta  # noqa: E402
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: optional hidden / kv / router / experts targets
 ROOT_ATTR = "pikv"  # key of the root attributes dict
 SHARD_ATTR = "pikv_shard"  # key of each shard group's attributes dict
 SHARDS_GROUP = "shards"
@@ -71,8 +71,8 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def present_arrays(top_k: int, n_temps: int, tail: int) -> tuple[str, ...]:
-    """The arrays a cache with these settings holds: an empty target is not written at all."""
+def logit_arrays(top_k: int, n_temps: int, tail: int) -> tuple[str, ...]:
+    """The per-sequence and logit arrays a cache with these settings holds: an empty target is not written."""
     skip = set()
     if top_k == 0:
         skip |= {HEAD_IDS, HEAD_LOGPROBS}
@@ -168,12 +168,11 @@ class ArraySpec:
     compressors: tuple
 
 
-def _blosc(typesize_shuffle: str = "shuffle") -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle=typesize_shuffle)
+def _blosc(typesize_shuffle: str = "shuffle", level: int = 5) -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=level, shuffle=typesize_shuffle)
 
 
-def array_specs(n_seqs: int, seq_len: int, top_k: int, n_temps: int, vocab_size: int, shard_seqs: int,
-                tail: int = 0, encoding: str = DEFAULT_ENCODING) -> dict[str, ArraySpec]:
+def array_specs(n_seqs: int, seq_len: int, targets: dict, vocab_size: int, shard_seqs: int) -> dict[str, ArraySpec]:
     """Specs of every array in one rank's shard group holding ``n_seqs`` sequences.
 
     A zarr shard (one file) holds ``shard_seqs`` sequences, so a reader fetches many sequences per
@@ -181,15 +180,17 @@ def array_specs(n_seqs: int, seq_len: int, top_k: int, n_temps: int, vocab_size:
     divisor of the shard) for the targets and a whole shard for the small arrays. Every inner chunk
     ends with a crc32c checksum, so corruption is caught on read.
     """
+    lg = targets["logits"]
+    top_k, n_temps, tail, encoding = lg["top_k"], len(lg["temperatures"]), lg.get("sampled_tail", 0), lg["encoding"]
     s = max(n_seqs, 1)  # zarr needs a non-zero extent to size chunks; an empty shard stays unwritten
     n = min(shard_seqs, s)
     c = math.gcd(n, CHUNK_SEQS)
     ids = id_dtype(vocab_size)
 
-    def spec(tail_shape: tuple[int, ...], dtype, filters=(), chunk=c) -> ArraySpec:
+    def spec(tail_shape: tuple[int, ...], dtype, filters=(), chunk=c, level=5) -> ArraySpec:
         return ArraySpec(shape=(n_seqs, *tail_shape), dtype=np.dtype(dtype), chunks=(chunk, *tail_shape),
                          shards=(n, *tail_shape), filters=tuple(filters),
-                         compressors=(_blosc(), Crc32cCodec()))
+                         compressors=(_blosc(level=level), Crc32cCodec()))
 
     specs = {
         INPUT_IDS: spec((seq_len,), np.int32, chunk=n),
@@ -202,4 +203,131 @@ def array_specs(n_seqs: int, seq_len: int, top_k: int, n_temps: int, vocab_size:
         TAIL_LOGPROBS: spec((seq_len, tail), np.uint16),
         TAIL_COUNTS: spec((seq_len, tail), np.uint8),
     }
-    return {name: specs[name] for name in present_arrays(top_k, n_temps, tail)}
+    out = {name: specs[name] for name in logit_arrays(top_k, n_temps, tail)}
+    # Dense activations gain little from zstd's higher levels and are the bulk of a rich cache; level 1
+    # keeps the writer thread ahead of the teacher.
+    for a in rich_arrays(targets):
+        out[a.name] = spec((seq_len, *a.shape), a.value_dtype, level=1)
+        if a.scale_name:
+            out[a.scale_name] = spec((seq_len, *a.scale_shape), np.float32, level=1)
+    return out
+
+
+def present_arrays(targets: dict) -> tuple[str, ...]:
+    """Every array a cache with these targets holds, in writing order."""
+    lg = targets["logits"]
+    names = list(logit_arrays(lg["top_k"], len(lg["temperatures"]), lg.get("sampled_tail", 0)))
+    for a in rich_arrays(targets):
+        names += [a.name] + ([a.scale_name] if a.scale_name else [])
+    return tuple(names)
+
+
+# ---- rich targets: hidden states, the KV cache, MoE router logits and expert outputs ----------------
+
+RICH_KINDS = ("hidden", "kv", "router", "experts")
+TENSOR_ENCODINGS = ("fp16", "bf16", "int8")
+DEFAULT_TENSOR_ENCODING = "bf16"  # the range of float32: hidden states of large models have outliers in the 1000s
+INT8_KINDS = ("hidden", "kv", "experts")  # int8 pays off on the wide activations; router logits are E per token
+INT8_GROUP = 64  # hidden / experts: channels per int8 scale (kv: one scale per head)
+
+
+@dataclass(frozen=True)
+class RichArray:
+    """One stored activation tensor: ``name`` [S, L, *shape] in ``encoding``; with int8 also
+    ``scale_name`` [S, L, *shape[:-1], shape[-1] // group] float32 absmax/127 scales."""
+    kind: str
+    layer: int
+    name: str
+    shape: tuple[int, ...]
+    encoding: str
+    group: int
+
+    @property
+    def value_dtype(self) -> np.dtype:
+        return np.dtype({"fp16": np.float16, "bf16": np.uint16, "int8": np.int8}[self.encoding])
+
+    @property
+    def scale_name(self) -> str | None:
+        return f"{self.name}_scale" if self.encoding == "int8" else None
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        return (*self.shape[:-1], self.shape[-1] // self.group)
+
+
+def rich_name(kind: str, layer: int, part: str | None = None) -> str:
+    return f"{kind}/layer_{layer}" + (f"/{part}" if part else "")
+
+
+def rich_arrays(targets: dict, kinds: tuple[str, ...] = RICH_KINDS) -> list[RichArray]:
+    """The rich arrays that ``targets`` (the root attribute) declares, kind by kind, layer by layer."""
+    out = []
+    for kind in kinds:
+        t = targets.get(kind)
+        if not t:
+            continue
+        shape, enc, group = tuple(t["shape"]), t["encoding"], int(t.get("group") or t["shape"][-1])
+        for layer in t["layers"]:
+            for part in (("key", "value") if kind == "kv" else (None,)):
+                out.append(RichArray(kind, int(layer), rich_name(kind, layer, part), shape, enc, group))
+    return out
+
+
+def int8_group(width: int) -> int:
+    return math.gcd(width, INT8_GROUP)
+
+
+def encode_tensor(x: np.ndarray, encoding: str, group: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """float activations [..., d] -> (stored values, int8 scales [..., d // group] or None).
+
+    fp16 saturates at +-65504 (the measured error then shows it); bf16 rounds to nearest even;
+    int8 stores round(x / s) with s = absmax / 127 per group of ``group`` channels, so |error| <= s / 2.
+    s is float32: a float16 s is subnormal for activations below ~0.008 and its rounding then pushed
+    |x / s| past 127 (measured: twice the bound on a tiny MoE's expert outputs).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if encoding == "fp16":
+        return np.clip(x, -65504.0, 65504.0).astype(np.float16), None
+    if encoding == "bf16":
+        u = x.view(np.uint32).astype(np.uint64)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16), None
+    g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    scale = (np.abs(g).max(-1) / np.float32(127.0)).astype(np.float32)
+    s = scale[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, np.rint(g / s), 0.0)
+    return np.clip(q, -127, 127).astype(np.int8).reshape(x.shape), scale
+
+
+def decode_tensor(values: np.ndarray, scale: np.ndarray | None, encoding: str, group: int) -> np.ndarray:
+    if encoding == "fp16":
+        return values.astype(np.float32)
+    if encoding == "bf16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    g = values.reshape(*values.shape[:-1], values.shape[-1] // group, group).astype(np.float32)
+    return (g * scale.astype(np.float32)[..., None]).reshape(values.shape)
+
+
+def encoding_error(x: np.ndarray, decoded: np.ndarray, group: int) -> dict:
+    """What an encoding lost on ``x``: the max absolute error, the max error over its group's absmax,
+    and the sums behind the relative RMS error (sqrt(err_sq / ref_sq)), to merge over blocks."""
+    x = np.asarray(x, np.float32)
+    err = np.abs(decoded.astype(np.float32) - x)
+    g = lambda a: a.reshape(*a.shape[:-1], a.shape[-1] // group, group)  # noqa: E731
+    amax = g(np.abs(x)).max(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(amax > 0, g(err) / amax, 0.0)
+    return {"max_abs_error": float(err.max(initial=0.0)), "max_error_over_absmax": float(rel.max(initial=0.0)),
+            "err_sq": float((err.astype(np.float64) ** 2).sum()), "ref_sq": float((x.astype(np.float64) ** 2).sum())}
+
+
+def merge_errors(a: dict | None, b: dict) -> dict:
+    if not a:
+        return dict(b)
+    return {k: (max(a[k], b[k]) if k.startswith("max") else a[k] + b[k]) for k in b}
+
+
+def error_summary(e: dict) -> dict:
+    """A merged encoding_error -> the figures reported: max abs, max over absmax, relative RMS."""
+    return {"max_abs_error": e["max_abs_error"], "max_error_over_absmax": e["max_error_over_absmax"],
+            "relative_rms_error": math.sqrt(e["err_sq"] / e["ref_sq"]) if e["ref_sq"] > 0 else 0.0}

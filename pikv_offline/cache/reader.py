@@ -25,10 +25,11 @@ def read_root_attrs(path: str) -> dict | None:
 
 
 def decode(raw: dict[str, np.ndarray], encoding: str, top_k: int | None = None,
-           by_prob: bool = False) -> dict[str, np.ndarray]:
+           by_prob: bool = False, rich: tuple = ()) -> dict[str, np.ndarray]:
     """Stored arrays of some rows -> decoded ones: ids int64, log-probs float32, counts int64, and
     ``tnorm`` [.., nT] float32 with its T=1 column of zeros. A target the cache does not hold comes
-    back empty (e.g. [S, L, 0] head ids of a pure sampling cache), so callers need no special case."""
+    back empty (e.g. [S, L, 0] head ids of a pure sampling cache), so callers need no special case.
+    Each format.RichArray in ``rich`` comes back as float32 [S, L, *shape] under its name."""
     shape = raw[F.INPUT_IDS].shape
     out = {F.INPUT_IDS: raw[F.INPUT_IDS], F.LOSS_MASK: raw[F.LOSS_MASK], F.SAMPLE_ID: raw[F.SAMPLE_ID]}
     if F.HEAD_IDS in raw:
@@ -44,6 +45,8 @@ def decode(raw: dict[str, np.ndarray], encoding: str, top_k: int | None = None,
     else:
         out.update({F.TAIL_IDS: np.zeros((*shape, 0), np.int64), F.TAIL_LOGPROBS: np.zeros((*shape, 0), np.float32),
                     F.TAIL_COUNTS: np.zeros((*shape, 0), np.int64)})
+    for a in rich:
+        out[a.name] = F.decode_tensor(raw[a.name], raw.get(a.scale_name), a.encoding, a.group)
     return out
 
 
@@ -80,7 +83,16 @@ class Cache:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return F.present_arrays(self.top_k, len(self.temperatures), self.tail)
+        return F.present_arrays(self.attrs["targets"])
+
+    @property
+    def logit_names(self) -> tuple[str, ...]:
+        return F.logit_arrays(self.top_k, len(self.temperatures), self.tail)
+
+    @property
+    def rich(self) -> list:
+        """Every stored rich target array (format.RichArray)."""
+        return F.rich_arrays(self.attrs["targets"])
 
     @property
     def relative_error(self) -> float:
@@ -97,7 +109,8 @@ class Cache:
         cache serves a sweep over k.
         """
         g = self.shards[i]
-        return decode({name: g[name][start:stop] for name in self.names}, self.encoding, top_k, by_prob=True)
+        return decode({name: g[name][start:stop] for name in self.names}, self.encoding, top_k, by_prob=True,
+                      rich=tuple(self.rich))
 
     def read_all(self, top_k: int | None = None, first: int | None = None) -> dict[str, np.ndarray]:
         """Every committed sequence of every shard (or the ``first`` sample ids), ordered by sample id
@@ -149,8 +162,24 @@ def describe(path: str) -> dict:
     bpt = {k: round(v / max(positions, 1), 2) for k, v in stored.items()}
     counts = dict(a.get("counts", {}))
     counts.update({"committed": committed, "positions": counts.get("positions", positions)})
+    by_target = {"inputs": sum(bpt[n] for n in (F.INPUT_IDS, F.LOSS_MASK, F.SAMPLE_ID))}
+    by_target["logits"] = sum(v for k, v in bpt.items() if k.startswith("logits/"))
+    for r in cache.rich:
+        label = f"{r.kind}:{r.layer}"
+        by_target[label] = by_target.get(label, 0.0) + bpt[r.name] + (bpt[r.scale_name] if r.scale_name else 0.0)
     return {"path": path, "format_version": a["format_version"], "complete": bool(a.get("complete")),
             "cache_key": a["cache_key"], "teacher": a["teacher"], "data": a["data"], "seq_len": a["seq_len"],
             "targets": a["targets"], "world_size": a["world_size"], "shard_seqs": a["shard_seqs"],
             "counts": counts, "bytes_stored": stored, "bytes_per_token": bpt,
-            "bytes_per_token_total": round(sum(bpt.values()), 2), "package_version": a.get("package_version")}
+            "bytes_per_token_total": round(sum(bpt.values()), 2),
+            "bytes_per_token_by_target": {k: round(v, 2) for k, v in by_target.items()},
+            "encoding_errors": encoding_errors(cache), "package_version": a.get("package_version")}
+
+
+def encoding_errors(cache: Cache) -> dict:
+    """Measured error of each rich target's encoding over every committed block (format.error_summary)."""
+    merged: dict = {}
+    for g in cache.shards:
+        for target, e in g.attrs[F.SHARD_ATTR].get("encoding_errors", {}).items():
+            merged[target] = F.merge_errors(merged.get(target), e)
+    return {k: F.error_summary(v) for k, v in sorted(merged.items())}

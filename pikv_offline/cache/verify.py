@@ -81,8 +81,7 @@ def check_integrity(path: str) -> dict:
         if meta.get("committed") != want or meta.get("n_sequences") != want:
             raise PikvError(f"{path}: {name} holds {meta.get('committed')} committed of {meta.get('n_sequences')} "
                             f"sequences, the cache needs {want}; re-run the dump to complete it")
-        specs = F.array_specs(want, seq_len, cache.top_k, len(cache.temperatures), vocab, shard_seqs, cache.tail,
-                              cache.encoding)
+        specs = F.array_specs(want, seq_len, attrs["targets"], vocab, shard_seqs)
         for array, spec in specs.items():
             if array not in g or g[array].shape != spec.shape:
                 got = g[array].shape if array in g else "missing"
@@ -94,7 +93,8 @@ def check_integrity(path: str) -> dict:
             except Exception as e:
                 raise PikvError(f"{path}: {name} has an unreadable chunk in sequences [{start}, {stop}) "
                                 f"({brief(e)}); the cache is corrupt, re-dump it (or that shard)")
-            problem = _check_values(raw, decode(raw, cache.encoding), start, r, world, vocab, cache.tail)
+            problem = _check_values(raw, decode(raw, cache.encoding, rich=tuple(cache.rich)), start, r, world, vocab,
+                                    cache.tail, cache.rich)
             if problem:
                 raise PikvError(f"{path}: {name}, sequences [{start}, {stop}): {problem}; the cache is damaged, re-dump it")
             loss_tokens += int(raw[F.LOSS_MASK][:, 1:].sum())
@@ -111,7 +111,8 @@ def check_integrity(path: str) -> dict:
             "arrays": list(cache.names)}
 
 
-def _check_values(raw: dict, a: dict, start: int, rank: int, world: int, vocab: int, draws: int) -> str | None:
+def _check_values(raw: dict, a: dict, start: int, rank: int, world: int, vocab: int, draws: int,
+                  rich: list = ()) -> str | None:
     n = len(raw[F.SAMPLE_ID])
     want = np.arange(rank + start * world, rank + (start + n) * world, world)
     if not np.array_equal(raw[F.SAMPLE_ID], want):
@@ -136,6 +137,9 @@ def _check_values(raw: dict, a: dict, start: int, rank: int, world: int, vocab: 
             return "tail ids out of the vocabulary or log-probs above 0"
         if head is not None and ((ids[..., :, None] == a[F.HEAD_IDS][..., None, :]) & used[..., None]).any():
             return "a tail draw is one of the head ids"
+    for r in rich:
+        if not np.isfinite(a[r.name]).all():
+            return f"{r.name} holds non-finite values"
     return None
 
 

@@ -31,9 +31,8 @@ def _fault(point: str, count: int) -> None:
 
 
 class ShardWriter:
-    def __init__(self, root: str, rank: int, world_size: int, n_seqs: int, *, seq_len: int,
-                 top_k: int, n_temps: int, vocab_size: int, shard_seqs: int, cache_key: str,
-                 tail: int = 0, encoding: str = F.DEFAULT_ENCODING):
+    def __init__(self, root: str, rank: int, world_size: int, n_seqs: int, *, seq_len: int, targets: dict,
+                 vocab_size: int, shard_seqs: int, cache_key: str):
         self.shard_seqs = shard_seqs
         self.n_seqs = n_seqs
         path = F.shard_name(rank)
@@ -46,13 +45,13 @@ class ShardWriter:
             self.committed = int(existing.attrs[F.SHARD_ATTR]["committed"])
         else:
             self.group = root_group.create_group(path, overwrite=True, attributes={F.SHARD_ATTR: meta})
-            specs = F.array_specs(n_seqs, seq_len, top_k, n_temps, vocab_size, shard_seqs, tail, encoding)
+            specs = F.array_specs(n_seqs, seq_len, targets, vocab_size, shard_seqs)
             for name, s in specs.items():
                 self.group.create_array(name, shape=s.shape, dtype=s.dtype, chunks=s.chunks,
                                         shards=s.shards, filters=list(s.filters) or None,
                                         compressors=list(s.compressors), fill_value=0)
             self.committed = 0
-        self.names = F.present_arrays(top_k, n_temps, tail)
+        self.names = F.present_arrays(targets)
         self._meta = dict(self.group.attrs[F.SHARD_ATTR])
         self._blocks = 0
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -60,8 +59,9 @@ class ShardWriter:
         self._thread = threading.Thread(target=self._loop, name=f"pikv-writer-{rank}", daemon=True)
         self._thread.start()
 
-    def submit(self, start: int, arrays: dict[str, np.ndarray]) -> None:
-        """Queue one block (sequences [start, start+n) of this shard) for writing.
+    def submit(self, start: int, arrays: dict[str, np.ndarray], errors: dict | None = None) -> None:
+        """Queue one block (sequences [start, start+n) of this shard) for writing; ``errors`` (target ->
+        format.encoding_error of this block) are merged into the shard's attributes with the commit.
 
         Blocks the caller when two blocks are already waiting, which bounds host memory while the
         next forward pass overlaps with compression and I/O of the previous block.
@@ -70,7 +70,7 @@ class ShardWriter:
             raise self._error
         if start % self.shard_seqs:
             raise ValueError(f"block start {start} is not aligned to the zarr shard size {self.shard_seqs}")
-        self._queue.put((start, arrays))
+        self._queue.put((start, arrays, errors or {}))
 
     def close(self) -> int:
         """Wait for every queued block; return the committed count. Raises the writer thread's error."""
@@ -92,7 +92,7 @@ class ShardWriter:
             except BaseException as e:  # surfaced to the main thread by submit()/close()
                 self._error = e
 
-    def _write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+    def _write(self, start: int, arrays: dict[str, np.ndarray], errors: dict) -> None:
         n = len(arrays[F.SAMPLE_ID])
         for name in self.names:
             self.group[name][start:start + n] = arrays[name]
@@ -101,6 +101,11 @@ class ShardWriter:
         # zarr >= 3.1.3 writes zarr.json atomically (temp file + rename), so a crash leaves either
         # the old or the new count, never a torn file.
         self._meta["committed"] = start + n
+        if errors:
+            merged = dict(self._meta.get("encoding_errors", {}))
+            for target, e in errors.items():
+                merged[target] = F.merge_errors(merged.get(target), e)
+            self._meta["encoding_errors"] = merged
         self.group.attrs[F.SHARD_ATTR] = self._meta
         self.committed = start + n
         _fault("commit", self._blocks)

@@ -49,13 +49,19 @@ def cli():
               help="Spread a teacher too large for one GPU over all visible GPUs (one process, accelerate).")
 @click.option("--shard-size", "shard_seqs", default=64, show_default=True, type=int,
               help="Sequences per zarr shard file (the unit of writing and of resume).")
+@click.option("--targets", "targets", multiple=True, metavar="KIND[:LAYERS][@ENC]",
+              help="Also store hidden:L,.. (hidden states after layers), kv:L,.. (cached keys/values), router "
+                   "(MoE router logits), experts:L,.. (MoE block outputs); @fp16|bf16|int8 [default bf16]. Repeatable.")
+@click.option("--max-cache-gb", default=None, type=float,
+              help="Refuse a dump whose estimated size exceeds this [default: the free disk at --out].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache of different inputs.")
-def dump_teacher(no_pack, temperatures, **kw):
-    """Run the teacher over the data and write top-k log-probs (+ a sampled tail) to a Zarr cache."""
-    from ..config import DumpConfig, parse_temperatures
+def dump_teacher(no_pack, temperatures, targets, **kw):
+    """Run the teacher over the data and write top-k log-probs (+ a sampled tail, + rich targets) to a Zarr cache."""
+    from ..config import DumpConfig, parse_targets, parse_temperatures
     from ..teacher.dump import run
 
-    run(DumpConfig(pack=not no_pack, temperatures=parse_temperatures(temperatures), **kw))
+    run(DumpConfig(pack=not no_pack, temperatures=parse_temperatures(temperatures), targets=parse_targets(targets),
+                   **kw))
 
 
 @cli.command("inspect")
@@ -80,8 +86,16 @@ def inspect_cmd(cache_dir, as_json):
     c = info["counts"]
     click.echo(f"counts       {c['committed']}/{c['sequences']} sequences committed over {info['world_size']} shard(s), "
                f"{c['positions']} positions, {c.get('loss_tokens', '?')} loss tokens")
-    click.echo("bytes/token  " + ", ".join(f"{k} {v}" for k, v in info["bytes_per_token"].items())
+    for kind in ("hidden", "kv", "router", "experts"):
+        t = info["targets"].get(kind)
+        if t:
+            click.echo(f"{kind:12} layers {t['layers']}, shape {t['shape']}, encoding {t['encoding']}"
+                       + (f" (scale per {t['group']} channels)" if t["encoding"] == "int8" else ""))
+    click.echo("bytes/token  " + ", ".join(f"{k} {v}" for k, v in info["bytes_per_token_by_target"].items())
                + f"  (total {info['bytes_per_token_total']})")
+    for name, e in info["encoding_errors"].items():
+        click.echo(f"  {name:26} max abs error {e['max_abs_error']:.3g}, max error / absmax "
+                   f"{e['max_error_over_absmax']:.3g}, relative RMS error {e['relative_rms_error']:.3g}")
 
 
 @cli.command("verify")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .. import __version__, dist
 from ..cache import format as F
-from ..cache.reader import open_cache, read_root_attrs
+from ..cache.reader import encoding_errors, open_cache, read_root_attrs
 from ..cache.writer import ShardWriter
 from ..config import DumpConfig
 from ..data import build_sequences, fingerprint, iter_documents, load_records
@@ -41,16 +41,49 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _decide(cfg: DumpConfig, key: str, world_size: int) -> tuple[str, str]:
+def size_check(cfg: DumpConfig, specs: dict) -> str | None:
+    """An error message when the cache's estimated size exceeds --max-cache-gb (default: the free disk).
+
+    The estimate is the uncompressed size, an upper bound: compression saves ~2x on the logit head
+    but little on dense activations, which are what make a cache too big.
+    """
+    per_array = {name: int(np.prod(s.shape)) * s.dtype.itemsize for name, s in specs.items()}
+    total = sum(per_array.values())
+    if cfg.max_cache_gb is not None:
+        limit, what = cfg.max_cache_gb * 1e9, f"--max-cache-gb {cfg.max_cache_gb:g}"
+    else:
+        probe = os.path.abspath(cfg.out)
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        limit = shutil.disk_usage(probe).free
+        what = f"the {limit / 1e9:.2f} GB free at --out (set --max-cache-gb to choose a limit)"
+    if total <= limit:
+        return None
+    positions = max(specs[F.INPUT_IDS].shape[0] * cfg.seq_len, 1)
+    groups: dict[str, int] = {}
+    for name, b in per_array.items():
+        label = "logits" if name.startswith("logits/") else name.split("/")[0]
+        groups[label] = groups.get(label, 0) + b
+    parts = ", ".join(f"{k} {v / positions:.0f}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1]))
+    return (f"the cache would take about {total / 1e9:.2f} GB ({total / positions:.0f} B/token uncompressed: {parts}) "
+            f"over {positions} positions, more than {what}; drop targets or layers, store them as int8, "
+            "dump fewer --max-sequences, or raise --max-cache-gb")
+
+
+def _decide(cfg: DumpConfig, key: str, world_size: int, specs: dict) -> tuple[str, str]:
     """Rank 0's view of --out: ('new'|'resume'|'hit', message) or ('error', message)."""
     out = cfg.out
     if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
-        return "new", ""
+        too_big = size_check(cfg, specs)
+        return ("error", too_big) if too_big else ("new", "")
     attrs = read_root_attrs(out) if os.path.isdir(out) else None
     if attrs is None:
         return "error", (f"--out {out} exists and is not a pikv cache; choose a new or empty folder "
                          "(--overwrite only replaces pikv caches)")
+    too_big = size_check(cfg, specs)
     if attrs.get("cache_key") != key or attrs.get("format_version") != F.FORMAT_VERSION:
+        if cfg.overwrite and too_big:
+            return "error", too_big
         if cfg.overwrite:
             return "new", f"replacing the cache at {out} (--overwrite)"
         return "error", (f"--out {out} holds a cache of different inputs (teacher, data or settings "
@@ -58,7 +91,7 @@ def _decide(cfg: DumpConfig, key: str, world_size: int) -> tuple[str, str]:
     if attrs.get("complete") and not cfg.overwrite:
         return "hit", f"cache hit: {out} is complete for these inputs (key {key}); nothing to do"
     if cfg.overwrite:
-        return "new", f"replacing the cache at {out} (--overwrite)"
+        return ("error", too_big) if too_big else ("new", f"replacing the cache at {out} (--overwrite)")
     if int(attrs.get("world_size", -1)) != world_size:
         return "error", (f"--out {out} is an incomplete dump started with {attrs.get('world_size')} "
                          f"ranks; resume it with the same number of ranks or pass --overwrite")
@@ -121,13 +154,15 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
                  "text_field": cfg.text_field, "chat_field": cfg.chat_field, "pack": cfg.pack,
                  "max_sequences": cfg.max_sequences, "fingerprint": fingerprint(input_ids, loss_mask)}
     targets = {"logits": {"top_k": cfg.top_k, "temperatures": list(cfg.temperatures), "encoding": cfg.encoding,
-                          "id_dtype": F.id_dtype(vocab).name, "sampled_tail": cfg.sampled_tail}}
+                          "id_dtype": F.id_dtype(vocab).name, "sampled_tail": cfg.sampled_tail},
+               **M.plan_targets(config, cfg.targets, cfg.teacher)}
     tok_hash = tokenizer_hash(tokenizer)
     key = cache_key({"format_version": F.FORMAT_VERSION, "teacher": {k: v for k, v in teacher_info.items() if k != "name"},
                      "tokenizer": tok_hash, "data": data_info["fingerprint"], "seq_len": cfg.seq_len,
                      "targets": targets})
 
-    decision, message = _decide(cfg, key, d.world_size) if d.is_main else (None, None)
+    specs = F.array_specs(n_seqs, cfg.seq_len, targets, vocab, cfg.shard_seqs)
+    decision, message = _decide(cfg, key, d.world_size, specs) if d.is_main else (None, None)
     if d.is_main and decision == "new":
         _create_root(cfg, {
             "format_version": F.FORMAT_VERSION, "complete": False, "cache_key": key,
@@ -146,9 +181,10 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
 
     model = M.load_model(folder, cfg.teacher, dtype, device, cfg.device_map)
     mine = rank_indices(n_seqs, d.rank, d.world_size)
-    writer = ShardWriter(cfg.out, d.rank, d.world_size, len(mine), seq_len=cfg.seq_len, top_k=cfg.top_k,
-                         n_temps=len(cfg.temperatures), vocab_size=vocab, shard_seqs=cfg.shard_seqs,
-                         cache_key=key, tail=cfg.sampled_tail, encoding=cfg.encoding)
+    cap = M.open_capture(model, targets)
+    rich = F.rich_arrays(targets)
+    writer = ShardWriter(cfg.out, d.rank, d.world_size, len(mine), seq_len=cfg.seq_len, targets=targets,
+                         vocab_size=vocab, shard_seqs=cfg.shard_seqs, cache_key=key)
     first_device = next(model.parameters()).device
     todo = len(mine) - writer.committed
     bar = tqdm(total=todo * cfg.seq_len, unit="tok", unit_scale=True, desc=f"dump (rank 0 of {d.world_size})",
@@ -163,7 +199,10 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
             rows = block[b:b + cfg.batch_size]
             x = torch.from_numpy(input_ids[rows]).long().to(first_device)
             u = torch.from_numpy(tail_uniforms(key, rows, cfg.seq_len, cfg.sampled_tail)) if cfg.sampled_tail else None
-            got = M.logit_targets(model, x, cfg.top_k, cfg.temperatures, u)
+            got = M.logit_targets(model, x, cfg.top_k, cfg.temperatures, u,
+                                  forward_kwargs=cap.forward_kwargs() if cap else None)
+            if cap:
+                got.update(M.rich_targets(cap, *x.shape))
             parts.append({k: v.cpu().numpy() for k, v in got.items()})
             forward_s += time.perf_counter() - t0
             bar.update(x.numel())
@@ -175,9 +214,18 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
         if cfg.sampled_tail:
             arrays[F.TAIL_IDS], arrays[F.TAIL_LOGPROBS], arrays[F.TAIL_COUNTS] = F.encode_tail(
                 t["tail_ids"], t["tail_logprobs"], cfg.encoding, vocab)
-        writer.submit(start, arrays)
+        errors = {}
+        for a in rich:  # encode, and measure what the encoding lost on exactly these values
+            arrays[a.name], scale = F.encode_tensor(t[a.name], a.encoding, a.group)
+            if a.scale_name:
+                arrays[a.scale_name] = scale
+            errors[a.name] = F.encoding_error(t[a.name], F.decode_tensor(arrays[a.name], scale, a.encoding, a.group),
+                                              a.group)
+        writer.submit(start, arrays, errors)
     committed = writer.close()
     bar.close()
+    if cap:
+        cap.close()
     loop_s = time.perf_counter() - t_loop
     assert committed == len(mine), (committed, len(mine))
 
@@ -194,6 +242,7 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
         attrs["counts"] = {"sequences": n_seqs, "positions": result["positions"],
                            "loss_tokens": result["loss_tokens"]}
         attrs["bytes_stored"] = stored
+        attrs["encoding_errors"] = encoding_errors(cache)
         attrs["complete"] = True  # last write of the dump: readers trust the cache from here on
         root.attrs[F.ROOT_ATTR] = attrs
         tokens = sum(r["tokens"] for r in per_rank)
@@ -203,6 +252,7 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
             "dump_tokens_per_s": round(tokens / max(max(r["loop_s"] for r in per_rank), 1e-9), 1),
             "compute_tokens_per_s": round(tokens / max(max(r["forward_s"] for r in per_rank), 1e-9), 1),
             "bytes_per_token": {k: round(v / result["positions"], 2) for k, v in stored.items()},
+            "encoding_errors": attrs["encoding_errors"],
         })
         bpt = result["bytes_per_token"]
         dist.print0(f"dumped {n_seqs} sequences, {result['positions']} tokens in {seconds:.1f}s "

@@ -8,7 +8,8 @@ import os
 import torch
 
 from ..errors import PikvError, brief
-from ..modeling import lm_logits, text_config
+from ..cache import format as F
+from ..modeling import Capture, layer_count, lm_logits, moe_layers, text_config
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PROBE = 4 << 20  # bytes hashed at each end of a weight file
@@ -81,11 +82,6 @@ def context_length(config) -> int | None:
     return None
 
 
-def layer_count(config) -> int | None:
-    c = text_config(config)
-    return getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
-
-
 def load_model(folder: str, teacher: str, dtype: torch.dtype, device: torch.device, device_map: str | None):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -104,7 +100,8 @@ def load_model(folder: str, teacher: str, dtype: torch.dtype, device: torch.devi
 
 @torch.inference_mode()
 def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tuple[float, ...],
-                  uniforms: torch.Tensor | None = None, chunk_tokens: int = 4096) -> dict[str, torch.Tensor]:
+                  uniforms: torch.Tensor | None = None, chunk_tokens: int = 4096,
+                  forward_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
     """The teacher's logit targets for input_ids [B, L], all float32 / int64 on the model's device.
 
     - ``ids``, ``logprobs`` [B, L, k]: the top-k, most probable first, log-softmax at T=1;
@@ -116,8 +113,9 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
 
     The LM head runs on ``chunk_tokens`` positions at a time so a [B, L, V] float32 tensor is
     never materialized: the peak extra memory is two chunk_tokens x V float32 buffers.
+    ``forward_kwargs`` go to the base model (a modeling.Capture's, to record rich targets on the way).
     """
-    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids, **(forward_kwargs or {"use_cache": False})).last_hidden_state
     b, length, width = hidden.shape
     flat = hidden.reshape(b * length, width)
     u = None if uniforms is None else uniforms.reshape(b * length, -1).to(flat.device)
@@ -159,3 +157,85 @@ def _sample_tail(e: torch.Tensor, head: torch.Tensor, u: torch.Tensor) -> torch.
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     draws = torch.searchsorted(cdf, x.contiguous(), right=True).clamp_(max=e.shape[1] - 1)
     return draws.masked_fill_(total <= 0, -1)
+
+
+def skeleton(config):
+    """The model's module tree on the meta device: where its layers and routers are, without weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def plan_targets(config, requests, teacher: str) -> dict:
+    """--targets requests (config.parse_targets) -> the ``targets`` root-attribute entries of the rich
+    targets: layers resolved and checked against the teacher, shapes, encoding, int8 group."""
+    if not requests:
+        return {}
+    model = skeleton(config)
+    c = text_config(config)
+    n = layer_count(config)
+    moe = moe_layers(model)
+    width = int(c.hidden_size)
+    heads = int(c.num_attention_heads)
+    kv_heads = int(getattr(c, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(c, "head_dim", None) or width // heads)
+    out = {}
+    for kind, layers, enc in requests:
+        if kind in ("router", "experts") and not moe:
+            raise PikvError(f"--targets {kind}: the teacher {teacher} ({config.model_type}) is dense, it has no MoE "
+                            "router; ask for hidden or kv targets, or use a mixture-of-experts teacher")
+        allowed = sorted(moe) if kind in ("router", "experts") else list(range(n))
+        if layers is None:
+            layers = allowed
+        resolved = []
+        for layer in layers:
+            i = layer + n if layer < 0 else layer
+            if not 0 <= i < n:
+                raise PikvError(f"--targets {kind}: layer {layer} is out of range; the teacher has {n} layers (0..{n - 1})")
+            if i not in allowed:
+                raise PikvError(f"--targets {kind}: layer {i} of the teacher is not a MoE layer; its MoE layers are "
+                                f"{allowed}")
+            resolved.append(i)
+        if len(set(resolved)) != len(resolved):
+            raise PikvError(f"--targets {kind}: a layer is listed twice (negative indices count from the end)")
+        if kind == "kv":
+            shape, group = [kv_heads, head_dim], head_dim
+        elif kind == "router":
+            router = moe[resolved[0]][0]
+            shape = [int(getattr(router, "num_experts", 0) or router.weight.shape[0])]
+            group = shape[0]
+        else:
+            shape, group = [width], F.int8_group(width) if enc == "int8" else width
+        out[kind] = {"layers": sorted(resolved), "encoding": enc, "shape": shape, "group": group}
+    return out
+
+
+def open_capture(model, targets: dict) -> Capture | None:
+    """Hooks recording the rich targets of ``targets``; checks them on a 2-token probe forward first, so a
+    model whose tensors do not have the planned shapes fails before anything is written."""
+    wanted = {kind: tuple(targets[kind]["layers"]) for kind in F.RICH_KINDS if targets.get(kind)}
+    if not wanted:
+        return None
+    cap = Capture(model, wanted)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        model.base_model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), **cap.forward_kwargs())
+        got = cap.collect(1, 2)
+    for a in F.rich_arrays(targets):
+        key = (a.kind, a.layer, a.name.rpartition("/")[2]) if a.kind == "kv" else (a.kind, a.layer)
+        shape = tuple(got[key].shape[2:]) if key in got else None
+        if shape != a.shape:
+            cap.close()
+            raise PikvError(f"--targets {a.kind}: layer {a.layer} of this {model.config.model_type} teacher gives "
+                            f"{shape}, expected {a.shape} from its config; this target is not supported for it")
+    return cap
+
+
+def rich_targets(cap: Capture, batch: int, length: int) -> dict[str, torch.Tensor]:
+    """The last forward's rich targets by array name, float32, [B, L, *shape]."""
+    try:
+        got = cap.collect(batch, length)
+    except ValueError as e:
+        raise PikvError(f"--targets kv: {e}")
+    return {F.rich_name(*key): t.float() for key, t in got.items()}
