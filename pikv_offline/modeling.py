@@ -53,6 +53,21 @@ def layer_count(config) -> int | None:
     return getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
 
 
+def hidden_width(config) -> int:
+    return int(text_config(config).hidden_size)
+
+
+def kv_shape(config) -> tuple[int, int]:
+    """(KV heads, head dim) of the attention cache, from the config."""
+    c = text_config(config)
+    heads = int(c.num_attention_heads)
+    return int(getattr(c, "num_key_value_heads", None) or heads), int(getattr(c, "head_dim", None) or c.hidden_size // heads)
+
+
+def router_experts(router: torch.nn.Module) -> int:
+    return int(getattr(router, "num_experts", 0) or router.weight.shape[0])
+
+
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
     """(qualified name, module list) of the model's decoder layers: the ModuleList as long as the
     config's layer count, found by walking the modules so one rule serves every family."""

@@ -6,6 +6,7 @@
     pikv train-student --cache CACHE --student-config student.json --out RUN --max-steps 200
     pikv sweep --cache CACHE --student-config student.json --out SWEEP --grid temperature=1,2 --max-steps 200
     pikv eval --cache CACHE --student RUN/final
+    pikv make-student --teacher DIR --keep-layers 0,2 --out STUDENT
 """
 
 from __future__ import annotations
@@ -161,6 +162,20 @@ TRAIN_OPTIONS = [
     click.option("--loss-chunk", default=0, show_default=True, type=int,
                   help="Positions per chunk of the LM head + loss (checkpointed); 0 = whole micro-batch."),
     click.option("--num-workers", default=1, show_default=True, type=int, help="DataLoader worker processes (0 or 1)."),
+    click.option("--feature-weight", default=0.0, show_default=True, type=float,
+                  help="Hidden-state loss (cache --targets hidden) after a learned student->teacher projection."),
+    click.option("--kv-weight", default=0.0, show_default=True, type=float, help="Key/value loss (cache --targets kv)."),
+    click.option("--router-weight", default=0.0, show_default=True, type=float,
+                  help="KL to the teacher's router per MoE layer (cache --targets router; MoE student, same expert count)."),
+    click.option("--expert-weight", default=0.0, show_default=True, type=float,
+                  help="MoE block output loss (cache --targets experts) against the student's MoE/MLP block."),
+    click.option("--feature-loss", default="mse", show_default=True, type=click.Choice(["mse", "cosine"]),
+                  help="Loss of the hidden, kv and expert targets."),
+    click.option("--layer-map", default=None,
+                  help="Teacher:student layer pairs, e.g. 4:2,8:4 [default: each cached layer to the student layer "
+                       "at the same relative depth]."),
+    click.option("--freeze", multiple=True, help="Freeze mlp, embeddings (with a tied head: the head too) or "
+                                                 "layers:0,2. Repeatable."),
     click.option("--tensorboard", is_flag=True),
     click.option("--wandb", is_flag=True),
     click.option("--zero", is_flag=True, help="Shard optimizer state over ranks (ZeroRedundancyOptimizer)."),
@@ -196,6 +211,18 @@ def sweep_cmd(out, grid, **kw):
     from ..student.sweep import SweepConfig, parse_grid, run
 
     run(SweepConfig(out=out, grid=parse_grid(grid), base=kw))
+
+
+@cli.command("make-student")
+@click.option("--teacher", required=True, help="Teacher: a local HF folder or a hub id.")
+@click.option("--keep-layers", required=True, help="Teacher layers to copy, in order, e.g. 0,2,4,6.")
+@click.option("--out", required=True, help="Folder for the student (weights, config, tokenizer).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+def make_student_cmd(**kw):
+    """Write a student that copies some teacher layers plus its embeddings, final norm and head."""
+    from ..student.make import MakeStudentConfig, run
+
+    run(MakeStudentConfig(**kw))
 
 
 @cli.command("eval")

@@ -71,15 +71,21 @@ def micro_steps_per_epoch(n_train: int, batch_size: int, world_size: int) -> int
     return n_train // (batch_size * world_size)
 
 
-def read_rows(cache: Cache, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Stored arrays of the given (shard, row) pairs, in that order; one call per array and shard."""
+def rich_names(rich) -> tuple[str, ...]:
+    return tuple(n for a in rich for n in (a.name, a.scale_name) if n)
+
+
+def read_rows(cache: Cache, rows: np.ndarray, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Stored arrays (``names``, default: the logit targets) of the given (shard, row) pairs, in that order;
+    one call per array and shard. A run reads only the rich targets its losses use."""
+    names = cache.logit_names if names is None else names
     out: dict[str, list] = {}
     parts, where = [], []
     for shard in np.unique(rows[:, 0]):
         sel = np.nonzero(rows[:, 0] == shard)[0]
         uniq, inv = np.unique(rows[sel, 1], return_inverse=True)
         g = cache.shards[int(shard)]
-        parts.append({name: g[name].oindex[uniq][inv] for name in cache.names})
+        parts.append({name: g[name].oindex[uniq][inv] for name in names})
         where.append(sel)
     where = np.concatenate(where)
     back = np.empty_like(where)
@@ -89,10 +95,12 @@ def read_rows(cache: Cache, rows: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def to_tensors(raw: dict[str, np.ndarray], encoding: str, top_k: int, t_index: int) -> dict[str, torch.Tensor]:
-    """A micro-batch for the trainer: teacher head (t_*), the normalizer at the run's T, sampled tail (tail_*)."""
-    a = decode(raw, encoding, top_k)
-    return {
+def to_tensors(raw: dict[str, np.ndarray], encoding: str, top_k: int, t_index: int,
+               rich: tuple = ()) -> dict[str, torch.Tensor]:
+    """A micro-batch for the trainer: teacher head (t_*), the normalizer at the run's T, sampled tail (tail_*),
+    and the rich targets in ``rich`` under their array names."""
+    a = decode(raw, encoding, top_k, rich=rich)
+    return {**{r.name: torch.from_numpy(a[r.name]) for r in rich},
         "input_ids": torch.from_numpy(a[F.INPUT_IDS].astype(np.int64)),
         "loss_mask": torch.from_numpy(a[F.LOSS_MASK]),
         "sample_id": torch.from_numpy(a[F.SAMPLE_ID]),
@@ -113,10 +121,10 @@ class TrainStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, path: str, index: CacheIndex, *, seed: int, epoch: int, start: int, batch_size: int,
-                 rank: int, world_size: int, top_k: int, t_index: int, window_blocks: int = 4):
+                 rank: int, world_size: int, top_k: int, t_index: int, window_blocks: int = 4, rich: tuple = ()):
         self.path, self.index, self.seed, self.epoch, self.start = path, index, seed, epoch, start
         self.batch_size, self.rank, self.world = batch_size, rank, world_size
-        self.top_k, self.t_index, self.window_blocks = top_k, t_index, window_blocks
+        self.top_k, self.t_index, self.window_blocks, self.rich = top_k, t_index, window_blocks, rich
 
     def __iter__(self):
         cache = open_cache(self.path)  # opened here, in the iterating process
@@ -133,15 +141,16 @@ class TrainStream(torch.utils.data.IterableDataset):
                 w0, w1 = positions[0] // window, positions[-1] // window
                 span = np.arange(w0 * window, min((w1 + 1) * window, n_micro * b * w))
                 mine = span[(span // b) % w == self.rank]
-                data = read_rows(cache, order[mine])
+                data = read_rows(cache, order[mine], cache.logit_names + rich_names(self.rich))
                 loaded_window = w1
             sel = np.searchsorted(mine, positions)  # mine is sorted and holds every position of the batch
-            yield to_tensors({k: v[sel] for k, v in data.items()}, cache.encoding, self.top_k, self.t_index)
+            yield to_tensors({k: v[sel] for k, v in data.items()}, cache.encoding, self.top_k, self.t_index, self.rich)
 
 
 def eval_batches(cache: Cache, index: CacheIndex, *, rank: int, world_size: int, batch_size: int, top_k: int,
-                 t_index: int):
+                 t_index: int, rich: tuple = ()):
     """This rank's share of the held-out sequences (rows rank::world), in micro-batches."""
     rows = index.eval[rank::world_size]
     for s in range(0, len(rows), batch_size):
-        yield to_tensors(read_rows(cache, rows[s:s + batch_size]), cache.encoding, top_k, t_index)
+        yield to_tensors(read_rows(cache, rows[s:s + batch_size], cache.logit_names + rich_names(rich)), cache.encoding,
+                         top_k, t_index, rich)

@@ -124,3 +124,27 @@ def kd_loss(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Ten
 def ce_loss(s_logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Next-token cross-entropy sum over N positions and N. s_logprobs [N, V] log-softmax at T=1, labels [N]."""
     return -torch.gather(s_logprobs, -1, labels[:, None]).sum(), labels.shape[0]
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> tuple[torch.Tensor, int]:
+    """Hidden-state / KV / expert-output matching on N positions: student [N, G, d] (already projected to
+    the teacher's width) against teacher [N, G, d], G groups (KV heads; 1 for hidden states).
+
+    Per position, the mean over groups of the mean squared error over d ("mse") or of 1 - cosine
+    similarity ("cosine", blind to scale, so a student of other norms is not pushed to copy them).
+    """
+    s, t = student.float(), teacher.float()
+    if kind == "mse":
+        per = (s - t).pow(2).mean(-1)
+    elif kind == "cosine":
+        per = 1 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-8)
+    else:
+        raise ValueError(f"unknown feature loss {kind!r}")
+    return per.mean(-1).sum(), s.shape[0]
+
+
+def router_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """KL(teacher router || student router) per position over the E experts, summed: [N, E] logits each."""
+    p = torch.log_softmax(teacher_logits.float(), -1)
+    q = torch.log_softmax(student_logits.float(), -1)
+    return (p.exp() * (p - q)).sum(), student_logits.shape[0]

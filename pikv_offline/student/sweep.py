@@ -23,7 +23,7 @@ from ..errors import PikvError
 from ..plot import mean_tokens_per_s, plot_runs, read_metrics
 from .train import latest_checkpoint, train
 
-NOT_SWEEPABLE = {"cache", "out", "student", "student_config", "resume"}
+NOT_SWEEPABLE = {"cache", "out", "student", "student_config", "resume", "layer_map", "freeze"}
 
 
 def _caster(field: dataclasses.Field):

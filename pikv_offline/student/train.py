@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,28 +28,64 @@ from tqdm import tqdm
 
 from .. import dist
 from ..cache.reader import open_cache
-from ..config import TrainConfig
+from ..cache import format as F
+from ..config import RICH_WEIGHTS, TrainConfig, parse_layer_map
 from ..errors import PikvError, brief
-from ..modeling import lm_logits, resolve_dtype, tokenizer_hash
+from ..modeling import (Capture, decoder_layers, hidden_width, kv_shape, layer_count, lm_logits, mlp_block, moe_layers,
+                        resolve_dtype, router_experts, tokenizer_hash)
 from . import data as D
-from .losses import ce_loss, kd_loss
+from .losses import ce_loss, feature_loss, kd_loss, router_loss
 
 STATE_FILE = "trainer_state.pt"
 
 
-class Distiller(torch.nn.Module):
-    """The trained module: the student plus its losses (issue-5 projections will live here too).
+LOSS_NAMES = {"hidden": "feature", "kv": "kv", "router": "router", "experts": "expert"}  # target kind -> loss
 
-    DDP wraps this module, so the whole forward, loss included, goes through DDP.
+
+@dataclass(frozen=True)
+class Pair:
+    """One rich loss term: the cache's ``kind`` target of teacher layer ``t`` against student layer ``s``."""
+    kind: str
+    t: int
+    s: int
+
+    @property
+    def key(self) -> str:  # ModuleDict keys may not hold dots or slashes
+        return f"{self.kind}_{self.t}_{self.s}"
+
+
+class Distiller(torch.nn.Module):
+    """The trained module: the student, the projections of the rich losses, and the losses.
+
+    DDP wraps this module, so the whole forward, loss and projections included, goes through DDP
+    and the optimizer sees the projections. Only ``student`` is exported; the projections go to
+    trainer_state.pt. A projection maps the student's width to the teacher's; it starts as the
+    identity when the widths agree (a student made from the teacher's layers starts at zero loss).
     """
 
     def __init__(self, student, *, temperature: float, divergence: str, tail: str, loss_chunk: int,
-                 kd_weight: float = 1.0, ce_weight: float = 1.0, rel_error: float = 2.0 ** -11, draws: int = 0):
+                 kd_weight: float = 1.0, ce_weight: float = 1.0, rel_error: float = 2.0 ** -11, draws: int = 0,
+                 pairs: tuple[Pair, ...] = (), targets: dict | None = None, feature_loss: str = "mse"):
         super().__init__()
         self.student = student
         self.temperature, self.divergence, self.tail, self.loss_chunk = temperature, divergence, tail, loss_chunk
         self.kd_weight, self.ce_weight = kd_weight, ce_weight
         self.rel_error, self.draws = rel_error, draws
+        self.pairs, self.feature_loss = tuple(pairs), feature_loss
+        self.t_shapes = {kind: tuple(t["shape"]) for kind, t in (targets or {}).items() if kind in LOSS_NAMES}
+        self.proj = torch.nn.ModuleDict()
+        s_kv = kv_shape(student.config)
+        for p in self.pairs:
+            if p.kind in ("hidden", "experts"):
+                self.proj[p.key] = _projection(hidden_width(student.config), self.t_shapes[p.kind][0])
+            elif p.kind == "kv":
+                for side in ("key", "value"):
+                    self.proj[f"{p.key}_{side}"] = _projection(s_kv[0] * s_kv[1], math.prod(self.t_shapes["kv"]))
+        wanted: dict[str, set] = {}
+        for p in self.pairs:
+            wanted.setdefault(p.kind, set()).add(p.s)
+        self.capture = Capture(student, {k: tuple(sorted(v)) for k, v in wanted.items()}, detach=False) \
+            if wanted else None
 
     def _losses(self, h, labels, t_ids, t_logprobs, t_tnorm, tail_ids, tail_logprobs, tail_counts):
         logits = lm_logits(self.student, h)
@@ -70,9 +107,33 @@ class Distiller(torch.nn.Module):
             top1 = (logits.argmax(-1) == t_top1).sum()
         return kd, ce, top1
 
-    def forward(self, input_ids, loss_mask, t_ids, t_logprobs, t_tnorm, tail_ids, tail_logprobs, tail_counts):
-        """Sums over the valid predictions of the micro-batch: (kd, ce, top-1 agreement hits, count)."""
-        h = self.student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    def _rich_losses(self, valid, shape, rich: dict) -> dict[str, torch.Tensor]:
+        """Sum over valid positions of each rich loss, averaged over its layer pairs."""
+        got = self.capture.collect(*shape)
+        n_pairs = {k: sum(p.kind == k for p in self.pairs) for k in LOSS_NAMES}
+        sums: dict[str, torch.Tensor] = {}
+        for p in self.pairs:
+            if p.kind == "router":
+                part, _ = router_loss(got[("router", p.s)][:, :-1][valid], rich[F.rich_name("router", p.t)][:, :-1][valid])
+            elif p.kind == "kv":
+                part = 0.0
+                for side in ("key", "value"):
+                    s = self.proj[f"{p.key}_{side}"](got[("kv", p.s, side)][:, :-1][valid].flatten(1))
+                    t = rich[F.rich_name("kv", p.t, side)][:, :-1][valid]
+                    part = part + feature_loss(s.view(t.shape), t, self.feature_loss)[0] / 2
+            else:
+                s = self.proj[p.key](got[(p.kind, p.s)][:, :-1][valid])
+                t = rich[F.rich_name(p.kind, p.t)][:, :-1][valid]
+                part, _ = feature_loss(s[:, None], t[:, None], self.feature_loss)
+            name = LOSS_NAMES[p.kind]
+            sums[name] = sums.get(name, 0.0) + part / n_pairs[p.kind]
+        return sums
+
+    def forward(self, input_ids, loss_mask, t_ids, t_logprobs, t_tnorm, tail_ids, tail_logprobs, tail_counts, **rich):
+        """Sums over the valid predictions of the micro-batch: ({kd, ce, and each rich loss}, top-1 hits, count).
+        ``rich`` holds the cache's rich targets by array name, [B, L, ...] float32."""
+        kwargs = self.capture.forward_kwargs() if self.capture else {"use_cache": False}
+        h = self.student.base_model(input_ids=input_ids, **kwargs).last_hidden_state
         valid = loss_mask[:, 1:]  # the prediction at t is for token t+1
         args = (h[:, :-1][valid], input_ids[:, 1:][valid],
                 *(a[:, :-1][valid] for a in (t_ids, t_logprobs, t_tnorm, tail_ids, tail_logprobs, tail_counts)))
@@ -80,14 +141,89 @@ class Distiller(torch.nn.Module):
         chunk = self.loss_chunk or n
         if chunk >= n:
             kd, ce, top1 = self._losses(*args)
-            return kd, ce, top1, n
-        # Checkpointing each chunk keeps only [chunk, V] logits alive: recomputed in backward.
-        kd = ce = top1 = 0
-        for s in range(0, n, chunk):
-            part = [a[s:s + chunk] for a in args]
-            k_, c_, t_ = torch.utils.checkpoint.checkpoint(self._losses, *part, use_reentrant=False)
-            kd, ce, top1 = kd + k_, ce + c_, top1 + t_
-        return kd, ce, top1, n
+        else:
+            # Checkpointing each chunk keeps only [chunk, V] logits alive: recomputed in backward.
+            kd = ce = top1 = 0
+            for s in range(0, n, chunk):
+                part = [a[s:s + chunk] for a in args]
+                k_, c_, t_ = torch.utils.checkpoint.checkpoint(self._losses, *part, use_reentrant=False)
+                kd, ce, top1 = kd + k_, ce + c_, top1 + t_
+        losses = {"kd": kd, "ce": ce}
+        if self.pairs:
+            losses.update(self._rich_losses(valid, input_ids.shape, rich))
+        return losses, top1, n
+
+
+def _projection(d_in: int, d_out: int) -> torch.nn.Linear:
+    proj = torch.nn.Linear(d_in, d_out, bias=False)
+    if d_in == d_out:
+        torch.nn.init.eye_(proj.weight)
+    return proj
+
+
+def resolve_pairs(cache, student, weights: dict[str, float], layer_map: str | None) -> tuple[Pair, ...]:
+    """The (teacher layer, student layer) pairs of every rich loss with a weight: --layer-map, or each
+    stored teacher layer to the student layer at the same relative depth. Refuses what cannot work."""
+    n_t, n_s = int(cache.attrs["teacher"]["num_layers"]), layer_count(student.config)
+    explicit = dict(parse_layer_map(layer_map)) if layer_map else None
+    for t, s in (explicit or {}).items():
+        if not 0 <= t < n_t or not 0 <= s < n_s:
+            raise PikvError(f"--layer-map {t}:{s}: the teacher has layers 0..{n_t - 1} and the student 0..{n_s - 1}")
+    flags = {"hidden": "--feature-weight", "kv": "--kv-weight", "router": "--router-weight", "experts": "--expert-weight"}
+    pairs = []
+    for kind, w in weights.items():
+        if not w:
+            continue
+        stored = cache.attrs["targets"].get(kind)
+        if not stored:
+            raise PikvError(f"{flags[kind]} {w:g}: the cache holds no {kind} targets; re-dump with "
+                            f"--targets {kind}{':LAYERS' if kind != 'router' else ''} or drop {flags[kind]}")
+        layers = [int(x) for x in stored["layers"]]
+        if explicit is not None:
+            use = [(t, explicit[t]) for t in layers if t in explicit]
+            if not use:
+                raise PikvError(f"{flags[kind]}: none of the cache's {kind} layers {layers} is in --layer-map {layer_map}")
+        else:
+            use = [(t, min(n_s - 1, max(0, round((t + 1) * n_s / n_t) - 1))) for t in layers]
+        if kind == "router":
+            s_moe = moe_layers(student)
+            if not s_moe:
+                raise PikvError(f"--router-weight: the student ({student.config.model_type}) is dense; router "
+                                "distillation needs a mixture-of-experts student with the teacher's expert count")
+            for t, s in use:
+                if s not in s_moe:
+                    raise PikvError(f"--router-weight: student layer {s} (from teacher layer {t}) is not a MoE layer; "
+                                    f"the student's MoE layers are {sorted(s_moe)}: set --layer-map")
+                e_s, e_t = router_experts(s_moe[s][0]), int(stored["shape"][0])
+                if e_s != e_t:
+                    raise PikvError(f"--router-weight: the student's router has {e_s} experts, the teacher's {e_t}; "
+                                    "router distillation needs the same expert count")
+        pairs += [Pair(kind, t, s) for t, s in use]
+    return tuple(pairs)
+
+
+def freeze(model, specs: tuple[str, ...]) -> int:
+    """--freeze mlp | embeddings | layers:0,2: turn off those parameters' gradients; returns how many
+    parameters are frozen. With tied embeddings, freezing embeddings freezes the LM head too."""
+    _, layers = decoder_layers(model)
+    for spec in specs:
+        kind, _, rest = spec.partition(":")
+        if kind == "mlp":
+            modules = [mlp_block(model, i) for i in range(len(layers))]
+        elif kind == "embeddings":
+            modules = [model.get_input_embeddings()]
+            pos = getattr(model.base_model, "wpe", None) or getattr(model.base_model, "embed_positions", None)
+            modules += [pos] if isinstance(pos, torch.nn.Module) else []
+        else:
+            idx = [int(x) for x in rest.split(",")]
+            bad = [i for i in idx if not -len(layers) <= i < len(layers)]
+            if bad:
+                raise PikvError(f"--freeze {spec}: the student has layers 0..{len(layers) - 1}, not {bad[0]}")
+            modules = [layers[i] for i in idx]
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
 
 def resolve_targets(cache, top_k: int | None, temperature: float, tail: str,
@@ -218,23 +354,33 @@ def _reduce(values: list[float], device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model: Distiller, cache, index, batch_size: int, d, autocast, top_k: int, t_index: int) -> dict:
-    """Held-out CE, perplexity, KD loss and top-1 agreement with the teacher, over all ranks."""
+def evaluate(model: Distiller, cache, index, batch_size: int, d, autocast, top_k: int, t_index: int,
+             rich: tuple = ()) -> dict:
+    """Held-out CE, perplexity, KD loss, top-1 agreement with the teacher and each rich loss, over all ranks."""
     was_training = model.training
     model.eval()
-    kd = ce = top1 = n = 0.0
+    sums: dict[str, float] = {}
+    top1 = n = 0.0
     for batch in D.eval_batches(cache, index, rank=d.rank, world_size=d.world_size, batch_size=batch_size,
-                                top_k=top_k, t_index=t_index):
+                                top_k=top_k, t_index=t_index, rich=rich):
         b = {k: v.to(d.device) for k, v in batch.items() if k != "sample_id"}
         with autocast():
-            k_, c_, t_, n_ = model(**b)
-        kd, ce, top1, n = kd + float(k_), ce + float(c_), top1 + float(t_), n + n_
-    kd, ce, top1, n = _reduce([kd, ce, top1, n], d.device)
+            losses, t_, n_ = model(**b)
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        top1, n = top1 + float(t_), n + n_
+    names = ["kd", "ce"] + [LOSS_NAMES[p.kind] for p in model.pairs if LOSS_NAMES[p.kind] not in ("kd", "ce")]
+    names = list(dict.fromkeys(names))
+    totals = _reduce([sums.get(k, 0.0) for k in names] + [top1, n], d.device)
     model.train(was_training)
+    n = totals[-1]
     if n == 0:
         return {}
-    return {"eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50)), "eval_kd": kd / n,
-            "eval_top1": top1 / n, "eval_tokens": int(n)}
+    got = dict(zip(names, totals))
+    out = {"eval_ce": got["ce"] / n, "eval_ppl": math.exp(min(got["ce"] / n, 50)), "eval_kd": got["kd"] / n,
+           "eval_top1": totals[-2] / n, "eval_tokens": int(n)}
+    out.update({f"eval_{k}": got[k] / n for k in names[2:]})
+    return out
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -282,10 +428,22 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     model.config.use_cache = False
     model.to(d.device).train()
+    pairs = resolve_pairs(cache, model, {kind: getattr(cfg, w) for w, kind in RICH_WEIGHTS.items()}, cfg.layer_map)
+    rich = tuple(a for a in cache.rich if any(a.kind == p.kind and a.layer == p.t for p in pairs))  # arrays to read
+    frozen = freeze(model, cfg.freeze)
+    torch.manual_seed(cfg.seed)  # the projections' initialisation
     distiller = Distiller(model, temperature=cfg.temperature, divergence=cfg.divergence, tail=tail,
                           loss_chunk=cfg.loss_chunk, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
-                          rel_error=cache.relative_error, draws=cache.tail)
-    ddp = torch.nn.parallel.DistributedDataParallel(distiller) if d.world_size > 1 else None
+                          rel_error=cache.relative_error, draws=cache.tail, pairs=pairs, targets=cache.attrs["targets"],
+                          feature_loss=cfg.feature_loss).to(d.device)
+    if state:
+        distiller.proj.load_state_dict(state["projections"])
+    weights = {"kd": cfg.kd_weight, "ce": cfg.ce_weight, "feature": cfg.feature_weight, "kv": cfg.kv_weight,
+               "router": cfg.router_weight, "expert": cfg.expert_weight}
+    names = list(dict.fromkeys(["kd", "ce"] + [LOSS_NAMES[p.kind] for p in pairs]))
+    # Without KD and CE the LM head (and layers above the last mapped one) get no gradient.
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        distiller, find_unused_parameters=not (cfg.kd_weight or cfg.ce_weight)) if d.world_size > 1 else None
     net = ddp or distiller
 
     decay = [p for p in distiller.parameters() if p.requires_grad and p.dim() >= 2]
@@ -319,7 +477,7 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
 
     def loader(ep: int, start: int):
         stream = D.TrainStream(cfg.cache, index, seed=cfg.seed, epoch=ep, start=start, batch_size=cfg.batch_size,
-                               rank=d.rank, world_size=d.world_size, top_k=top_k, t_index=t_index)
+                               rank=d.rank, world_size=d.world_size, top_k=top_k, t_index=t_index, rich=rich)
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                                                 pin_memory=d.device.type == "cuda",
                                                 prefetch_factor=4 if cfg.num_workers else None))
@@ -363,14 +521,17 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
             st = {"step": step, "epoch": epoch, "micro": micro, "skipped": skipped, "tokens_seen": tokens_seen,
                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                   "rng": rngs, "world_size": d.world_size, "data_order": cfg.data_order(),
-                  "cache_key": cache.attrs["cache_key"], "config": cfg.to_dict()} if with_state else None
+                  "cache_key": cache.attrs["cache_key"], "config": cfg.to_dict(),
+                  "projections": distiller.proj.state_dict()} if with_state else None
             save_checkpoint(os.path.join(cfg.out, name), model, cache, st)
         dist.barrier()
 
     # ---- the loop ---------------------------------------------------------------------------------
     dist.print0(f"training {total} steps ({steps_per_epoch} per epoch) of {global_batch} sequences x "
                 f"{cache.seq_len} tokens; KD {cfg.divergence}/{tail} at T={cfg.temperature}, k={top_k}"
-                + (f" + {cache.tail} sampled" if tail == "sampled" else ""))
+                + (f" + {cache.tail} sampled" if tail == "sampled" else "")
+                + "".join(f"; {p.kind} teacher layer {p.t} -> student layer {p.s}" for p in pairs)
+                + (f"; {frozen} parameters frozen" if frozen else ""))
     it = loader(epoch, micro)
     bar = tqdm(total=total, initial=step, desc="train", disable=not d.is_main, dynamic_ncols=True)
     t_log, tok_log = time.perf_counter(), 0
@@ -385,19 +546,19 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
             micro += 1
         local = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
         (count,) = _reduce([local], d.device)
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(len(names), dtype=torch.float64)
         for a, b in enumerate(batches):
             sync = contextlib.nullcontext() if ddp is None or a == len(batches) - 1 else ddp.no_sync()
             with sync:
                 with autocast():
-                    kd, ce, _, _ = net(**b)
-                    loss = (cfg.kd_weight * kd + cfg.ce_weight * ce) * (d.world_size / max(count, 1))
+                    losses, _, _ = net(**b)
+                    loss = sum(weights[k] * v for k, v in losses.items() if weights[k]) * (d.world_size / max(count, 1))
                 scaler.scale(loss).backward()
-            sums += torch.tensor([float(kd.detach()), float(ce.detach())], dtype=torch.float64)
+            sums += torch.tensor([float(losses[k].detach()) for k in names], dtype=torch.float64)
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(distiller.parameters(), cfg.grad_clip or float("inf"))
-        kd_sum, ce_sum = _reduce(sums.tolist(), d.device)
-        total_loss = (cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum) / max(count, 1)
+        per = dict(zip(names, _reduce(sums.tolist(), d.device)))
+        total_loss = sum(weights[k] * v for k, v in per.items()) / max(count, 1)
         finite = math.isfinite(total_loss) and math.isfinite(float(grad_norm))
         if finite:
             scaler.step(opt)
@@ -412,7 +573,7 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
         tok_log += int(count)
         history.append((time.perf_counter(), int(count)))
         bar.update(1)
-        last = {"step": step, "loss": total_loss, "kd": kd_sum / max(count, 1), "ce": ce_sum / max(count, 1),
+        last = {"step": step, "loss": total_loss, **{k: v / max(count, 1) for k, v in per.items()},
                 "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                 "skipped": skipped, "epoch": epoch}
         if step % max(cfg.log_every, 1) == 0 or step == total:
@@ -422,13 +583,13 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
             bar.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
             log(last)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            ev = evaluate(distiller, cache, index, cfg.batch_size, d, autocast, top_k, t_index)
+            ev = evaluate(distiller, cache, index, cfg.batch_size, d, autocast, top_k, t_index, rich)
             if ev:
                 log({"step": step, **ev})
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             checkpoint(f"checkpoint-{step}", with_state=True)
     bar.close()
-    ev = evaluate(distiller, cache, index, cfg.batch_size, d, autocast, top_k, t_index)
+    ev = evaluate(distiller, cache, index, cfg.batch_size, d, autocast, top_k, t_index, rich)
     if ev:
         log({"step": step, **ev})
         dist.print0("eval: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))

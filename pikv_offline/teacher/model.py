@@ -9,7 +9,8 @@ import torch
 
 from ..errors import PikvError, brief
 from ..cache import format as F
-from ..modeling import Capture, layer_count, lm_logits, moe_layers, text_config
+from ..modeling import (Capture, hidden_width, kv_shape, layer_count, lm_logits, moe_layers, router_experts,
+                        text_config)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PROBE = 4 << 20  # bytes hashed at each end of a weight file
@@ -173,13 +174,10 @@ def plan_targets(config, requests, teacher: str) -> dict:
     if not requests:
         return {}
     model = skeleton(config)
-    c = text_config(config)
     n = layer_count(config)
     moe = moe_layers(model)
-    width = int(c.hidden_size)
-    heads = int(c.num_attention_heads)
-    kv_heads = int(getattr(c, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(c, "head_dim", None) or width // heads)
+    width = hidden_width(config)
+    kv_heads, head_dim = kv_shape(config)
     out = {}
     for kind, layers, enc in requests:
         if kind in ("router", "experts") and not moe:
@@ -202,8 +200,7 @@ def plan_targets(config, requests, teacher: str) -> dict:
         if kind == "kv":
             shape, group = [kv_heads, head_dim], head_dim
         elif kind == "router":
-            router = moe[resolved[0]][0]
-            shape = [int(getattr(router, "num_experts", 0) or router.weight.shape[0])]
+            shape = [router_experts(moe[resolved[0]][0])]
             group = shape[0]
         else:
             shape, group = [width], F.int8_group(width) if enc == "int8" else width
