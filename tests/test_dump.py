@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import CONTEXT, VOCAB, pikv_subprocess, write_jsonl
 from pikv_offline.cache import format as F
-from pikv_offline.cache.reader import open_cache, read_root_attrs
-from pikv_offline.config import DumpConfig
+from pikv_offline.cache.reader import describe, open_cache, read_root_attrs
+from pikv_offline.config import DumpConfig, parse_targets
 from pikv_offline.errors import PikvError
 from pikv_offline.teacher import dump as dump_mod
 from pikv_offline.teacher.model import logit_targets
@@ -90,7 +90,7 @@ def test_chunked_targets_equal_plain(llama_teacher):
 @pytest.fixture(scope="module")
 def one_rank_cache(llama_teacher, corpus, workdir):
     out = workdir / "one-rank"
-    dump(llama_teacher, corpus, out, max_sequences=22, sampled_tail=8)
+    dump(llama_teacher, corpus, out, max_sequences=22, sampled_tail=8, targets=parse_targets(RICH[1::2]))
     return out
 
 
@@ -105,7 +105,12 @@ def two_rank_cache(llama_teacher, corpus, workdir):
 def _cli_args(teacher, data, out, n=22):
     return ["dump-teacher", "--teacher", teacher, "--data", data, "--out", str(out), "--seq-len", str(SEQ),
             "--top-k", "16", "--temperatures", "1,2,4", "--shard-size", "4", "--batch-size", "3",
-            "--max-sequences", str(n), "--sampled-tail", "8"]
+            "--max-sequences", str(n), "--sampled-tail", "8", *RICH]
+
+
+# The crash, resume and rank tests carry rich targets too: int8 encodes in the writer thread and its
+# measured error is merged at each commit.
+RICH = ["--targets", "hidden:0@bf16", "--targets", "kv:1@int8"]
 
 
 def _assert_same(a, b, exact=True):
@@ -146,6 +151,8 @@ def test_killed_and_resumed_equals_uninterrupted(fault, llama_teacher, corpus, w
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resuming" in p.stdout
     _assert_same(open_cache(str(out)).read_all(), open_cache(str(one_rank_cache)).read_all())
+    # the resumed dump measured its encoding error over every block, as the uninterrupted one did
+    assert describe(str(out))["encoding_errors"] == describe(str(one_rank_cache))["encoding_errors"]
 
 
 def test_two_rank_dump_with_one_rank_killed_resumes(llama_teacher, corpus, workdir, two_rank_cache):
@@ -169,11 +176,13 @@ def test_cache_hit_skips_teacher_and_key_mismatch_is_refused(llama_teacher, corp
 
     monkeypatch.setattr(dump_mod.M, "load_model", no_teacher)
     t0 = time.perf_counter()
-    res = dump(llama_teacher, corpus, one_rank_cache, max_sequences=22, sampled_tail=8)
+    res = dump(llama_teacher, corpus, one_rank_cache, max_sequences=22, sampled_tail=8,
+               targets=parse_targets(RICH[1::2]))
     assert res["cache_hit"] and time.perf_counter() - t0 < 20
     assert sorted(os.walk(one_rank_cache)) == before
     with pytest.raises(PikvError, match="different inputs"):
-        dump(llama_teacher, corpus, one_rank_cache, max_sequences=22, top_k=8, sampled_tail=8)
+        dump(llama_teacher, corpus, one_rank_cache, max_sequences=22, sampled_tail=8,
+             targets=parse_targets(["hidden:0@fp16", "kv:1@int8"]))
     monkeypatch.undo()
     other = workdir / "overwrite"
     dump(llama_teacher, corpus, other, max_sequences=4)
@@ -252,7 +261,8 @@ def test_inspect_reports_bytes_per_token(one_rank_cache):
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
     assert info["complete"] and info["counts"]["committed"] == 22
-    assert set(info["bytes_per_token"]) == set(F.ARRAY_NAMES)  # this cache holds every array
+    rich = {"hidden/layer_0", *(f"kv/layer_1/{p}{s}" for p in ("key", "value") for s in ("", "_scale"))}
+    assert set(info["bytes_per_token"]) == set(F.ARRAY_NAMES) | rich  # this cache holds every array
     assert 0 < info["bytes_per_token"][F.HEAD_IDS] < 16 * 2  # uint16 ids, compressed
     p = pikv_subprocess(["inspect", str(one_rank_cache)])
     assert "bytes/token" in p.stdout and "complete" in p.stdout

@@ -137,8 +137,12 @@ def test_stored_targets_equal_live_forward(rich_cache, moe_teacher):
     errs = info["encoding_errors"]
     assert 0 < errs["kv/layer_1/key"]["max_error_over_absmax"] <= 1 / 254 * 1.0001
     assert 0 < errs["router/layer_0"]["max_error_over_absmax"] <= 2.0 ** -11 * 1.0001
-    r = pikv_subprocess(["verify", rich_cache])
-    assert r.returncode == 0 and "hidden/layer_0" in r.stdout, r.stderr[-2000:]
+    r = pikv_subprocess(["verify", rich_cache, "--recompute", "6", "--teacher", moe_teacher, "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)["recompute"]["rich"]
+    assert {x["array"] for x in rows} == {a.name for a in cache.rich}
+    for x in rows:
+        assert 0 < x["max_error_over_absmax"] <= x["bound"] * 1.01, x
     r = pikv_subprocess(["inspect", rich_cache])
     assert "kv:1" in r.stdout and "max error / absmax" in r.stdout
 
@@ -355,3 +359,16 @@ def test_rich_training_refusals(rich_cache, train_cache, student_config, tokeniz
     with pytest.raises(PikvError, match="--layer-map"):
         TrainConfig(**base, cache=rich_cache, student_config=student_config, layer_map="1-2")
     assert os.path.isdir(tmp_path)
+
+
+def test_default_size_limit_is_the_free_disk(moe_teacher, corpus, tmp_path, monkeypatch):
+    import collections
+
+    from pikv_offline.teacher import dump
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(dump.shutil, "disk_usage", lambda path: usage(10**6, 0, 50_000))
+    with pytest.raises(PikvError, match="more than the 0.00 GB free at --out"):
+        dump.run(DumpConfig(teacher=moe_teacher, data=corpus, out=str(tmp_path / "deep" / "c"), seq_len=32,
+                            max_sequences=16, targets=parse_targets(["hidden"])))
+    assert not (tmp_path / "deep").exists()

@@ -21,6 +21,9 @@ grid temperature, reports
   angle_deg        with --student: the angle between the student's parameter gradient of the
                    mode's loss (with the stored draws, as one training step sees them) and of the
                    full-vocabulary KL at T against the live teacher.
+Rich targets (hidden / kv / router / experts) are compared with a live capture of the same layers:
+max error over each group's absmax against the encoding's bound, and the relative RMS error. The
+teacher runs in float32, so a cache dumped in bf16 shows that compute difference too.
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ def recompute(cfg: VerifyConfig) -> dict:
     a = cache.read_all(first=n)
     teacher = M.load_model(folder, cfg.teacher, torch.float32, device, None)
     x = torch.from_numpy(a[F.INPUT_IDS].astype(np.int64)).to(device)
+    rich = _recompute_rich(teacher, cache, a, x, cfg.batch_size)
     with torch.inference_mode():
         live = torch.cat([teacher(x[s:s + cfg.batch_size]).logits.float()
                           for s in range(0, n, cfg.batch_size)])
@@ -218,7 +222,31 @@ def recompute(cfg: VerifyConfig) -> dict:
                 row["angle_deg"] = math.degrees(math.acos(cos))
             rows.append(row)
     return {"sequences": n, "positions": int(valid.sum()), "teacher": cfg.teacher, "student": cfg.student,
-            "rows": rows}
+            "rows": rows, "rich": rich}
+
+
+def _recompute_rich(teacher, cache, a: dict, x: torch.Tensor, batch_size: int) -> list[dict]:
+    """Each stored rich array against the live teacher: max error over its group's absmax, relative RMS
+    error and the encoding's bound (fp16 2^-11, bf16 2^-8 relative; int8 1/254 of the group's absmax)."""
+    from ..teacher import model as M
+
+    cap = M.open_capture(teacher, cache.attrs["targets"])
+    if cap is None:
+        return []
+    parts = []
+    with torch.inference_mode():
+        for s in range(0, len(x), batch_size):
+            xb = x[s:s + batch_size]
+            teacher.base_model(input_ids=xb, **cap.forward_kwargs())
+            parts.append({k: v.cpu().numpy() for k, v in M.rich_targets(cap, *xb.shape).items()})
+    cap.close()
+    bounds = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8, "int8": 1 / 254}
+    rows = []
+    for r in cache.rich:
+        live = np.concatenate([p[r.name] for p in parts])
+        e = F.error_summary(F.encoding_error(live, a[r.name], r.group))
+        rows.append({"array": r.name, "encoding": r.encoding, "bound": bounds[r.encoding], **e})
+    return rows
 
 
 def _partition_kl(mode, live_head, stored_head, h_lp, t_lp, t_cnt, tnorm, T, draws, rel) -> float:

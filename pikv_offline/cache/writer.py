@@ -4,6 +4,8 @@ Each rank owns ``shards/rank-<r>`` and nobody else writes there, so no lock is n
 one zarr shard worth of sequences (``shard_seqs``); it is written with one call per array (a
 partial-shard write would re-encode the whole shard file) and only then is the shard's
 ``committed`` count raised. A restarted dump resumes at ``committed`` and rewrites the rest.
+Rich targets arrive as float32 and are encoded here, in the writer thread, so encoding and the
+measurement of its error overlap with the teacher's next forward.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class ShardWriter:
                                         compressors=list(s.compressors), fill_value=0)
             self.committed = 0
         self.names = F.present_arrays(targets)
+        self.rich = F.rich_arrays(targets)
         self._meta = dict(self.group.attrs[F.SHARD_ATTR])
         self._blocks = 0
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -59,9 +62,9 @@ class ShardWriter:
         self._thread = threading.Thread(target=self._loop, name=f"pikv-writer-{rank}", daemon=True)
         self._thread.start()
 
-    def submit(self, start: int, arrays: dict[str, np.ndarray], errors: dict | None = None) -> None:
-        """Queue one block (sequences [start, start+n) of this shard) for writing; ``errors`` (target ->
-        format.encoding_error of this block) are merged into the shard's attributes with the commit.
+    def submit(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """Queue one block (sequences [start, start+n) of this shard) for writing: the stored arrays, and
+        each rich target as float32 under its array name.
 
         Blocks the caller when two blocks are already waiting, which bounds host memory while the
         next forward pass overlaps with compression and I/O of the previous block.
@@ -70,7 +73,7 @@ class ShardWriter:
             raise self._error
         if start % self.shard_seqs:
             raise ValueError(f"block start {start} is not aligned to the zarr shard size {self.shard_seqs}")
-        self._queue.put((start, arrays, errors or {}))
+        self._queue.put((start, arrays))
 
     def close(self) -> int:
         """Wait for every queued block; return the committed count. Raises the writer thread's error."""
@@ -92,8 +95,15 @@ class ShardWriter:
             except BaseException as e:  # surfaced to the main thread by submit()/close()
                 self._error = e
 
-    def _write(self, start: int, arrays: dict[str, np.ndarray], errors: dict) -> None:
+    def _write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         n = len(arrays[F.SAMPLE_ID])
+        errors = {}
+        for a in self.rich:  # encode, and measure what the encoding lost on exactly these values
+            x = arrays[a.name]
+            arrays[a.name], scale = F.encode_tensor(x, a.encoding, a.group)
+            if a.scale_name:
+                arrays[a.scale_name] = scale
+            errors[a.name] = F.encoding_error(x, F.decode_tensor(arrays[a.name], scale, a.encoding, a.group), a.group)
         for name in self.names:
             self.group[name][start:start + n] = arrays[name]
         self._blocks += 1

@@ -2,6 +2,7 @@
 
     pikv train-student --cache CACHE --student-config student.json --out RUN --max-steps 200
     torchrun --nproc-per-node 2 -m pikv_offline train-student --cache CACHE --student DIR --out RUN --epochs 1
+    pikv train-student ... --ce-weight 1 --feature-weight 1 --router-weight 0.1 --layer-map 4:2,8:4
 
 Read top to bottom: set-up (cache, student, optimizer, resume), then one loop of optimizer steps.
 Every loss is a sum over valid positions divided once by the step's global count of valid
@@ -74,13 +75,13 @@ class Distiller(torch.nn.Module):
         self.pairs, self.feature_loss = tuple(pairs), feature_loss
         self.t_shapes = {kind: tuple(t["shape"]) for kind, t in (targets or {}).items() if kind in LOSS_NAMES}
         self.proj = torch.nn.ModuleDict()
-        s_kv = kv_shape(student.config)
         for p in self.pairs:
             if p.kind in ("hidden", "experts"):
                 self.proj[p.key] = _projection(hidden_width(student.config), self.t_shapes[p.kind][0])
             elif p.kind == "kv":
                 for side in ("key", "value"):
-                    self.proj[f"{p.key}_{side}"] = _projection(s_kv[0] * s_kv[1], math.prod(self.t_shapes["kv"]))
+                    self.proj[f"{p.key}_{side}"] = _projection(math.prod(kv_shape(student.config)),
+                                                               math.prod(self.t_shapes["kv"]))
         wanted: dict[str, set] = {}
         for p in self.pairs:
             wanted.setdefault(p.kind, set()).add(p.s)

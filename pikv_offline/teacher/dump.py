@@ -2,6 +2,7 @@
 
     pikv dump-teacher --teacher DIR --data corpus.jsonl --out CACHE
     torchrun --nproc-per-node 2 -m pikv_offline dump-teacher --teacher DIR --data corpus.jsonl --out CACHE
+    pikv dump-teacher ... --targets hidden:4,8@int8 --targets kv:6 --targets router --max-cache-gb 500
 
 Rank r takes the sequences r, r+W, r+2W, ... (W ranks) and writes only its own shard. The cache is
 marked complete by rank 0 after every rank has committed all of its sequences.
@@ -214,14 +215,8 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
         if cfg.sampled_tail:
             arrays[F.TAIL_IDS], arrays[F.TAIL_LOGPROBS], arrays[F.TAIL_COUNTS] = F.encode_tail(
                 t["tail_ids"], t["tail_logprobs"], cfg.encoding, vocab)
-        errors = {}
-        for a in rich:  # encode, and measure what the encoding lost on exactly these values
-            arrays[a.name], scale = F.encode_tensor(t[a.name], a.encoding, a.group)
-            if a.scale_name:
-                arrays[a.scale_name] = scale
-            errors[a.name] = F.encoding_error(t[a.name], F.decode_tensor(arrays[a.name], scale, a.encoding, a.group),
-                                              a.group)
-        writer.submit(start, arrays, errors)
+        arrays.update({a.name: t[a.name] for a in rich})  # float32; the writer thread encodes them
+        writer.submit(start, arrays)
     committed = writer.close()
     bar.close()
     if cap:
