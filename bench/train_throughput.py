@@ -8,6 +8,8 @@ Each mode runs in its own process (so peak memory is its own):
   kd       `pikv train-student` from the cache: top-k KD with the cache's default tail (bucket, or
            sampled when it holds draws), kd-weight 1.
   kd+ce    the same with ce-weight 0.5.
+  kd+ce+rich  (a cache with rich targets) kd+ce plus every rich loss the cache can feed, weight 1 each
+           (--feature-weight / --kv-weight / --router-weight / --expert-weight).
 Tokens/s counts loss tokens over the timed steps (the first --warmup steps are not timed). Peak
 memory is the process's max RSS on CPU and torch.cuda.max_memory_allocated on GPU. Prints one
 JSON line per mode and a summary line.
@@ -76,15 +78,18 @@ def run_ce(args, device) -> dict:
     return {"tokens_per_s": tokens / (time.perf_counter() - t0), "tokens": tokens}
 
 
-def run_kd(args, device, ce_weight: float) -> dict:
-    from pikv_offline.config import TrainConfig
+def run_kd(args, device, ce_weight: float, rich: bool = False) -> dict:
+    from pikv_offline.cache.reader import open_cache
+    from pikv_offline.config import RICH_WEIGHTS, TrainConfig
     from pikv_offline.student.train import run
 
+    targets = open_cache(args.cache).attrs["targets"]
+    weights = {w: 1.0 for w, kind in RICH_WEIGHTS.items() if rich and kind in targets}
     with tempfile.TemporaryDirectory() as out:
         res = run(TrainConfig(cache=args.cache, student_config=args.student_config, out=out,
                               max_steps=args.steps + args.warmup, batch_size=args.batch_size, kd_weight=1.0,
                               ce_weight=ce_weight, eval_fraction=0.0, log_every=10**9, seed=args.seed,
-                              num_workers=args.num_workers, loss_chunk=args.loss_chunk))
+                              num_workers=args.num_workers, loss_chunk=args.loss_chunk, **weights))
     hist = res["history"]
     tokens = sum(n for _, n in hist[args.warmup:])
     return {"tokens_per_s": tokens / (hist[-1][0] - hist[args.warmup - 1][0]), "tokens": tokens}
@@ -100,18 +105,23 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--loss-chunk", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mode", choices=["ce", "kd", "kd+ce"], default=None, help="(internal) run one mode")
+    ap.add_argument("--mode", choices=["ce", "kd", "kd+ce", "kd+ce+rich"], default=None,
+                    help="(internal) run one mode")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.mode:
-        res = run_ce(args, device) if args.mode == "ce" else run_kd(args, device, 0.5 if args.mode == "kd+ce" else 0.0)
+        res = run_ce(args, device) if args.mode == "ce" else run_kd(args, device, 0.0 if args.mode == "kd" else 0.5,
+                                                                    rich=args.mode == "kd+ce+rich")
         print(json.dumps({"bench": "train_throughput", "mode": args.mode, "device": str(device),
                           "threads": torch.get_num_threads(), "batch_size": args.batch_size, "steps": args.steps,
                           "tokens_per_s": round(res["tokens_per_s"], 1), "timed_tokens": res["tokens"],
                           "peak_memory_mb": round(peak_memory_mb(device), 1)}))
         return
+    from pikv_offline.cache.reader import open_cache
+
     results = {}
-    for mode in ("ce", "kd", "kd+ce"):
+    modes = ("ce", "kd", "kd+ce") + (("kd+ce+rich",) if open_cache(args.cache).rich else ())
+    for mode in modes:
         p = subprocess.run([sys.executable, __file__, "--mode", mode, *sys.argv[1:]], capture_output=True, text=True)
         if p.returncode:
             sys.exit(f"mode {mode} failed:\n{p.stderr[-3000:]}")
@@ -121,9 +131,9 @@ def main() -> None:
     ce = results["ce"]
     print(json.dumps({"bench": "train_throughput_summary",
                       **{f"{m}_over_ce_tokens_per_s": round(results[m]["tokens_per_s"] / ce["tokens_per_s"], 3)
-                         for m in ("kd", "kd+ce")},
+                         for m in modes[1:]},
                       **{f"{m}_over_ce_peak_memory": round(results[m]["peak_memory_mb"] / ce["peak_memory_mb"], 3)
-                         for m in ("kd", "kd+ce")}}))
+                         for m in modes[1:]}}))
 
 
 if __name__ == "__main__":

@@ -372,3 +372,18 @@ def test_default_size_limit_is_the_free_disk(moe_teacher, corpus, tmp_path, monk
         dump.run(DumpConfig(teacher=moe_teacher, data=corpus, out=str(tmp_path / "deep" / "c"), seq_len=32,
                             max_sequences=16, targets=parse_targets(["hidden"])))
     assert not (tmp_path / "deep").exists()
+
+
+def test_sliding_window_kv_is_refused_before_writing(tokenizer, corpus, tmp_path):
+    from pikv_offline.teacher.dump import run
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mistral", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, sliding_window=8, max_position_embeddings=CONTEXT,
+        bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "mistral")
+    tokenizer.save_pretrained(tmp_path / "mistral")
+    with pytest.raises(PikvError, match="caches 7 of 32 positions \\(a sliding window\\)"):
+        run(DumpConfig(teacher=str(tmp_path / "mistral"), data=corpus, out=str(tmp_path / "c"), seq_len=32,
+                       max_sequences=8, targets=parse_targets(["kv:1"])))
+    assert not (tmp_path / "c" / "shards" / "rank-00000").exists()

@@ -230,7 +230,7 @@ def _recompute_rich(teacher, cache, a: dict, x: torch.Tensor, batch_size: int) -
     error and the encoding's bound (fp16 2^-11, bf16 2^-8 relative; int8 1/254 of the group's absmax)."""
     from ..teacher import model as M
 
-    cap = M.open_capture(teacher, cache.attrs["targets"])
+    cap = M.open_capture(teacher, cache.attrs["targets"], cache.seq_len)
     if cap is None:
         return []
     parts = []

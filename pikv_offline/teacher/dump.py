@@ -182,7 +182,7 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
 
     model = M.load_model(folder, cfg.teacher, dtype, device, cfg.device_map)
     mine = rank_indices(n_seqs, d.rank, d.world_size)
-    cap = M.open_capture(model, targets)
+    cap = M.open_capture(model, targets, cfg.seq_len)
     rich = F.rich_arrays(targets)
     writer = ShardWriter(cfg.out, d.rank, d.world_size, len(mine), seq_len=cfg.seq_len, targets=targets,
                          vocab_size=vocab, shard_seqs=cfg.shard_seqs, cache_key=key)

@@ -208,20 +208,20 @@ def plan_targets(config, requests, teacher: str) -> dict:
     return out
 
 
-def open_capture(model, targets: dict) -> Capture | None:
-    """Hooks recording the rich targets of ``targets``; checks them on a 2-token probe forward first, so a
-    model whose tensors do not have the planned shapes fails before anything is written."""
+def open_capture(model, targets: dict, seq_len: int) -> Capture | None:
+    """Hooks recording the rich targets of ``targets``; checks them on a probe forward of one sequence first,
+    so a model whose tensors do not have the planned shapes (or a sliding-window layer's kv) fails before
+    any shard is written."""
     wanted = {kind: tuple(targets[kind]["layers"]) for kind in F.RICH_KINDS if targets.get(kind)}
     if not wanted:
         return None
     cap = Capture(model, wanted)
     device = next(model.parameters()).device
     with torch.inference_mode():
-        model.base_model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), **cap.forward_kwargs())
-        got = cap.collect(1, 2)
+        model.base_model(input_ids=torch.zeros((1, seq_len), dtype=torch.long, device=device), **cap.forward_kwargs())
+        got = rich_targets(cap, 1, seq_len)
     for a in F.rich_arrays(targets):
-        key = (a.kind, a.layer, a.name.rpartition("/")[2]) if a.kind == "kv" else (a.kind, a.layer)
-        shape = tuple(got[key].shape[2:]) if key in got else None
+        shape = tuple(got[a.name].shape[2:]) if a.name in got else None
         if shape != a.shape:
             cap.close()
             raise PikvError(f"--targets {a.kind}: layer {a.layer} of this {model.config.model_type} teacher gives "
