@@ -387,3 +387,32 @@ def test_sliding_window_kv_is_refused_before_writing(tokenizer, corpus, tmp_path
         run(DumpConfig(teacher=str(tmp_path / "mistral"), data=corpus, out=str(tmp_path / "c"), seq_len=32,
                        max_sequences=8, targets=parse_targets(["kv:1"])))
     assert not (tmp_path / "c" / "shards" / "rank-00000").exists()
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("gpt2", dict(n_embd=32, n_layer=3, n_head=4)),
+    ("mixtral", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)),
+    ("olmoe", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=64, num_experts=4, num_experts_per_tok=2)),
+])
+def test_capture_matches_transformers_outputs(kind, extra):
+    """Capture on other families: hidden states, the model's cache and output_router_logits agree."""
+    from pikv_offline.modeling import Capture, moe_layers
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, vocab_size=64, bos_token_id=0,
+                                                                  eos_token_id=0, **extra)).eval()
+    moe = sorted(moe_layers(model))
+    assert moe == ([] if kind == "gpt2" else [0, 1, 2])
+    cap = Capture(model, {"hidden": (0,), "kv": (1,), "router": tuple(moe), "experts": tuple(moe) or (1,)})
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        model.base_model(input_ids=x, **cap.forward_kwargs())
+        got = cap.collect(2, 9)
+        ref = model(input_ids=x, use_cache=True, output_hidden_states=True, output_router_logits=bool(moe))
+    torch.testing.assert_close(got[("hidden", 0)], ref.hidden_states[1])
+    torch.testing.assert_close(got[("kv", 1, "key")], ref.past_key_values.layers[1].keys.transpose(1, 2))
+    for layer, live in zip(moe, ref.router_logits if moe else ()):
+        torch.testing.assert_close(got[("router", layer)].reshape(live.shape), live)
+    assert got[("experts", (moe or [1])[0])].shape == (2, 9, 32)
