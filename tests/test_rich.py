@@ -416,3 +416,23 @@ def test_capture_matches_transformers_outputs(kind, extra):
     for layer, live in zip(moe, ref.router_logits if moe else ()):
         torch.testing.assert_close(got[("router", layer)].reshape(live.shape), live)
     assert got[("experts", (moe or [1])[0])].shape == (2, 9, 32)
+
+
+def test_rich_grad_accumulation_2_equals_1(rich_cache, student_config, tmp_path):
+    """Rich losses are sums normalized once per step: accumulating 2 micro-batches equals one batch of 8
+    (a dense student: its MLP matches the expert outputs)."""
+    from safetensors.torch import load_file
+
+    from pikv_offline.student.train import run
+
+    for name, bs, accum in (("a", 8, 1), ("b", 4, 2)):
+        run(TrainConfig(cache=rich_cache, student_config=student_config, out=str(tmp_path / name), max_steps=3,
+                        batch_size=bs, grad_accum=accum, lr=3e-3, eval_fraction=0.1, num_workers=0, ce_weight=0.5,
+                        feature_weight=1, kv_weight=1, expert_weight=1))
+    wa, wb = (load_file(tmp_path / n / "final" / "model.safetensors") for n in "ab")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+    pa, pb = (torch.load(tmp_path / n / "checkpoint-3" / "trainer_state.pt", weights_only=False)["projections"]
+              for n in "ab")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-5, msg=k)
