@@ -83,19 +83,28 @@ def logit_arrays(top_k: int, n_temps: int, tail: int) -> tuple[str, ...]:
     return tuple(n for n in ARRAY_NAMES if n not in skip)
 
 
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> uint16 bit patterns of bfloat16, rounded to nearest, ties to even."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 def encode_logprobs(logprobs: np.ndarray, encoding: str = DEFAULT_ENCODING) -> np.ndarray:
     """float log-probs (<= 0) -> uint16 bit patterns of float16 or bfloat16, rounded to nearest."""
     x = np.clip(np.asarray(logprobs, dtype=np.float32), -65504.0, 0.0)
     if ENCODINGS[encoding].logprob_bits == "float16":
         return x.astype(np.float16).view(np.uint16)
-    u = x.view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # round half to even
+    return bf16_bits(x)
 
 
 def decode_logprobs(bits: np.ndarray, encoding: str = DEFAULT_ENCODING) -> np.ndarray:
     if ENCODINGS[encoding].logprob_bits == "float16":
         return bits.view(np.float16).astype(np.float32)
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    return from_bf16_bits(bits)
 
 
 def encode_head(ids: np.ndarray, logprobs: np.ndarray, encoding: str, vocab_size: int):
@@ -218,14 +227,17 @@ def present_arrays(targets: dict) -> tuple[str, ...]:
     lg = targets["logits"]
     names = list(logit_arrays(lg["top_k"], len(lg["temperatures"]), lg.get("sampled_tail", 0)))
     for a in rich_arrays(targets):
-        names += [a.name] + ([a.scale_name] if a.scale_name else [])
+        names += a.stored
     return tuple(names)
 
 
 # ---- rich targets: hidden states, the KV cache, MoE router logits and expert outputs ----------------
 
 RICH_KINDS = ("hidden", "kv", "router", "experts")
-TENSOR_ENCODINGS = ("fp16", "bf16", "int8")
+# Each encoding's bound on |stored - exact| / absmax of the value's group (fp16/bf16: relative rounding
+# of each value; int8: half a step of absmax / 127).
+TENSOR_ERROR_BOUNDS = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8, "int8": 1 / 254}
+TENSOR_ENCODINGS = tuple(TENSOR_ERROR_BOUNDS)
 DEFAULT_TENSOR_ENCODING = "bf16"  # the range of float32: hidden states of large models have outliers in the 1000s
 INT8_KINDS = ("hidden", "kv", "experts")  # int8 pays off on the wide activations; router logits are E per token
 INT8_GROUP = 64  # hidden / experts: channels per int8 scale (kv: one scale per head)
@@ -249,6 +261,11 @@ class RichArray:
     @property
     def scale_name(self) -> str | None:
         return f"{self.name}_scale" if self.encoding == "int8" else None
+
+    @property
+    def stored(self) -> tuple[str, ...]:
+        """The arrays that hold this target: its values, and its scales with int8."""
+        return (self.name, self.scale_name) if self.scale_name else (self.name,)
 
     @property
     def scale_shape(self) -> tuple[int, ...]:
@@ -289,8 +306,7 @@ def encode_tensor(x: np.ndarray, encoding: str, group: int) -> tuple[np.ndarray,
     if encoding == "fp16":
         return np.clip(x, -65504.0, 65504.0).astype(np.float16), None
     if encoding == "bf16":
-        u = x.view(np.uint32).astype(np.uint64)
-        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16), None
+        return bf16_bits(x), None
     g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
     scale = (np.abs(g).max(-1) / np.float32(127.0)).astype(np.float32)
     s = scale[..., None]
@@ -303,7 +319,7 @@ def decode_tensor(values: np.ndarray, scale: np.ndarray | None, encoding: str, g
     if encoding == "fp16":
         return values.astype(np.float32)
     if encoding == "bf16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
+        return from_bf16_bits(values)
     g = values.reshape(*values.shape[:-1], values.shape[-1] // group, group).astype(np.float32)
     return (g * scale.astype(np.float32)[..., None]).reshape(values.shape)
 

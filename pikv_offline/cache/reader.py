@@ -166,7 +166,7 @@ def describe(path: str) -> dict:
     by_target["logits"] = sum(v for k, v in bpt.items() if k.startswith("logits/"))
     for r in cache.rich:
         label = f"{r.kind}:{r.layer}"
-        by_target[label] = by_target.get(label, 0.0) + bpt[r.name] + (bpt[r.scale_name] if r.scale_name else 0.0)
+        by_target[label] = by_target.get(label, 0.0) + sum(bpt[n] for n in r.stored)
     return {"path": path, "format_version": a["format_version"], "complete": bool(a.get("complete")),
             "cache_key": a["cache_key"], "teacher": a["teacher"], "data": a["data"], "seq_len": a["seq_len"],
             "targets": a["targets"], "world_size": a["world_size"], "shard_seqs": a["shard_seqs"],

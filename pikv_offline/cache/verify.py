@@ -240,12 +240,11 @@ def _recompute_rich(teacher, cache, a: dict, x: torch.Tensor, batch_size: int) -
             teacher.base_model(input_ids=xb, **cap.forward_kwargs())
             parts.append({k: v.cpu().numpy() for k, v in M.rich_targets(cap, *xb.shape).items()})
     cap.close()
-    bounds = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8, "int8": 1 / 254}
     rows = []
     for r in cache.rich:
         live = np.concatenate([p[r.name] for p in parts])
         e = F.error_summary(F.encoding_error(live, a[r.name], r.group))
-        rows.append({"array": r.name, "encoding": r.encoding, "bound": bounds[r.encoding], **e})
+        rows.append({"array": r.name, "encoding": r.encoding, "bound": F.TENSOR_ERROR_BOUNDS[r.encoding], **e})
     return rows
 
 

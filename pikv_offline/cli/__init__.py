@@ -87,7 +87,9 @@ def inspect_cmd(cache_dir, as_json):
     c = info["counts"]
     click.echo(f"counts       {c['committed']}/{c['sequences']} sequences committed over {info['world_size']} shard(s), "
                f"{c['positions']} positions, {c.get('loss_tokens', '?')} loss tokens")
-    for kind in ("hidden", "kv", "router", "experts"):
+    from ..cache.format import RICH_KINDS
+
+    for kind in RICH_KINDS:
         t = info["targets"].get(kind)
         if t:
             click.echo(f"{kind:12} layers {t['layers']}, shape {t['shape']}, encoding {t['encoding']}"

@@ -72,7 +72,7 @@ def micro_steps_per_epoch(n_train: int, batch_size: int, world_size: int) -> int
 
 
 def rich_names(rich) -> tuple[str, ...]:
-    return tuple(n for a in rich for n in (a.name, a.scale_name) if n)
+    return tuple(n for a in rich for n in a.stored)
 
 
 def read_rows(cache: Cache, rows: np.ndarray, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:

@@ -40,7 +40,8 @@ from .losses import ce_loss, feature_loss, kd_loss, router_loss
 STATE_FILE = "trainer_state.pt"
 
 
-LOSS_NAMES = {"hidden": "feature", "kv": "kv", "router": "router", "experts": "expert"}  # target kind -> loss
+# target kind -> its loss's name in metrics and weights: the --<name>-weight flag's name
+LOSS_NAMES = {kind: flag.removesuffix("_weight") for flag, kind in RICH_WEIGHTS.items()}
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,11 @@ class Distiller(torch.nn.Module):
             top1 = (logits.argmax(-1) == t_top1).sum()
         return kd, ce, top1
 
+    @property
+    def loss_names(self) -> list[str]:
+        """The keys of forward()'s loss dict, in a fixed order: kd, ce, then each rich loss with pairs."""
+        return list(dict.fromkeys(["kd", "ce"] + [LOSS_NAMES[p.kind] for p in self.pairs]))
+
     def _rich_losses(self, valid, shape, rich: dict) -> dict[str, torch.Tensor]:
         """Sum over valid positions of each rich loss, averaged over its layer pairs."""
         got = self.capture.collect(*shape)
@@ -170,7 +176,7 @@ def resolve_pairs(cache, student, weights: dict[str, float], layer_map: str | No
     for t, s in (explicit or {}).items():
         if not 0 <= t < n_t or not 0 <= s < n_s:
             raise PikvError(f"--layer-map {t}:{s}: the teacher has layers 0..{n_t - 1} and the student 0..{n_s - 1}")
-    flags = {"hidden": "--feature-weight", "kv": "--kv-weight", "router": "--router-weight", "experts": "--expert-weight"}
+    flags = {kind: "--" + flag.replace("_", "-") for flag, kind in RICH_WEIGHTS.items()}
     pairs = []
     for kind, w in weights.items():
         if not w:
@@ -370,8 +376,7 @@ def evaluate(model: Distiller, cache, index, batch_size: int, d, autocast, top_k
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         top1, n = top1 + float(t_), n + n_
-    names = ["kd", "ce"] + [LOSS_NAMES[p.kind] for p in model.pairs if LOSS_NAMES[p.kind] not in ("kd", "ce")]
-    names = list(dict.fromkeys(names))
+    names = model.loss_names
     totals = _reduce([sums.get(k, 0.0) for k in names] + [top1, n], d.device)
     model.train(was_training)
     n = totals[-1]
@@ -439,9 +444,9 @@ def train(cfg: TrainConfig, d: dist.Dist) -> dict:
                           feature_loss=cfg.feature_loss).to(d.device)
     if state:
         distiller.proj.load_state_dict(state["projections"])
-    weights = {"kd": cfg.kd_weight, "ce": cfg.ce_weight, "feature": cfg.feature_weight, "kv": cfg.kv_weight,
-               "router": cfg.router_weight, "expert": cfg.expert_weight}
-    names = list(dict.fromkeys(["kd", "ce"] + [LOSS_NAMES[p.kind] for p in pairs]))
+    weights = {"kd": cfg.kd_weight, "ce": cfg.ce_weight,
+               **{LOSS_NAMES[kind]: getattr(cfg, flag) for flag, kind in RICH_WEIGHTS.items()}}
+    names = distiller.loss_names
     # Without KD and CE the LM head (and layers above the last mapped one) get no gradient.
     ddp = torch.nn.parallel.DistributedDataParallel(
         distiller, find_unused_parameters=not (cfg.kd_weight or cfg.ce_weight)) if d.world_size > 1 else None

@@ -71,20 +71,16 @@ def size_check(cfg: DumpConfig, specs: dict) -> str | None:
             "dump fewer --max-sequences, or raise --max-cache-gb")
 
 
-def _decide(cfg: DumpConfig, key: str, world_size: int, specs: dict) -> tuple[str, str]:
+def _decide(cfg: DumpConfig, key: str, world_size: int) -> tuple[str, str]:
     """Rank 0's view of --out: ('new'|'resume'|'hit', message) or ('error', message)."""
     out = cfg.out
     if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
-        too_big = size_check(cfg, specs)
-        return ("error", too_big) if too_big else ("new", "")
+        return "new", ""
     attrs = read_root_attrs(out) if os.path.isdir(out) else None
     if attrs is None:
         return "error", (f"--out {out} exists and is not a pikv cache; choose a new or empty folder "
                          "(--overwrite only replaces pikv caches)")
-    too_big = size_check(cfg, specs)
     if attrs.get("cache_key") != key or attrs.get("format_version") != F.FORMAT_VERSION:
-        if cfg.overwrite and too_big:
-            return "error", too_big
         if cfg.overwrite:
             return "new", f"replacing the cache at {out} (--overwrite)"
         return "error", (f"--out {out} holds a cache of different inputs (teacher, data or settings "
@@ -92,7 +88,7 @@ def _decide(cfg: DumpConfig, key: str, world_size: int, specs: dict) -> tuple[st
     if attrs.get("complete") and not cfg.overwrite:
         return "hit", f"cache hit: {out} is complete for these inputs (key {key}); nothing to do"
     if cfg.overwrite:
-        return ("error", too_big) if too_big else ("new", f"replacing the cache at {out} (--overwrite)")
+        return "new", f"replacing the cache at {out} (--overwrite)"
     if int(attrs.get("world_size", -1)) != world_size:
         return "error", (f"--out {out} is an incomplete dump started with {attrs.get('world_size')} "
                          f"ranks; resume it with the same number of ranks or pass --overwrite")
@@ -162,8 +158,10 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
                      "tokenizer": tok_hash, "data": data_info["fingerprint"], "seq_len": cfg.seq_len,
                      "targets": targets})
 
-    specs = F.array_specs(n_seqs, cfg.seq_len, targets, vocab, cfg.shard_seqs)
-    decision, message = _decide(cfg, key, d.world_size, specs) if d.is_main else (None, None)
+    decision, message = _decide(cfg, key, d.world_size) if d.is_main else (None, None)
+    if decision == "new":  # only a new cache is sized: a hit or a resume writes no more than asked before
+        too_big = size_check(cfg, F.array_specs(n_seqs, cfg.seq_len, targets, vocab, cfg.shard_seqs))
+        decision, message = ("error", too_big) if too_big else (decision, message)
     if d.is_main and decision == "new":
         _create_root(cfg, {
             "format_version": F.FORMAT_VERSION, "complete": False, "cache_key": key,
