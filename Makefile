@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pikv_offline.demo --workdir runs/demo
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pikv_offline.tools.demo --workdir runs/demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

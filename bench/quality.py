@@ -31,28 +31,34 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pikv_offline.cache.reader import describe, open_cache  # noqa: E402
-from pikv_offline.config import TrainConfig  # noqa: E402
+from pikv_offline.config import EvalConfig, TrainConfig  # noqa: E402
 from pikv_offline.student import data as D  # noqa: E402
 from pikv_offline.student.evaluate import run as evaluate  # noqa: E402
 from pikv_offline.student.train import run as train  # noqa: E402
 
 
-class OnlineStream(D.TrainStream):
-    """The cache's batches (same order), with targets recomputed live by the resident teacher at k = V."""
+def online_source(cfg: TrainConfig, teacher_dir: str):
+    """train()'s data source for online KD: the cache's batches in the same order (one process), with the
+    head recomputed live by the resident teacher at k = V and T."""
+    import dataclasses
 
-    teacher_dir: str = ""
+    from pikv_offline.teacher.model import logit_targets
+    from transformers import AutoModelForCausalLM
 
-    def __iter__(self):
-        from pikv_offline.teacher.model import logit_targets
-        from transformers import AutoModelForCausalLM
+    cache = open_cache(cfg.cache)
+    plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence)
+    cached = D.train_batches(cfg.cache, D.CacheIndex(cache, cfg.eval_fraction), plan, seed=cfg.seed,
+                             batch_size=cfg.batch_size, rank=0, world_size=1, num_workers=0, pin_memory=False)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    temps = (1.0,) if cfg.temperature == 1.0 else (1.0, cfg.temperature)
 
-        teacher = AutoModelForCausalLM.from_pretrained(self.teacher_dir, dtype=torch.float32).eval()
-        vocab = teacher.get_output_embeddings().weight.shape[0]
-        temps = (1.0,) if self.t_index == 0 else (1.0, self.temperature)
-        for batch in super().__iter__():
-            got = logit_targets(teacher, batch["input_ids"], vocab, temps)
-            batch.update(t_ids=got["ids"], t_logprobs=got["logprobs"], t_tnorm=got["tnorm"][..., -1])
-            yield batch
+    def source(epoch: int, start: int):
+        for batch in cached(epoch, start):
+            got = logit_targets(teacher, batch.input_ids, vocab, temps)
+            yield dataclasses.replace(batch, head_ids=got["ids"], head_logprobs=got["logprobs"],
+                                      tnorm=got["tnorm"][..., -1])
+    return source
 
 
 def main() -> None:
@@ -82,7 +88,7 @@ def main() -> None:
         path, tail = spec.rsplit(":", 1)
         c = open_cache(path)
         logit_bytes = sum(v for a, v in describe(path)["bytes_per_token"].items() if a.startswith("logits/"))
-        name = f"k={c.top_k}" + (f"+{c.tail} sampled" if c.tail else "") + f" {c.encoding}, {logit_bytes:.0f} B/token"
+        name = f"k={c.top_k}" + (f"+{c.draws} sampled" if c.draws else "") + f" {c.encoding}, {logit_bytes:.0f} B/token"
         runs += [(f"offline {name}, {tail}, T={t:g}", dict(cache=path, tail=tail, temperature=t,
                                                            ce_weight=args.ce_weight), False) for t in temps]
     rows = []
@@ -93,17 +99,8 @@ def main() -> None:
             cfg = TrainConfig(student_config=student_cfg, out=out, max_steps=args.steps,
                               batch_size=args.batch_size, lr=args.lr, warmup_steps=20, eval_fraction=0.0,
                               log_every=10**9, seed=0, num_workers=0 if online else 1, **kw)
-            real = D.TrainStream
-            if online:
-                OnlineStream.teacher_dir = teacher
-                OnlineStream.temperature = cfg.temperature
-                D.TrainStream = OnlineStream
-            try:
-                res = train(cfg)
-            finally:
-                D.TrainStream = real
-            ev = evaluate(cache=heldout, student=os.path.join(out, "final"), eval_fraction=1.0,
-                          temperature=1.0)
+            res = train(cfg, online_source(cfg, teacher) if online else None)
+            ev = evaluate(EvalConfig(cache=heldout, student=os.path.join(out, "final"), eval_fraction=1.0))
             hist = res["history"]
             tps = sum(n for _, n in hist[1:]) / (hist[-1][0] - hist[0][0])
             row = {"bench": "quality", "run": name, "heldout_ce": round(ev["eval_ce"], 4),

@@ -10,9 +10,9 @@ measured error (max error over its group's absmax, relative RMS error) over ever
 Quality: one cache (top-64, T=1, hidden states of teacher layers 1 and 3 in bf16) and students
 trained 300 steps with KD+CE, evaluated on the held-out cache:
   fresh student                  the demo's student config, random init
-  fresh student + feature loss   plus --feature-weight (teacher layers 1, 3 -> student layers 0, 1)
+  fresh student + feature loss   plus --hidden-weight (teacher layers 1, 3 -> student layers 0, 1)
   make-student 0,2               `pikv make-student --keep-layers 0,2` (half the teacher's layers)
-  make-student 0,2 + feature     plus --feature-weight with the same default map
+  make-student 0,2 + feature     plus --hidden-weight with the same default map
 Prints one JSON line per measurement, then markdown tables.
 """
 
@@ -27,7 +27,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pikv_offline.cache.reader import describe  # noqa: E402
-from pikv_offline.config import DumpConfig, TrainConfig, parse_targets  # noqa: E402
+from pikv_offline.config import DumpConfig, EvalConfig, TrainConfig, parse_targets  # noqa: E402
 from pikv_offline.student.evaluate import run as evaluate  # noqa: E402
 from pikv_offline.student.train import run as train  # noqa: E402
 from pikv_offline.teacher.dump import run as dump  # noqa: E402
@@ -63,7 +63,7 @@ def quality(args, teacher: str, corpus: str, held: str, student_cfg: str, tmp: s
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pikv_offline.student.make import make
+    from pikv_offline.tools.make_student import make
 
     cache, heldout = os.path.join(tmp, "cache-hidden"), os.path.join(tmp, "cache-heldout")
     dump(DumpConfig(teacher=teacher, data=corpus, out=cache, seq_len=128, top_k=64, temperatures=(1.0,),
@@ -74,9 +74,9 @@ def quality(args, teacher: str, corpus: str, held: str, student_cfg: str, tmp: s
     make(AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32), [0, 2]).save_pretrained(made)
     AutoTokenizer.from_pretrained(teacher).save_pretrained(made)
     runs = [("fresh student", dict(student_config=student_cfg)),
-            ("fresh student + feature", dict(student_config=student_cfg, feature_weight=args.feature_weight)),
+            ("fresh student + feature", dict(student_config=student_cfg, hidden_weight=args.hidden_weight)),
             ("make-student 0,2", dict(student=made)),
-            ("make-student 0,2 + feature", dict(student=made, feature_weight=args.feature_weight))]
+            ("make-student 0,2 + feature", dict(student=made, hidden_weight=args.hidden_weight))]
     rows = []
     for seed in args.seeds:
         for i, (name, kw) in enumerate(runs):
@@ -84,11 +84,11 @@ def quality(args, teacher: str, corpus: str, held: str, student_cfg: str, tmp: s
             res = train(TrainConfig(cache=cache, out=out, max_steps=args.steps, batch_size=16, lr=3e-3,
                                     warmup_steps=20, eval_fraction=0.0, log_every=10**9, seed=seed, ce_weight=1.0,
                                     **kw))
-            ev = evaluate(cache=heldout, student=os.path.join(out, "final"), eval_fraction=1.0)
+            ev = evaluate(EvalConfig(cache=heldout, student=os.path.join(out, "final"), eval_fraction=1.0))
             hist = res["history"]
             row = {"bench": "rich-quality", "run": name, "seed": seed, "heldout_ce": round(ev["eval_ce"], 4),
                    "heldout_top1": round(ev["eval_top1"], 4),
-                   "last_feature": round(res["last"].get("feature", 0), 5),
+                   "last_feature": round(res["last"].get("hidden", 0), 5),
                    "tokens_per_s": round(sum(n for _, n in hist[1:]) / (hist[-1][0] - hist[0][0]), 1)}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--storage-seqs", type=int, default=128)
-    ap.add_argument("--feature-weight", type=float, default=1.0)
+    ap.add_argument("--hidden-weight", type=float, default=1.0)
     ap.add_argument("--seeds", default="0", help="Seeds of the quality runs (init and data order), e.g. 0,1,2")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-storage", action="store_true")

@@ -20,7 +20,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pikv_offline.cache.verify import VerifyConfig, recompute  # noqa: E402
+from pikv_offline.config import VerifyConfig  # noqa: E402
+from pikv_offline.tools.fidelity import recompute  # noqa: E402
 from pikv_offline.config import DumpConfig  # noqa: E402
 from pikv_offline.teacher import dump as dump_mod  # noqa: E402
 

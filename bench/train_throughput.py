@@ -9,7 +9,7 @@ Each mode runs in its own process (so peak memory is its own):
            sampled when it holds draws), kd-weight 1.
   kd+ce    the same with ce-weight 0.5.
   kd+ce+rich  (a cache with rich targets) kd+ce plus every rich loss the cache can feed, weight 1 each
-           (--feature-weight / --kv-weight / --router-weight / --expert-weight).
+           (--hidden-weight / --kv-weight / --router-weight / --experts-weight).
 Tokens/s counts loss tokens over the timed steps (the first --warmup steps are not timed). Peak
 memory is the process's max RSS on CPU and torch.cuda.max_memory_allocated on GPU. Prints one
 JSON line per mode and a summary line.
@@ -79,12 +79,13 @@ def run_ce(args, device) -> dict:
 
 
 def run_kd(args, device, ce_weight: float, rich: bool = False) -> dict:
+    from pikv_offline.cache.format import RICH_KINDS
     from pikv_offline.cache.reader import open_cache
-    from pikv_offline.config import RICH_WEIGHTS, TrainConfig
+    from pikv_offline.config import TrainConfig, weight_field
     from pikv_offline.student.train import run
 
-    targets = open_cache(args.cache).attrs["targets"]
-    weights = {w: 1.0 for w, kind in RICH_WEIGHTS.items() if rich and kind in targets}
+    targets = open_cache(args.cache).attrs.targets
+    weights = {weight_field(kind): 1.0 for kind in RICH_KINDS if rich and kind in targets}
     with tempfile.TemporaryDirectory() as out:
         res = run(TrainConfig(cache=args.cache, student_config=args.student_config, out=out,
                               max_steps=args.steps + args.warmup, batch_size=args.batch_size, kd_weight=1.0,

@@ -1,9 +1,16 @@
-"""Frozen, validated configs of the stages; the CLI builds them, each stage's run(cfg) takes one."""
+"""Frozen, validated configs of every command; the CLI builds its options from them, run(cfg) takes one.
+
+A field's metadata (``opt``) holds its help text, choices and, where they differ from the field,
+its flag and how the flag's text is parsed; cli/ turns each field into a click option, so names,
+defaults, choices and help have this one source.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import typing
 from dataclasses import dataclass
 
 from .cache.format import DEFAULT_TENSOR_ENCODING, ENCODINGS, INT8_KINDS, MAX_TAIL, RICH_KINDS, TENSOR_ENCODINGS
@@ -11,6 +18,16 @@ from .errors import PikvError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def opt(default=dataclasses.MISSING, help: str = "", *, flag: str | None = None, choices=None, parse=None,
+        show: str | None = None, argument: bool = False, metavar: str | None = None, cli: bool = True):
+    """A config field with what its command-line option needs: ``flag`` (default --field-name; a
+    --no-X flag of a bool stores False), ``choices``, ``parse`` (text -> value, for values given as one
+    string such as '1,2,4'), ``show`` (the default as a user writes it), ``argument`` (positional)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "parse": parse, "show": show, "argument": argument,
+            "metavar": metavar, "cli": cli}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def parse_temperatures(text: str) -> tuple[float, ...]:
@@ -66,28 +83,36 @@ def parse_targets(specs) -> tuple[tuple[str, tuple[int, ...] | None, str], ...]:
 
 @dataclass(frozen=True)
 class DumpConfig:
-    teacher: str
-    data: str
-    out: str
-    text_field: str | None = None  # "text" when neither field is given
-    chat_field: str | None = None
-    split: str = "train"
-    data_config: str | None = None
-    seq_len: int = 1024
-    pack: bool = True
-    max_sequences: int | None = None
-    top_k: int = 64
-    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
-    batch_size: int = 8
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    overwrite: bool = False
-    shard_seqs: int = 64
-    sampled_tail: int = 0  # draws per position from the teacher's distribution outside the top-k
-    encoding: str = "fp16"
-    targets: tuple = ()  # parse_targets(): rich targets (hidden / kv / router / experts)
-    max_cache_gb: float | None = None  # refuse a larger estimate; None: the free disk at --out
+    teacher: str = opt(help="Teacher: a local HF folder or a hub id.")
+    data: str = opt(help="Local file/folder (jsonl, json, parquet, txt, csv, arrow) or a datasets hub name.")
+    out: str = opt(help="Cache folder to create (or resume).")
+    text_field: str | None = opt(None, "Column holding plain text [default: text].")  # "text" when neither is given
+    chat_field: str | None = opt(None, "Column holding chat turns [{role, content}]; loss on assistant tokens only.")
+    split: str = opt("train")
+    data_config: str | None = opt(None, "Config name of a hub dataset.")
+    seq_len: int = opt(1024)
+    pack: bool = opt(True, "One document per sequence (split, padded) instead of packing.", flag="--no-pack")
+    max_sequences: int | None = opt(None, "Dump only the first N sequences.")
+    top_k: int = opt(64, "Exact teacher ids per position (0: none, with --sampled-tail).")
+    temperatures: tuple[float, ...] = opt((1.0, 2.0, 4.0), "Grid of temperatures whose full-vocabulary normalizer "
+                                          "is stored (T=1 is always included, first).",
+                                          parse=lambda text: parse_temperatures(text), show="1,2,4")
+    batch_size: int = opt(8)
+    dtype: str = opt("auto", choices=DTYPES)
+    device: str = opt("auto", choices=DEVICES)
+    device_map: str | None = opt(None, "Spread a teacher too large for one GPU over all visible GPUs (one process, "
+                                 "accelerate).", choices=("auto",))
+    overwrite: bool = opt(False, "Replace an existing cache of different inputs.")
+    shard_seqs: int = opt(64, "Sequences per zarr shard file (the unit of writing and of resume).", flag="--shard-size")
+    sampled_tail: int = opt(0, "Also draw N ids per position from the teacher outside the top-k (an unbiased tail "
+                            "estimate for KD).")
+    encoding: str = opt("fp16", "Log-prob storage: fp16 (rel. error 2^-11) or the compact bf16 (2^-8, ~1/3 fewer "
+                        "bytes).", choices=tuple(ENCODINGS))
+    targets: tuple = opt((), "Also store hidden:L,.. (hidden states after layers), kv:L,.. (cached keys/values), "
+                         "router (MoE router logits), experts:L,.. (MoE block outputs); @fp16|bf16|int8 [default "
+                         "bf16]. Repeatable.", parse=lambda specs: parse_targets(specs), metavar="KIND[:LAYERS][@ENC]")
+    max_cache_gb: float | None = opt(None, "Refuse a dump whose estimated size exceeds this [default: the free disk "
+                                     "at --out].")
 
     def __post_init__(self):
         if self.chat_field and self.text_field:
@@ -153,54 +178,63 @@ def parse_freeze(specs) -> tuple[str, ...]:
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 FEATURE_LOSSES = ("mse", "cosine")
-RICH_WEIGHTS = {"feature_weight": "hidden", "kv_weight": "kv", "router_weight": "router", "expert_weight": "experts"}
 TAILS = ("auto", "bucket", "renorm", "sampled")
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
+def weight_field(kind: str) -> str:
+    """The TrainConfig field (and, dashed, the flag) of a rich target kind's loss weight: hidden -> hidden_weight."""
+    return f"{kind}_weight"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    cache: str
-    out: str
-    student: str | None = None
-    student_config: str | None = None
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
-    temperature: float = 1.0
-    divergence: str = "forward_kl"
-    tail: str = "auto"  # sampled when the cache holds a sampled tail, else bucket
-    top_k: int | None = None  # None: the cached k
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-4
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    decay_fraction: float = 0.2  # WSD: share of the steps spent decaying
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    max_steps: int | None = None
-    epochs: float | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    save_every: int = 0
-    eval_every: int = 0
-    eval_fraction: float = 0.01
-    log_every: int = 10
-    resume: bool = False
-    tensorboard: bool = False
-    wandb: bool = False
-    zero: bool = False
-    loss_chunk: int = 0  # positions per chunk of the vocabulary projection + loss; 0 = no chunking
-    num_workers: int = 1
-    feature_weight: float = 0.0  # hidden-state targets
-    kv_weight: float = 0.0
-    router_weight: float = 0.0
-    expert_weight: float = 0.0
-    feature_loss: str = "mse"  # hidden, kv and experts: mse or cosine after the projection
-    layer_map: str | None = None  # "4:2,8:4" teacher:student; None: evenly spaced by depth
-    freeze: tuple = ()
+    cache: str = opt(help="Teacher cache written by `pikv dump-teacher`.")
+    out: str = opt(help="Run folder: checkpoints, final/, metrics.jsonl.")
+    student: str | None = opt(None, "Student: a HF model folder or hub id (fine-tuned from its weights).")
+    student_config: str | None = opt(None, "Student: a config json (fresh init with AutoConfig.for_model).")
+    kd_weight: float = opt(1.0)
+    ce_weight: float = opt(0.0)
+    temperature: float = opt(1.0)
+    divergence: str = opt("forward_kl", choices=DIVERGENCES)
+    tail: str = opt("auto", "Teacher mass outside the top-k: one bucket, renormalize it away, or the sampled tail's "
+                    "unbiased estimate. auto: sampled when the cache holds a sampled tail, else bucket.", choices=TAILS)
+    top_k: int | None = opt(None, "Use only the first N cached ids (<= cached k).")  # None: the cached k
+    batch_size: int = opt(8, "Sequences per micro-batch per rank.")
+    grad_accum: int = opt(1)
+    lr: float = opt(3e-4)
+    schedule: str = opt("cosine", choices=SCHEDULES)
+    warmup_steps: int = opt(0)
+    min_lr_ratio: float = opt(0.1)
+    decay_fraction: float = opt(0.2, "WSD: share of steps spent decaying.")
+    weight_decay: float = opt(0.1)
+    grad_clip: float = opt(1.0, "0 disables clipping.")
+    max_steps: int | None = opt(None)
+    epochs: float | None = opt(None)
+    dtype: str = opt("auto", choices=DTYPES)
+    device: str = opt("auto", choices=DEVICES)
+    seed: int = opt(0)
+    save_every: int = opt(0, "Checkpoint every N steps (0: only at the end).")
+    eval_every: int = opt(0, "Held-out eval every N steps (0: only at the end).")
+    eval_fraction: float = opt(0.01)
+    log_every: int = opt(10)
+    resume: bool = opt(False, "Continue from the latest checkpoint in --out.")
+    tensorboard: bool = opt(False)
+    wandb: bool = opt(False)
+    zero: bool = opt(False, "Shard optimizer state over ranks (ZeroRedundancyOptimizer).")
+    loss_chunk: int = opt(0, "Positions per chunk of the LM head + loss (checkpointed); 0 = whole micro-batch.")
+    num_workers: int = opt(1, "DataLoader worker processes (0 or 1).")
+    hidden_weight: float = opt(0.0, "Hidden-state loss (cache --targets hidden) after a learned student->teacher "
+                               "projection.")
+    kv_weight: float = opt(0.0, "Key/value loss (cache --targets kv).")
+    router_weight: float = opt(0.0, "KL to the teacher's router per MoE layer (cache --targets router; MoE student, "
+                               "same expert count).")
+    experts_weight: float = opt(0.0, "MoE block output loss (cache --targets experts) against the student's MoE/MLP "
+                                "block.")
+    feature_loss: str = opt("mse", "Loss of the feature targets (hidden, kv, experts).", choices=FEATURE_LOSSES)
+    layer_map: str | None = opt(None, "Teacher:student layer pairs, e.g. 4:2,8:4 [default: each cached layer to the "
+                                "student layer at the same relative depth].")
+    freeze: tuple = opt((), "Freeze mlp, embeddings (with a tied head: the head too) or layers:0,2. Repeatable.")
 
     def __post_init__(self):
         if bool(self.student) == bool(self.student_config):
@@ -213,10 +247,9 @@ class TrainConfig:
             raise PikvError(f"--schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise PikvError(f"--temperature must be a positive number; got {self.temperature}")
-        weights = [self.kd_weight, self.ce_weight, *(getattr(self, w) for w in RICH_WEIGHTS)]
-        if any(not (math.isfinite(w) and w >= 0) for w in weights) or sum(weights) == 0:
-            raise PikvError("--kd-weight, --ce-weight, --feature-weight, --kv-weight, --router-weight and "
-                            "--expert-weight must be >= 0 and not all 0")
+        weights = self.loss_weights()
+        if any(not (math.isfinite(w) and w >= 0) for w in weights.values()) or sum(weights.values()) == 0:
+            raise PikvError(", ".join(f"--{k}-weight" for k in weights) + " must be >= 0 and not all 0")
         if self.feature_loss not in FEATURE_LOSSES:
             raise PikvError(f"--feature-loss must be one of {', '.join(FEATURE_LOSSES)}; got {self.feature_loss}")
         if self.layer_map is not None:
@@ -250,6 +283,112 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each loss by its name (kd, ce, and each rich target kind)."""
+        return {"kd": self.kd_weight, "ce": self.ce_weight,
+                **{kind: getattr(self, weight_field(kind)) for kind in RICH_KINDS}}
+
     def data_order(self) -> dict:
         """The settings that fix which sequences each step sees; a resume must not change them."""
         return {k: getattr(self, k) for k in ("seed", "batch_size", "grad_accum", "eval_fraction")}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    cache: str = opt(help="Teacher cache written by `pikv dump-teacher`.")
+    student: str = opt(help="A student folder, e.g. RUN/final or RUN/checkpoint-N.")
+    temperature: float = opt(1.0)
+    divergence: str = opt("forward_kl", choices=DIVERGENCES)
+    tail: str = opt("auto", "auto: sampled when the cache holds a sampled tail, else bucket.", choices=TAILS)
+    top_k: int | None = opt(None)
+    eval_fraction: float = opt(0.01, "The held-out share train-student used; 1 evaluates on every sequence (a "
+                               "held-out cache).")
+    batch_size: int = opt(8)
+    device: str = opt("auto", choices=DEVICES)
+    as_json: bool = opt(False, "Print one JSON object.", flag="--json")
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    cache: str = opt(argument=True, metavar="CACHE_DIR")
+    as_json: bool = opt(False, "Print one JSON object.", flag="--json")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    cache: str = opt(argument=True, metavar="CACHE_DIR")
+    recompute: int = opt(0, "Re-run the teacher on the first N sequences and measure the cache's fidelity per loss "
+                         "mode and T.")
+    teacher: str | None = opt(None, "The teacher that wrote the cache (for --recompute).")
+    student: str | None = opt(None, "A student folder: adds the gradient angle of each mode vs full KD.")
+    device: str = opt("auto", choices=DEVICES)
+    batch_size: int = opt(8)
+    as_json: bool = opt(False, "Print one JSON object.", flag="--json")
+
+    def __post_init__(self):
+        if self.recompute < 0:
+            raise PikvError(f"--recompute must be >= 0; got {self.recompute}")
+        if self.recompute and not self.teacher:
+            raise PikvError("--recompute N needs --teacher DIR (the teacher that wrote the cache)")
+        if self.student and not self.recompute:
+            raise PikvError("--student is used only with --recompute N (the gradient angle)")
+
+
+@dataclass(frozen=True)
+class MakeStudentConfig:
+    teacher: str = opt(help="Teacher: a local HF folder or a hub id.")
+    keep_layers: str = opt(help="Teacher layers to copy, in order, e.g. 0,2,4,6.")  # negative ones count from the end
+    out: str = opt(help="Folder for the student (weights, config, tokenizer).")
+    overwrite: bool = opt(False, "Replace a non-empty --out.")
+
+
+NOT_SWEEPABLE = {"cache", "out", "student", "student_config", "resume", "layer_map", "freeze"}
+
+
+def _caster(field: dataclasses.Field):
+    ann = str(field.type)
+    if "bool" in ann:
+        return lambda v: v.lower() in ("1", "true", "yes")
+    if "float" in ann:
+        return float
+    if "int" in ann:
+        return int
+    return str
+
+
+def parse_grid(specs: typing.Sequence[str]) -> tuple[tuple[str, tuple], ...]:
+    """['temperature=1,2', 'kd-weight=0.5,1'] -> (('temperature', (1.0, 2.0)), ('kd_weight', (0.5, 1.0)))."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    grid = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        name = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not values.strip():
+            raise PikvError(f"--grid {spec!r}: write it as flag=v1,v2,... e.g. --grid temperature=1,2")
+        if name not in fields or name in NOT_SWEEPABLE:
+            raise PikvError(f"--grid {spec!r}: {key} is not a train-student setting that can be swept")
+        if any(name == g[0] for g in grid):
+            raise PikvError(f"--grid names {key} twice; give all its values in one --grid")
+        try:
+            grid.append((name, tuple(_caster(fields[name])(v.strip()) for v in values.split(","))))
+        except ValueError:
+            raise PikvError(f"--grid {spec!r}: a value is not a valid {fields[name].type}")
+    if not grid:
+        raise PikvError("give at least one --grid flag=v1,v2,...")
+    return tuple(grid)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    out: str = opt(help="Sweep folder: one run folder per grid point, results.csv, results.png.")
+    grid: tuple = opt(help="flag=v1,v2,... over a train-student flag, e.g. --grid temperature=1,2,4; repeat for a "
+                      "cross product.", parse=lambda specs: parse_grid(specs))
+    base: dict = opt(cli=False)  # the fixed train-student settings (every TrainConfig field but out and resume)
+
+    def points(self) -> list[dict]:
+        names = [g[0] for g in self.grid]
+        return [dict(zip(names, combo)) for combo in itertools.product(*(g[1] for g in self.grid))]
+
+    def run_name(self, point: dict) -> str:
+        return "_".join(f"{k.replace('_', '-')}={v:g}" if isinstance(v, float) else f"{k.replace('_', '-')}={v}"
+                        for k, v in point.items())

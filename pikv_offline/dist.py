@@ -79,3 +79,11 @@ def all_gather_object(obj) -> list:
 def print0(*args, **kwargs) -> None:
     if env_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """The sums over ranks of a few numbers (float64, so token counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()

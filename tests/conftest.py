@@ -32,7 +32,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def texts():
-    from pikv_offline.corpus import docstrings
+    from pikv_offline.tools.corpus import docstrings
 
     return docstrings()[:400]
 
@@ -44,13 +44,13 @@ def corpus(workdir, texts):
 
 @pytest.fixture(scope="session")
 def tokenizer(texts):
-    from pikv_offline.toy import train_tokenizer
+    from pikv_offline.tools.toy import train_tokenizer
 
     return train_tokenizer(texts, vocab_size=VOCAB)
 
 
 def _teacher(workdir, tokenizer, kind):
-    from pikv_offline.toy import make_model
+    from pikv_offline.tools.toy import make_model
 
     path = workdir / f"teacher-{kind}"
     if not path.exists():
@@ -108,9 +108,9 @@ def trained_cache(workdir, tokenizer, texts):
     import numpy as np
 
     from pikv_offline.config import DumpConfig
-    from pikv_offline.demo import train_lm
+    from pikv_offline.tools.toy import train_lm
     from pikv_offline.teacher.dump import run
-    from pikv_offline.toy import make_model
+    from pikv_offline.tools.toy import make_model
 
     path = workdir / "trained-teacher"
     stream = np.concatenate([np.asarray(t + [tokenizer.eos_token_id]) for t in tokenizer(texts)["input_ids"]])

@@ -103,7 +103,7 @@ def bad_caches(train_cache, workdir):
 
 @pytest.fixture(scope="module")
 def mismatched_students(workdir, texts, tokenizer):
-    from pikv_offline.toy import make_model, train_tokenizer
+    from pikv_offline.tools.toy import make_model, train_tokenizer
 
     small = workdir / "student-small-vocab"
     make_model("llama", 100, hidden=32, layers=1, context=64).save_pretrained(small)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import CONTEXT, VOCAB, pikv_subprocess, write_jsonl
 from pikv_offline.cache import format as F
+from pikv_offline.cache import layout as Y
 from pikv_offline.cache.reader import describe, open_cache, read_root_attrs
 from pikv_offline.config import DumpConfig, parse_targets
 from pikv_offline.errors import PikvError
@@ -124,7 +125,7 @@ def _assert_same(a, b, exact=True):
 
 def test_two_ranks_equal_one_rank(one_rank_cache, two_rank_cache):
     c2 = open_cache(str(two_rank_cache))
-    assert len(c2.shards) == 2 and [c2.shard_len(i) for i in range(2)] == [11, 11]
+    assert len(c2.groups) == 2 and [c2.group_len(i) for i in range(2)] == [11, 11]
     a, b = open_cache(str(one_rank_cache)).read_all(), c2.read_all()
     for name in (F.INPUT_IDS, F.LOSS_MASK, F.SAMPLE_ID):
         np.testing.assert_array_equal(a[name], b[name])
@@ -134,7 +135,7 @@ def test_two_ranks_equal_one_rank(one_rank_cache, two_rank_cache):
     assert (a[F.HEAD_IDS] == b[F.HEAD_IDS]).mean() > 0.999
     # The tail's draws are seeded per sample id, so the split over ranks does not change them.
     assert (a[F.TAIL_IDS] == b[F.TAIL_IDS]).mean() > 0.999 and (a[F.TAIL_COUNTS] == b[F.TAIL_COUNTS]).mean() > 0.999
-    assert c2.attrs["cache_key"] == open_cache(str(one_rank_cache)).attrs["cache_key"]
+    assert c2.attrs.cache_key == open_cache(str(one_rank_cache)).attrs.cache_key
 
 
 @pytest.mark.parametrize("fault", ["commit:2", "write:2"])
@@ -146,7 +147,7 @@ def test_killed_and_resumed_equals_uninterrupted(fault, llama_teacher, corpus, w
     with pytest.raises(PikvError, match="incomplete"):
         open_cache(str(out))
     partial = open_cache(str(out), allow_incomplete=True)
-    assert partial.shard_len(0) == (8 if fault == "commit:2" else 4)
+    assert partial.group_len(0) == (8 if fault == "commit:2" else 4)
     p = pikv_subprocess(_cli_args(llama_teacher, corpus, out))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resuming" in p.stdout
@@ -175,10 +176,9 @@ def test_cache_hit_skips_teacher_and_key_mismatch_is_refused(llama_teacher, corp
         raise AssertionError("the teacher must not be loaded on a cache hit")
 
     monkeypatch.setattr(dump_mod.M, "load_model", no_teacher)
-    t0 = time.perf_counter()
     res = dump(llama_teacher, corpus, one_rank_cache, max_sequences=22, sampled_tail=8,
                targets=parse_targets(RICH[1::2]))
-    assert res["cache_hit"] and time.perf_counter() - t0 < 20
+    assert res["cache_hit"]
     assert sorted(os.walk(one_rank_cache)) == before
     with pytest.raises(PikvError, match="different inputs"):
         dump(llama_teacher, corpus, one_rank_cache, max_sequences=22, sampled_tail=8,
@@ -202,8 +202,12 @@ def test_corrupted_chunk_is_detected(llama_teacher, corpus, workdir):
     data = bytearray(shard_file.read_bytes())
     data[10] ^= 0xFF
     shard_file.write_bytes(bytes(data))
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="checksum"):  # zarr's crc32c codec, on any read
         open_cache(str(out)).read_all()
+    from pikv_offline.cache.verify import check_integrity
+
+    with pytest.raises(PikvError, match="rank-00000 has an unreadable chunk in sequences \\[0, 4\\)"):
+        check_integrity(str(out))
 
 
 def test_no_pack_pads_and_masks(llama_teacher, workdir):
@@ -227,12 +231,12 @@ CHATS = [
 
 @pytest.mark.parametrize("template", ["own", "fallback"])
 def test_chat_loss_mask_covers_exactly_assistant_tokens(template, tokenizer, workdir, texts):
-    from pikv_offline.toy import make_model
+    from pikv_offline.tools.toy import make_model
 
     teacher = workdir / f"chat-teacher-{template}"
     tok = tokenizer
     if template == "fallback":
-        from pikv_offline.toy import train_tokenizer
+        from pikv_offline.tools.toy import train_tokenizer
 
         tok = train_tokenizer(texts, vocab_size=VOCAB, chat_template=False)
     make_model("llama", len(tok), hidden=32, layers=1, context=CONTEXT).save_pretrained(teacher)
@@ -270,7 +274,7 @@ def test_inspect_reports_bytes_per_token(one_rank_cache):
 
 def test_sampled_tail_is_stored_as_drawn(one_rank_cache, llama_teacher):
     cache = open_cache(str(one_rank_cache))
-    assert cache.tail == 8 and cache.top_k == 16
+    assert cache.draws == 8 and cache.top_k == 16
     got = cache.read_all()
     head, ids, counts = got[F.HEAD_IDS], got[F.TAIL_IDS], got[F.TAIL_COUNTS]
     assert (counts.sum(-1) == 8).all()
@@ -327,24 +331,26 @@ def test_verify_catches_inconsistent_metadata(one_rank_cache, workdir):
 
     import zarr
 
-    from pikv_offline.cache.verify import VerifyConfig, run
+    from pikv_offline.config import VerifyConfig
+    from pikv_offline.tools.fidelity import run
 
     bad = workdir / "verify-meta"
     shutil.copytree(one_rank_cache, bad)
     g = zarr.open_group(str(bad / "shards" / "rank-00000"), mode="r+")
-    meta = dict(g.attrs[F.SHARD_ATTR])
-    g.attrs[F.SHARD_ATTR] = {**meta, "committed": meta["committed"] - 4}
+    meta = dict(g.attrs[Y.GROUP_ATTR])
+    g.attrs[Y.GROUP_ATTR] = {**meta, "committed": meta["committed"] - 4}
     with pytest.raises(PikvError, match="rank-00000 holds 18 committed"):
         run(VerifyConfig(cache=str(bad)))
-    g.attrs[F.SHARD_ATTR] = meta
+    g.attrs[Y.GROUP_ATTR] = meta
     g[F.SAMPLE_ID][0:2] = [1, 0]
-    with pytest.raises(PikvError, match="sample ids are not this shard's"):
+    with pytest.raises(PikvError, match="sample ids are not this writer group's"):
         run(VerifyConfig(cache=str(bad)))
 
 
 def test_verify_recompute_measures_fidelity(one_rank_cache, llama_teacher, gpt2_teacher, workdir, tokenizer):
-    from pikv_offline.cache.verify import VerifyConfig, run
-    from pikv_offline.toy import make_model
+    from pikv_offline.config import VerifyConfig
+    from pikv_offline.tools.fidelity import run
+    from pikv_offline.tools.toy import make_model
 
     student = workdir / "verify-student"
     make_model("llama", len(tokenizer), hidden=32, layers=1, context=CONTEXT, seed=4).save_pretrained(student)
@@ -368,4 +374,4 @@ def test_verify_recompute_measures_fidelity(one_rank_cache, llama_teacher, gpt2_
 
 
 def _corpus_of(cache_dir) -> str:
-    return open_cache(str(cache_dir)).attrs["data"]["data"]
+    return open_cache(str(cache_dir)).attrs.data["data"]

@@ -114,8 +114,9 @@ def test_divergence_rejects_unknown():
 
 
 def test_chunked_loss_equals_plain(tokenizer):
-    from pikv_offline.student.train import Distiller
-    from pikv_offline.toy import make_model
+    from pikv_offline.student.data import Batch, TargetPlan
+    from pikv_offline.student.distiller import Distiller
+    from pikv_offline.tools.toy import make_model
 
     student = make_model("llama", len(tokenizer), hidden=32, layers=1, context=64, seed=3)
     g = torch.Generator().manual_seed(1)
@@ -124,15 +125,16 @@ def test_chunked_loss_equals_plain(tokenizer):
     loss_mask = torch.rand(b, length, generator=g) > 0.2
     t_logits = torch.randn(b, length, v, generator=g) * 2
     ids, top, lse = teacher_targets(t_logits.reshape(-1, v), k)
-    batch = dict(input_ids=input_ids, loss_mask=loss_mask, t_ids=ids.reshape(b, length, k),
-                 t_logprobs=top.reshape(b, length, k), t_tnorm=lse[:, 0].reshape(b, length),
-                 tail_ids=torch.zeros(b, length, 0, dtype=torch.long), tail_logprobs=torch.zeros(b, length, 0),
-                 tail_counts=torch.zeros(b, length, 0))
+    batch = Batch(input_ids=input_ids, loss_mask=loss_mask, sample_id=torch.arange(b), head_ids=ids.reshape(b, length, k),
+                  head_logprobs=top.reshape(b, length, k), tnorm=lse[:, 0].reshape(b, length),
+                  tail_ids=torch.zeros(b, length, 0, dtype=torch.long), tail_logprobs=torch.zeros(b, length, 0),
+                  tail_counts=torch.zeros(b, length, 0))
+    plan = TargetPlan(top_k=k, temperature=1.0, grid_index=0, tail="bucket", draws=0, rel_error=2.0 ** -11)
     results = []
     for chunk in (0, 7):
         student.zero_grad()
-        net = Distiller(student, temperature=1.0, divergence="forward_kl", tail="bucket", loss_chunk=chunk)
-        losses, top1, n = net(**batch)
+        net = Distiller(student, plan, weights={"kd": 1.0, "ce": 0.5}, loss_chunk=chunk)
+        losses, top1, n = net(batch)
         kd, ce = losses["kd"], losses["ce"]
         (kd + 0.5 * ce).backward()
         results.append((kd.detach(), ce.detach(), int(top1), n,

@@ -23,7 +23,7 @@ from pikv_offline.config import DumpConfig, TrainConfig, parse_targets
 from pikv_offline.errors import PikvError
 from pikv_offline.student import data as D
 from pikv_offline.student.losses import feature_loss, router_loss
-from pikv_offline.student.make import make
+from pikv_offline.tools.make_student import make
 
 MOE = dict(model_type="qwen2_moe", hidden_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
            intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
@@ -82,7 +82,6 @@ def test_tensor_encodings_meet_their_bounds():
         values, scale = F.encode_tensor(x, enc, group)
         back = F.decode_tensor(values, scale, enc, group)
         e = F.error_summary(F.encoding_error(x, back, group))
-        print(enc, e)
         assert e["max_error_over_absmax"] <= bound * (1 + 1e-5), (enc, e)
         assert e["max_error_over_absmax"] > bound / 4, "the bound is tight, so the measurement is real"
         assert (back[1, 1] == 0).all()
@@ -104,7 +103,7 @@ def test_targets_parse_and_refuse():
 
 def test_stored_targets_equal_live_forward(rich_cache, moe_teacher):
     cache = open_cache(rich_cache)
-    t = cache.attrs["targets"]
+    t = cache.attrs.targets
     assert t["hidden"]["layers"] == [0, 2] and t["router"]["layers"] == [0, 2] and t["experts"]["layers"] == [0, 2]
     assert t["kv"]["shape"] == [2, 12] and t["router"]["shape"] == [4]
     a = cache.read_all()
@@ -240,26 +239,23 @@ def test_make_student_cli(moe_teacher, tmp_path):
 
 def test_identity_student_has_zero_rich_losses(rich_cache, moe_teacher):
     """A student that is the teacher, with identity projections: every rich loss is at the encoding's noise."""
-    from pikv_offline.student.train import Distiller, resolve_pairs
+    from pikv_offline.student.distiller import Distiller, resolve_pairs
 
     cache = open_cache(rich_cache)
     teacher = AutoModelForCausalLM.from_pretrained(moe_teacher, dtype=torch.float32)
     student = make(teacher, [0, 1, 2])
     pairs = resolve_pairs(cache, student, {"hidden": 1, "kv": 1, "router": 1, "experts": 1}, None)
     assert {(p.kind, p.t, p.s) for p in pairs} >= {("hidden", 2, 2), ("kv", 1, 1), ("router", 0, 0), ("experts", 2, 2)}
-    net = Distiller(student, temperature=1.0, divergence="forward_kl", tail="bucket", loss_chunk=0, pairs=pairs,
-                    targets=cache.attrs["targets"])
-    rich = tuple(cache.rich)
-    b = D.to_tensors(D.read_rows(cache, D.CacheIndex(cache, 0.0).train[:8], cache.logit_names + D.rich_names(rich)),
-                     cache.encoding, 16, 0, rich)
-    b.pop("sample_id")
+    plan = D.plan_targets(cache, None, 1.0, "bucket", rich=tuple(cache.rich))
+    net = Distiller(student, plan, weights={"kd": 1.0, "ce": 1.0}, pairs=pairs, targets=cache.attrs.targets)
+    b = D.to_batch(D.read_rows(cache, D.CacheIndex(cache, 0.0).train[:8], cache.logit_names + D.rich_names(plan.rich)),
+                   cache.encoding, plan)
     with torch.no_grad():
-        losses, _, n = net(**b)
+        losses, _, n = net(b)
         # each loss against the same loss with a zero student: the targets' own energy, layers averaged
-        ref = {k: np.mean([float(feature_loss(b[f"{k}/layer_{i}"].reshape(-1, 1, 48), torch.zeros(1, 1, 48))[0])
+        ref = {k: np.mean([float(feature_loss(b.rich[f"{k}/layer_{i}"].reshape(-1, 1, 48), torch.zeros(1, 1, 48))[0])
                            for i in (0, 2)]) for k in ("hidden", "experts")}
-    print({k: float(v) for k, v in losses.items()}, ref, n)
-    assert losses["feature"] / ref["hidden"] < 1e-5 and losses["expert"] / ref["experts"] < 1e-4
+    assert losses["hidden"] / ref["hidden"] < 1e-5 and losses["experts"] / ref["experts"] < 1e-4
     assert losses["router"] / n < 1e-6 and losses["kd"] / n < 1e-5
     assert losses["kv"] / n < 1e-4
 
@@ -276,8 +272,8 @@ def _student_config(tmp_path, tokenizer, **over):
 
 # Cosine keeps every feature loss O(1): the random teacher's expert outputs are ~1e-2, so their MSE
 # (~1e-6) would carry no weight next to the others.
-ALL_LOSSES = ["--kd-weight", "1", "--feature-weight", "1", "--kv-weight", "1", "--router-weight", "1",
-              "--expert-weight", "1", "--feature-loss", "cosine"]
+ALL_LOSSES = ["--kd-weight", "1", "--hidden-weight", "1", "--kv-weight", "1", "--router-weight", "1",
+              "--experts-weight", "1", "--feature-loss", "cosine"]
 
 
 def test_two_ranks_every_loss_moves_down(rich_cache, tokenizer, tmp_path):
@@ -288,9 +284,8 @@ def test_two_ranks_every_loss_moves_down(rich_cache, tokenizer, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     steps = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss"' in x]
     assert len(steps) == 30
-    for k in ("kd", "feature", "kv", "router", "expert"):
+    for k in ("kd", "hidden", "kv", "router", "experts"):
         first, last = np.mean([s[k] for s in steps[:3]]), np.mean([s[k] for s in steps[-3:]])
-        print(k, first, last)
         assert last < first * 0.95, (k, first, last)
     state = torch.load(out / "checkpoint-30" / "trainer_state.pt", weights_only=False)
     assert {"hidden_0_0.weight", "hidden_2_1.weight", "kv_1_0_key.weight", "experts_2_1.weight"} <= set(state["projections"])
@@ -306,8 +301,8 @@ def test_rich_resume_equals_uninterrupted_and_freeze(rich_cache, tokenizer, tmp_
 
     def train(out, **kw):
         return run(TrainConfig(cache=rich_cache, student_config=_student_config(tmp_path, tokenizer), out=str(out),
-                               max_steps=4, batch_size=4, lr=3e-3, eval_fraction=0.1, num_workers=0, feature_weight=1,
-                               kv_weight=1, router_weight=0.5, expert_weight=1, feature_loss="mse",
+                               max_steps=4, batch_size=4, lr=3e-3, eval_fraction=0.1, num_workers=0, hidden_weight=1,
+                               kv_weight=1, router_weight=0.5, experts_weight=1, feature_loss="mse",
                                layer_map="0:0,1:1,2:1", freeze=("embeddings", "layers:0"), **kw))
 
     train(tmp_path / "full")
@@ -342,10 +337,10 @@ def test_rich_training_refusals(rich_cache, train_cache, student_config, tokeniz
     base = dict(out=str(tmp_path / "r"), max_steps=1, batch_size=4, eval_fraction=0.1, num_workers=0)
     cases = [
         (dict(cache=rich_cache, student_config=student_config, router_weight=1), "the student \\(llama\\) is dense"),
-        (dict(cache=train_cache, student_config=student_config, feature_weight=1), "the cache holds no hidden targets"),
-        (dict(cache=rich_cache, student_config=student_config, feature_weight=1, layer_map="0:5"),
+        (dict(cache=train_cache, student_config=student_config, hidden_weight=1), "the cache holds no hidden targets"),
+        (dict(cache=rich_cache, student_config=student_config, hidden_weight=1, layer_map="0:5"),
          "the student 0..0"),
-        (dict(cache=rich_cache, student_config=student_config, feature_weight=1, layer_map="1:0"),
+        (dict(cache=rich_cache, student_config=student_config, hidden_weight=1, layer_map="1:0"),
          "none of the cache's hidden layers"),
         (dict(cache=rich_cache, student_config=_student_config(tmp_path, tokenizer, num_experts=8), router_weight=1),
          "8 experts, the teacher's 4"),
@@ -358,7 +353,7 @@ def test_rich_training_refusals(rich_cache, train_cache, student_config, tokeniz
         TrainConfig(**base, cache=rich_cache, student_config=student_config, freeze=("attention",))
     with pytest.raises(PikvError, match="--layer-map"):
         TrainConfig(**base, cache=rich_cache, student_config=student_config, layer_map="1-2")
-    assert os.path.isdir(tmp_path)
+    assert not os.path.exists(tmp_path / "r" / "final"), "a refused run leaves no student behind"
 
 
 def test_default_size_limit_is_the_free_disk(moe_teacher, corpus, tmp_path, monkeypatch):
@@ -406,6 +401,12 @@ def test_capture_matches_transformers_outputs(kind, extra):
     moe = sorted(moe_layers(model))
     assert moe == ([] if kind == "gpt2" else [0, 1, 2])
     cap = Capture(model, {"hidden": (0,), "kv": (1,), "router": tuple(moe), "experts": tuple(moe) or (1,)})
+    # The MoE/MLP block of layer 1 adds its output to the residual stream entering its norm, so that
+    # output is HF's hidden state after layer 1 minus that residual (recorded here by a hook of our own).
+    block = model.base_model.h[1] if kind == "gpt2" else model.base_model.layers[1]
+    norm = block.ln_2 if kind == "gpt2" else block.post_attention_layernorm
+    residual = {}
+    norm.register_forward_pre_hook(lambda _m, args: residual.__setitem__("mid", args[0].detach().clone()))
     x = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         model.base_model(input_ids=x, **cap.forward_kwargs())
@@ -415,7 +416,7 @@ def test_capture_matches_transformers_outputs(kind, extra):
     torch.testing.assert_close(got[("kv", 1, "key")], ref.past_key_values.layers[1].keys.transpose(1, 2))
     for layer, live in zip(moe, ref.router_logits if moe else ()):
         torch.testing.assert_close(got[("router", layer)].reshape(live.shape), live)
-    assert got[("experts", (moe or [1])[0])].shape == (2, 9, 32)
+    torch.testing.assert_close(got[("experts", 1)], ref.hidden_states[2] - residual["mid"], atol=1e-5, rtol=1e-4)
 
 
 def test_rich_grad_accumulation_2_equals_1(rich_cache, student_config, tmp_path):
@@ -428,7 +429,7 @@ def test_rich_grad_accumulation_2_equals_1(rich_cache, student_config, tmp_path)
     for name, bs, accum in (("a", 8, 1), ("b", 4, 2)):
         run(TrainConfig(cache=rich_cache, student_config=student_config, out=str(tmp_path / name), max_steps=3,
                         batch_size=bs, grad_accum=accum, lr=3e-3, eval_fraction=0.1, num_workers=0, ce_weight=0.5,
-                        feature_weight=1, kv_weight=1, expert_weight=1))
+                        hidden_weight=1, kv_weight=1, experts_weight=1))
     wa, wb = (load_file(tmp_path / n / "final" / "model.safetensors") for n in "ab")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)

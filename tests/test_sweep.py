@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
+from pikv_offline.config import SweepConfig, parse_grid
 from pikv_offline.errors import PikvError
-from pikv_offline.student import sweep as S
+from pikv_offline.tools import sweep as S
 
 
 def base(cache, student_config, **kw):
@@ -20,7 +21,7 @@ def base(cache, student_config, **kw):
 
 
 def test_sweep_runs_the_grid_and_resumes(train_cache, student_config, tmp_path, monkeypatch):
-    cfg = S.SweepConfig(out=str(tmp_path / "sw"), grid=S.parse_grid(["temperature=1,2", "top-k=4,16"]),
+    cfg = SweepConfig(out=str(tmp_path / "sw"), grid=parse_grid(["temperature=1,2", "top-k=4,16"]),
                         base=base(train_cache, student_config))
     rows = S.run(cfg)
     assert [r["run"] for r in rows] == ["temperature=1_top-k=4", "temperature=1_top-k=16",
@@ -55,11 +56,11 @@ def test_sweep_runs_the_grid_and_resumes(train_cache, student_config, tmp_path, 
 ])
 def test_bad_grid(spec, message):
     with pytest.raises(PikvError, match=message):
-        S.parse_grid(spec)
+        parse_grid(spec)
 
 
 def test_bad_grid_value_fails_before_training(train_cache, student_config, tmp_path):
-    cfg = S.SweepConfig(out=str(tmp_path / "sw"), grid=S.parse_grid(["temperature=1,-1"]),
+    cfg = SweepConfig(out=str(tmp_path / "sw"), grid=parse_grid(["temperature=1,-1"]),
                         base=base(train_cache, student_config))
     with pytest.raises(PikvError, match="--temperature must be a positive"):
         S.run(cfg)

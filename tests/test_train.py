@@ -54,9 +54,10 @@ def test_order_is_a_permutation_and_splits_disjointly(train_cache):
     assert not (o0 == o1).all(), "each epoch reshuffles"
     seen = []
     for rank in range(2):
-        stream = D.TrainStream(train_cache, index, seed=0, epoch=0, start=0, batch_size=3, rank=rank, world_size=2,
-                               top_k=16, t_index=0)
-        seen.append([int(s) for b in stream for s in b["sample_id"]])
+        plan = D.plan_targets(open_cache(train_cache), None, 1.0, "auto")
+        stream = D.TrainStream(train_cache, index, plan, seed=0, epoch=0, start=0, batch_size=3, rank=rank,
+                               world_size=2)
+        seen.append([int(s) for b in stream for s in b.sample_id])
     assert not set(seen[0]) & set(seen[1])
     assert len(seen[0]) == len(seen[1]) == D.micro_steps_per_epoch(len(o0), 3, 2) * 3
 
@@ -87,6 +88,31 @@ def test_resume_equals_uninterrupted(train_cache, student_config, tmp_path):
     res = train(train_cache, student_config, part, max_steps=6, ce_weight=0.2, save_every=3, resume=True)
     assert res["steps"] == 6
     assert_weights_close(weights(tmp_path / "full"), weights(part), exact=True)
+
+
+def test_epochs_cross_a_boundary_with_the_default_worker_and_resume_exactly(train_cache, student_config, tmp_path):
+    """--epochs 1.5 runs ceil(1.5 x steps per epoch) steps and reshuffles at the epoch boundary; the default
+    reader (one DataLoader worker process) gives bitwise the in-process reader's weights; a run resumed from a
+    checkpoint inside the second epoch ends bitwise where the uninterrupted one does."""
+    import math
+
+    from pikv_offline.cache.reader import open_cache
+
+    per_epoch = D.micro_steps_per_epoch(len(D.CacheIndex(open_cache(train_cache), 0.1).train), 4, 1)
+    kw = dict(max_steps=None, epochs=1.5, ce_weight=0.2)
+    res = train(train_cache, student_config, tmp_path / "inline", **kw)
+    assert res["steps"] == math.ceil(1.5 * per_epoch) > per_epoch
+    assert {r["epoch"] for r in metrics(tmp_path / "inline") if "loss" in r} == {0, 1}
+    train(train_cache, student_config, tmp_path / "worker", num_workers=1, **kw)
+    assert_weights_close(weights(tmp_path / "inline"), weights(tmp_path / "worker"), exact=True)
+    part = tmp_path / "part"
+    save = per_epoch + 2
+    train(train_cache, student_config, part, num_workers=1, save_every=save, **kw)
+    for name in ("final", f"checkpoint-{res['steps']}"):  # as if killed after the checkpoint in epoch 1
+        shutil.rmtree(part / name)
+    again = train(train_cache, student_config, part, num_workers=1, save_every=save, resume=True, **kw)
+    assert again["steps"] == res["steps"]
+    assert_weights_close(weights(tmp_path / "inline"), weights(part), exact=True)
 
 
 def test_checkpoint_reloads_and_generates(train_cache, student_config, tmp_path):
@@ -156,11 +182,13 @@ def test_bucket_kd_from_a_full_vocab_cache_equals_kl_div(llama_teacher, corpus, 
                     temperatures=(1.0, 2.0), shard_seqs=4, max_sequences=3))
     cache = open_cache(str(out))
     for T, j in ((1.0, 0), (2.0, 1)):
-        b = D.to_tensors(D.read_rows(cache, D.CacheIndex(cache, 0.0).train), cache.encoding, VOCAB, j)
-        n = b["t_ids"].shape[0] * b["t_ids"].shape[1]
+        plan = D.plan_targets(cache, VOCAB, T, "bucket")
+        assert plan.grid_index == j
+        b = D.to_batch(D.read_rows(cache, D.CacheIndex(cache, 0.0).train), cache.encoding, plan)
+        n = b.head_ids.shape[0] * b.head_ids.shape[1]
         s_logits = torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(0)) * 2
         s_lsm = torch.log_softmax(s_logits / T, -1)
-        args = [b[k].reshape(n, *b[k].shape[2:]) for k in ("t_ids", "t_logprobs", "t_tnorm")]
+        args = [t.reshape(n, *t.shape[2:]) for t in (b.head_ids, b.head_logprobs, b.tnorm)]
         got, _ = kd_loss(s_lsm, *args, temperature=T)
         ids, lp, tnorm = args
         p = torch.zeros(n, VOCAB).scatter(-1, ids, (lp / T - tnorm[:, None]).exp())
@@ -168,7 +196,7 @@ def test_bucket_kd_from_a_full_vocab_cache_equals_kl_div(llama_teacher, corpus, 
 
 
 def test_non_finite_loss_is_reported_and_skipped(train_cache, student_config, tmp_path, monkeypatch, capsys):
-    from pikv_offline.student import train as T
+    from pikv_offline.student import distiller as T
 
     calls = {"n": 0}
     real = T.kd_loss

@@ -1,7 +1,8 @@
 """The teacher cache format, version 3: every array name, dtype, shape, codec, encoding and attribute key.
 
-The writer and the reader both import this module and nothing else defines the layout. See
-FORMAT.md beside this file for the contract in prose. Any change to what is written here must
+The writer and the reader both import this module and nothing else defines the arrays; which
+sequences go where and the attributes are layout.py's. See FORMAT.md beside this file for the
+contract in prose. Any change to what is written here must
 bump FORMAT_VERSION.
 """
 
@@ -20,9 +21,6 @@ warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr 
 from zarr.codecs.numcodecs import Delta  # noqa: E402
 
 FORMAT_VERSION = 3  # 3: optional hidden / kv / router / experts targets
-ROOT_ATTR = "pikv"  # key of the root attributes dict
-SHARD_ATTR = "pikv_shard"  # key of each shard group's attributes dict
-SHARDS_GROUP = "shards"
 
 INPUT_IDS = "input_ids"
 LOSS_MASK = "loss_mask"
@@ -61,10 +59,6 @@ DEFAULT_ENCODING = "fp16"
 # 8), so chunks of 8 sequences make reads 4x cheaper and compress slightly better; the small
 # per-sequence arrays (input_ids, loss_mask, sample_id) take one chunk per shard.
 CHUNK_SEQS = 8
-
-
-def shard_name(rank: int) -> str:
-    return f"{SHARDS_GROUP}/rank-{rank:05d}"
 
 
 def id_dtype(vocab_size: int) -> np.dtype:

@@ -1,4 +1,4 @@
-"""Open a teacher cache and read its shards; refuses an incomplete or unknown-version cache unless told."""
+"""Open a teacher cache and read its writer groups; refuses an incomplete or unknown-version cache unless told."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import zarr
 
 from ..errors import PikvError
 from . import format as F
+from . import layout as Y
 
 
 def read_root_attrs(path: str) -> dict | None:
@@ -20,7 +21,7 @@ def read_root_attrs(path: str) -> dict | None:
         group = zarr.open_group(path, mode="r")
     except Exception:
         return None
-    attrs = group.attrs.get(F.ROOT_ATTR)
+    attrs = group.attrs.get(Y.ROOT_ATTR)
     return dict(attrs) if isinstance(attrs, dict) else None
 
 
@@ -53,19 +54,23 @@ def decode(raw: dict[str, np.ndarray], encoding: str, top_k: int | None = None,
 @dataclass
 class Cache:
     path: str
-    attrs: dict
-    shards: list  # zarr groups, one per writer rank, in rank order
+    attrs: Y.RootAttrs  # checked when the cache was opened
+    groups: list  # zarr groups, one per writer rank, in rank order
+
+    @property
+    def tokenizer_path(self) -> str:
+        return os.path.join(self.path, Y.TOKENIZER_DIR)
 
     @property
     def logits(self) -> dict:
-        return self.attrs["targets"]["logits"]
+        return self.attrs.targets["logits"]
 
     @property
     def top_k(self) -> int:
         return int(self.logits["top_k"])
 
     @property
-    def tail(self) -> int:
+    def draws(self) -> int:
         """Draws of the sampled tail per position (0: none)."""
         return int(self.logits.get("sampled_tail", 0))
 
@@ -79,44 +84,48 @@ class Cache:
 
     @property
     def seq_len(self) -> int:
-        return int(self.attrs["seq_len"])
+        return self.attrs.seq_len
 
     @property
     def names(self) -> tuple[str, ...]:
-        return F.present_arrays(self.attrs["targets"])
+        return F.present_arrays(self.attrs.targets)
 
     @property
     def logit_names(self) -> tuple[str, ...]:
-        return F.logit_arrays(self.top_k, len(self.temperatures), self.tail)
+        return F.logit_arrays(self.top_k, len(self.temperatures), self.draws)
 
     @property
     def rich(self) -> list:
         """Every stored rich target array (format.RichArray)."""
-        return F.rich_arrays(self.attrs["targets"])
+        return F.rich_arrays(self.attrs.targets)
 
     @property
     def relative_error(self) -> float:
         """The stored log-probs' relative rounding error (their encoding's)."""
         return F.ENCODINGS[self.encoding].relative_error
 
-    def shard_len(self, i: int) -> int:
-        return int(self.shards[i].attrs[F.SHARD_ATTR]["committed"])
+    def group_attrs(self, i: int) -> Y.GroupAttrs:
+        return Y.GroupAttrs.from_dict(self.groups[i].attrs.get(Y.GROUP_ATTR), f"{self.path}: {self.groups[i].name}")
+
+    def group_len(self, i: int) -> int:
+        """Committed sequences of writer group ``i``."""
+        return self.group_attrs(i).committed
 
     def read(self, i: int, start: int, stop: int, top_k: int | None = None) -> dict[str, np.ndarray]:
-        """Sequences [start, stop) of shard ``i``, decoded, the head most probable first.
+        """Sequences [start, stop) of writer group ``i``, decoded, the head most probable first.
 
         ``top_k`` truncates at read time (the stored head is exact, so its best k' are too), so one
         cache serves a sweep over k.
         """
-        g = self.shards[i]
+        g = self.groups[i]
         return decode({name: g[name][start:stop] for name in self.names}, self.encoding, top_k, by_prob=True,
                       rich=tuple(self.rich))
 
     def read_all(self, top_k: int | None = None, first: int | None = None) -> dict[str, np.ndarray]:
-        """Every committed sequence of every shard (or the ``first`` sample ids), ordered by sample id
-        (for tests, verify and small caches). Rank r of W holds sample ids r, r+W, ..."""
-        world = len(self.shards)
-        parts = [self.read(i, 0, self.shard_len(i) if first is None else len(range(i, first, world)), top_k)
+        """Every committed sequence of every writer group (or the ``first`` sample ids), ordered by sample id
+        (for tests, verify and small caches)."""
+        world = len(self.groups)
+        parts = [self.read(i, 0, self.group_len(i) if first is None else Y.group_size(first, i, world), top_k)
                  for i in range(world)]
         parts = [p for p in parts if len(p[F.SAMPLE_ID])]
         out = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -124,62 +133,59 @@ class Cache:
         return {name: a[order] for name, a in out.items()}
 
     def bytes_per_array(self) -> dict[str, int]:
-        """Stored (compressed) bytes of each array summed over shards."""
-        return {name: sum(int(g[name].nbytes_stored()) for g in self.shards) for name in self.names}
+        """Stored (compressed) bytes of each array summed over writer groups."""
+        return {name: sum(int(g[name].nbytes_stored()) for g in self.groups) for name in self.names}
 
 
 def open_cache(path: str, allow_incomplete: bool = False) -> Cache:
-    attrs = read_root_attrs(path)
-    if attrs is None:
-        raise PikvError(f"{path} is not a pikv teacher cache (no zarr.json with '{F.ROOT_ATTR}' attributes); "
+    raw = read_root_attrs(path)
+    if raw is None:
+        raise PikvError(f"{path} is not a pikv teacher cache (no zarr.json with '{Y.ROOT_ATTR}' attributes); "
                         "create one with `pikv dump-teacher`")
-    version = attrs.get("format_version")
-    if version != F.FORMAT_VERSION:
-        raise PikvError(f"{path} has cache format version {version}, this pikv reads version "
-                        f"{F.FORMAT_VERSION}; re-dump it or use a matching pikv release")
-    if not attrs.get("complete") and not allow_incomplete:
+    attrs = Y.RootAttrs.from_dict(raw, path)
+    if not attrs.complete and not allow_incomplete:
         raise PikvError(f"{path} is an incomplete cache (the dump did not finish); re-run the same "
                         "`pikv dump-teacher` command to resume it")
     root = zarr.open_group(path, mode="r")
-    shards = []
-    for r in range(int(attrs["world_size"])):
-        g = root.get(F.shard_name(r))
+    groups = []
+    for r in range(attrs.world_size):
+        g = root.get(Y.group_name(r))
         if g is None:
             if allow_incomplete:
                 continue
-            raise PikvError(f"{path}: shard {F.shard_name(r)} is missing; the cache is damaged, re-dump it")
-        shards.append(g)
-    return Cache(path=path, attrs=attrs, shards=shards)
+            raise PikvError(f"{path}: writer group {Y.group_name(r)} is missing; the cache is damaged, re-dump it")
+        groups.append(g)
+    return Cache(path=path, attrs=attrs, groups=groups)
 
 
 def describe(path: str) -> dict:
     """What `pikv inspect` prints: the root attributes plus live counts and stored bytes per token."""
     cache = open_cache(path, allow_incomplete=True)
     a = cache.attrs
-    committed = sum(cache.shard_len(i) for i in range(len(cache.shards)))
+    committed = sum(cache.group_len(i) for i in range(len(cache.groups)))
     positions = committed * cache.seq_len
     stored = cache.bytes_per_array()
     bpt = {k: round(v / max(positions, 1), 2) for k, v in stored.items()}
-    counts = dict(a.get("counts", {}))
+    counts = dict(a.counts)
     counts.update({"committed": committed, "positions": counts.get("positions", positions)})
     by_target = {"inputs": sum(bpt[n] for n in (F.INPUT_IDS, F.LOSS_MASK, F.SAMPLE_ID))}
     by_target["logits"] = sum(v for k, v in bpt.items() if k.startswith("logits/"))
     for r in cache.rich:
         label = f"{r.kind}:{r.layer}"
         by_target[label] = by_target.get(label, 0.0) + sum(bpt[n] for n in r.stored)
-    return {"path": path, "format_version": a["format_version"], "complete": bool(a.get("complete")),
-            "cache_key": a["cache_key"], "teacher": a["teacher"], "data": a["data"], "seq_len": a["seq_len"],
-            "targets": a["targets"], "world_size": a["world_size"], "shard_seqs": a["shard_seqs"],
+    return {"path": path, "format_version": a.format_version, "complete": a.complete,
+            "cache_key": a.cache_key, "teacher": a.teacher, "data": a.data, "seq_len": a.seq_len,
+            "targets": a.targets, "world_size": a.world_size, "shard_seqs": a.shard_seqs,
             "counts": counts, "bytes_stored": stored, "bytes_per_token": bpt,
             "bytes_per_token_total": round(sum(bpt.values()), 2),
             "bytes_per_token_by_target": {k: round(v, 2) for k, v in by_target.items()},
-            "encoding_errors": encoding_errors(cache), "package_version": a.get("package_version")}
+            "encoding_errors": encoding_errors(cache), "package_version": a.package_version}
 
 
 def encoding_errors(cache: Cache) -> dict:
     """Measured error of each rich target's encoding over every committed block (format.error_summary)."""
     merged: dict = {}
-    for g in cache.shards:
-        for target, e in g.attrs[F.SHARD_ATTR].get("encoding_errors", {}).items():
+    for i in range(len(cache.groups)):
+        for target, e in cache.group_attrs(i).encoding_errors.items():
             merged[target] = F.merge_errors(merged.get(target), e)
     return {k: F.error_summary(v) for k, v in sorted(merged.items())}

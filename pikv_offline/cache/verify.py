@@ -1,125 +1,77 @@
-"""`pikv verify`: prove a cache is whole, and measure how faithful it is to its teacher.
+"""`pikv verify`'s integrity check: prove a cache is whole.
 
-    pikv verify CACHE
-    pikv verify CACHE --recompute 8 --teacher DIR [--student DIR] [--json]
+    pikv verify CACHE            (fidelity against the live teacher: tools/fidelity.py, --recompute N)
 
-Integrity: every chunk of every array is read (each carries a crc32c, so a flipped byte fails),
-the root and shard attributes agree (format version, completeness, cache key, counts), each shard
-holds exactly its sample ids, the stored values are well formed (ids in the vocabulary, head ids
-distinct, tail draws outside the head and summing to the draw count, log-probs <= 0, normalizers
->= 0) and the input ids hash to the data fingerprint of the cache key. The first problem stops the
-check with an error naming the shard.
-
-Fidelity (--recompute N): the teacher is re-run on the first N sequences and, per loss mode and
-grid temperature, reports
-  max_logprob_err  max |stored - live| log p_T over the stored ids (head, and tail draws);
-  kl               mean KL(teacher || cache) over the buckets the mode compares: head ids + one
-                   tail bucket (bucket; for sampled the tail bucket is its importance-weighted
-                   mass estimate, renormalized with the head), head only, renormalized (renorm).
-                   It measures what storage and sampling lose on those buckets, not what a mode
-                   ignores inside the tail: the angle shows that;
-  angle_deg        with --student: the angle between the student's parameter gradient of the
-                   mode's loss (with the stored draws, as one training step sees them) and of the
-                   full-vocabulary KL at T against the live teacher.
-Rich targets (hidden / kv / router / experts) are compared with a live capture of the same layers:
-max error over each group's absmax against the encoding's bound, and the relative RMS error. The
-teacher runs in float32, so a cache dumped in bf16 shows that compute difference too.
+Every chunk of every array is read (each carries a crc32c, so a flipped byte fails), the root and
+shard attributes agree (format version, completeness, cache key, counts), each shard holds exactly
+its sample ids, the stored values are well formed (ids in the vocabulary, head ids distinct, tail
+draws outside the head and summing to the draw count, log-probs <= 0, normalizers >= 0) and the
+input ids hash to the data fingerprint of the cache key. The first problem stops the check with an
+error naming the shard.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
-import torch
 
 from ..data import fingerprint
 from ..errors import PikvError, brief
 from . import format as F
+from . import layout as Y
 from .reader import decode, open_cache
 
 
-@dataclass(frozen=True)
-class VerifyConfig:
-    cache: str
-    recompute: int = 0
-    teacher: str | None = None
-    student: str | None = None
-    device: str = "auto"
-    batch_size: int = 8
-
-    def __post_init__(self):
-        if self.recompute < 0:
-            raise PikvError(f"--recompute must be >= 0; got {self.recompute}")
-        if self.recompute and not self.teacher:
-            raise PikvError("--recompute N needs --teacher DIR (the teacher that wrote the cache)")
-        if self.student and not self.recompute:
-            raise PikvError("--student is used only with --recompute N (the gradient angle)")
-
-
-def run(cfg: VerifyConfig) -> dict:
-    result = check_integrity(cfg.cache)
-    if cfg.recompute:
-        result["recompute"] = recompute(cfg)
-    return result
-
-
 def check_integrity(path: str) -> dict:
-    cache = open_cache(path)  # refuses a non-cache, an unknown version, an incomplete cache, missing shards
+    cache = open_cache(path)  # refuses a non-cache, an unknown version, an incomplete cache, missing groups
     attrs = cache.attrs
-    world, key = int(attrs["world_size"]), attrs["cache_key"]
-    total = int(attrs["counts"]["sequences"])
-    seq_len, vocab = cache.seq_len, int(attrs["teacher"]["vocab_size"])
-    shard_seqs = int(attrs["shard_seqs"])
+    world, key, total = attrs.world_size, attrs.cache_key, attrs.counts["sequences"]
+    seq_len, vocab, shard_seqs = cache.seq_len, attrs.teacher["vocab_size"], attrs.shard_seqs
     loss_tokens = 0
     ids = np.empty((total, seq_len), np.int32)  # every sequence in global order, for the fingerprint
     mask = np.empty((total, seq_len), bool)
-    for r, g in enumerate(cache.shards):
-        name = F.shard_name(r)
-        meta = g.attrs.get(F.SHARD_ATTR, {})
-        want = len(range(r, total, world))
-        if meta.get("cache_key") != key:
-            raise PikvError(f"{path}: {name} belongs to another dump (cache key {meta.get('cache_key')}, root {key}); re-dump")
-        if meta.get("committed") != want or meta.get("n_sequences") != want:
-            raise PikvError(f"{path}: {name} holds {meta.get('committed')} committed of {meta.get('n_sequences')} "
+    for r, g in enumerate(cache.groups):
+        name = Y.group_name(r)
+        meta = cache.group_attrs(r)
+        want = Y.group_size(total, r, world)
+        if meta.cache_key != key:
+            raise PikvError(f"{path}: {name} belongs to another dump (cache key {meta.cache_key}, root {key}); re-dump")
+        if meta.committed != want or meta.n_sequences != want:
+            raise PikvError(f"{path}: {name} holds {meta.committed} committed of {meta.n_sequences} "
                             f"sequences, the cache needs {want}; re-run the dump to complete it")
-        specs = F.array_specs(want, seq_len, attrs["targets"], vocab, shard_seqs)
+        specs = F.array_specs(want, seq_len, attrs.targets, vocab, shard_seqs)
         for array, spec in specs.items():
             if array not in g or g[array].shape != spec.shape:
                 got = g[array].shape if array in g else "missing"
                 raise PikvError(f"{path}: {name}/{array} is {got}, expected shape {spec.shape}; the cache is damaged")
+        sample_ids = Y.group_sample_ids(total, r, world)
         for start in range(0, want, shard_seqs):
             stop = min(start + shard_seqs, want)
             try:
                 raw = {a: g[a][start:stop] for a in cache.names}
             except Exception as e:
                 raise PikvError(f"{path}: {name} has an unreadable chunk in sequences [{start}, {stop}) "
-                                f"({brief(e)}); the cache is corrupt, re-dump it (or that shard)")
-            problem = _check_values(raw, decode(raw, cache.encoding, rich=tuple(cache.rich)), start, r, world, vocab,
-                                    cache.tail, cache.rich)
+                                f"({brief(e)}); the cache is corrupt, re-dump it (or that group)")
+            problem = _check_values(raw, decode(raw, cache.encoding, rich=tuple(cache.rich)), sample_ids[start:stop],
+                                    vocab, cache.draws, cache.rich)
             if problem:
                 raise PikvError(f"{path}: {name}, sequences [{start}, {stop}): {problem}; the cache is damaged, re-dump it")
             loss_tokens += int(raw[F.LOSS_MASK][:, 1:].sum())
-            rows = slice(r + start * world, r + stop * world, world)  # row i of shard r is sample r + i*W
+            rows = Y.global_rows(r, world, start, stop)
             ids[rows], mask[rows] = raw[F.INPUT_IDS], raw[F.LOSS_MASK]
-    if fingerprint(ids, mask) != attrs["data"]["fingerprint"]:
+    if fingerprint(ids, mask) != attrs.data["fingerprint"]:
         raise PikvError(f"{path}: the stored input ids do not match the data fingerprint of the cache key; the "
                         "cache is damaged, re-dump it")
-    if loss_tokens != int(attrs["counts"]["loss_tokens"]):
+    if loss_tokens != attrs.counts.get("loss_tokens"):
         raise PikvError(f"{path}: {loss_tokens} loss tokens stored, the root attributes say "
-                        f"{attrs['counts']['loss_tokens']}; the cache is damaged, re-dump it")
-    return {"path": path, "ok": True, "format_version": attrs["format_version"], "cache_key": key,
+                        f"{attrs.counts.get('loss_tokens')}; the cache is damaged, re-dump it")
+    return {"path": path, "ok": True, "format_version": attrs.format_version, "cache_key": key,
             "shards": world, "sequences": total, "positions": total * seq_len, "loss_tokens": loss_tokens,
             "arrays": list(cache.names)}
 
 
-def _check_values(raw: dict, a: dict, start: int, rank: int, world: int, vocab: int, draws: int,
-                  rich: list = ()) -> str | None:
-    n = len(raw[F.SAMPLE_ID])
-    want = np.arange(rank + start * world, rank + (start + n) * world, world)
-    if not np.array_equal(raw[F.SAMPLE_ID], want):
-        return "sample ids are not this shard's (rank r of W holds r, r+W, ...)"
+def _check_values(raw: dict, a: dict, sample_ids: np.ndarray, vocab: int, draws: int, rich: list = ()) -> str | None:
+    if not np.array_equal(raw[F.SAMPLE_ID], sample_ids):
+        return "sample ids are not this writer group's (group r of W holds r, r+W, ...)"
     if ((raw[F.INPUT_IDS] < 0) | (raw[F.INPUT_IDS] >= vocab)).any():
         return "input ids outside the vocabulary"
     head, lp = raw.get(F.HEAD_IDS), a[F.HEAD_LOGPROBS]
@@ -144,124 +96,3 @@ def _check_values(raw: dict, a: dict, start: int, rank: int, world: int, vocab: 
         if not np.isfinite(a[r.name]).all():
             return f"{r.name} holds non-finite values"
     return None
-
-
-def recompute(cfg: VerifyConfig) -> dict:
-    from ..student.losses import kd_rows
-    from ..teacher import model as M
-
-    cache = open_cache(cfg.cache)
-    folder = M.resolve_teacher(cfg.teacher)
-    if M.weights_identity(folder) != cache.attrs["teacher"]["weights_sha256"]:
-        raise PikvError(f"--teacher {cfg.teacher} is not the teacher that wrote this cache (weights differ); "
-                        "pass the one named in `pikv inspect`")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    n = min(cfg.recompute, int(cache.attrs["counts"]["sequences"]))
-    a = cache.read_all(first=n)
-    teacher = M.load_model(folder, cfg.teacher, torch.float32, device, None)
-    x = torch.from_numpy(a[F.INPUT_IDS].astype(np.int64)).to(device)
-    rich = _recompute_rich(teacher, cache, a, x, cfg.batch_size)
-    with torch.inference_mode():
-        live = torch.cat([teacher(x[s:s + cfg.batch_size]).logits.float()
-                          for s in range(0, n, cfg.batch_size)])
-    del teacher
-    valid = torch.from_numpy(a[F.LOSS_MASK][:, 1:]).to(device)
-    live = torch.log_softmax(live[:, :-1][valid], -1)  # [P, V] the live T=1 log-probs of the valid positions
-
-    def pos(name, dtype=None):
-        t = torch.from_numpy(a[name][:, :-1]).to(device)[valid]
-        return t if dtype is None else t.to(dtype)
-
-    h_ids, h_lp, tnorm = pos(F.HEAD_IDS), pos(F.HEAD_LOGPROBS), pos(F.TNORM)
-    t_ids, t_lp, t_cnt = pos(F.TAIL_IDS), pos(F.TAIL_LOGPROBS), pos(F.TAIL_COUNTS, torch.float32)
-    student, s_logits = None, None
-    if cfg.student:
-        from transformers import AutoModelForCausalLM
-
-        try:
-            student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(device)
-        except Exception as e:
-            raise PikvError(f"--student {cfg.student}: cannot load it as a causal LM ({brief(e)})")
-        if student.get_output_embeddings().weight.shape[0] < live.shape[1]:
-            raise PikvError("--student's vocabulary does not cover the teacher's")
-        s_logits = student(x).logits.float()[:, :-1][valid]  # its whole vocabulary, as in training
-        params = [p for p in student.parameters() if p.requires_grad]
-
-    def grad(loss):
-        g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        return torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten() for gi, p in zip(g, params)])
-
-    modes = ["bucket", "renorm"] + (["sampled"] if cache.tail else [])
-    if cache.top_k == 0:
-        modes = ["sampled"]
-    rows = []
-    rel = cache.relative_error
-    for j, T in enumerate(cache.temperatures):
-        live_T = torch.log_softmax(live / T, -1)
-        stored_head = h_lp / T - tnorm[:, j:j + 1]
-        live_head = torch.gather(live_T, 1, h_ids)
-        full_grad = None
-        if student is not None:
-            s_T = torch.log_softmax(s_logits / T, -1)
-            full_grad = grad((live_T.exp() * (live_T - s_T[:, :live.shape[1]])).sum() * T * T)
-        for mode in modes:
-            err = (stored_head - live_head).abs().amax().item() if h_ids.shape[1] else 0.0
-            if mode == "sampled":
-                used = t_cnt > 0
-                stored_tail = t_lp / T - tnorm[:, j:j + 1]
-                tail_err = (stored_tail - torch.gather(live_T, 1, t_ids)).abs()[used]
-                err = max(err, tail_err.amax().item() if tail_err.numel() else 0.0)
-            row = {"mode": mode, "T": T, "max_logprob_err": err,
-                   "kl": _partition_kl(mode, live_head, stored_head, h_lp, t_lp, t_cnt, tnorm[:, j], T,
-                                       cache.tail, rel)}
-            if student is not None:
-                g = grad(kd_rows(s_T, h_ids, h_lp, tnorm[:, j], temperature=T, tail=mode, rel_error=rel,
-                                 tail_ids=t_ids, tail_logprobs=t_lp, tail_counts=t_cnt, draws=cache.tail).sum() * T * T)
-                cos = torch.nn.functional.cosine_similarity(g, full_grad, 0).clamp(-1, 1).item()
-                row["angle_deg"] = math.degrees(math.acos(cos))
-            rows.append(row)
-    return {"sequences": n, "positions": int(valid.sum()), "teacher": cfg.teacher, "student": cfg.student,
-            "rows": rows, "rich": rich}
-
-
-def _recompute_rich(teacher, cache, a: dict, x: torch.Tensor, batch_size: int) -> list[dict]:
-    """Each stored rich array against the live teacher: max error over its group's absmax, relative RMS
-    error and the encoding's bound (fp16 2^-11, bf16 2^-8 relative; int8 1/254 of the group's absmax)."""
-    from ..teacher import model as M
-
-    cap = M.open_capture(teacher, cache.attrs["targets"], cache.seq_len)
-    if cap is None:
-        return []
-    parts = []
-    with torch.inference_mode():
-        for s in range(0, len(x), batch_size):
-            xb = x[s:s + batch_size]
-            teacher.base_model(input_ids=xb, **cap.forward_kwargs())
-            parts.append({k: v.cpu().numpy() for k, v in M.rich_targets(cap, *xb.shape).items()})
-    cap.close()
-    rows = []
-    for r in cache.rich:
-        live = np.concatenate([p[r.name] for p in parts])
-        e = F.error_summary(F.encoding_error(live, a[r.name], r.group))
-        rows.append({"array": r.name, "encoding": r.encoding, "bound": F.TENSOR_ERROR_BOUNDS[r.encoding], **e})
-    return rows
-
-
-def _partition_kl(mode, live_head, stored_head, h_lp, t_lp, t_cnt, tnorm, T, draws, rel) -> float:
-    """Mean KL(teacher || cache) over the buckets the mode's loss compares (see the module docstring)."""
-    if mode == "renorm":
-        p, q = torch.log_softmax(live_head, -1), torch.log_softmax(stored_head, -1)
-        return (p.exp() * (p - q)).sum(-1).mean().item()
-    from ..student.losses import rounding_floor, tail_mass, tail_weights
-
-    live_tail = (-torch.expm1(torch.logsumexp(live_head, -1))).clamp_min(0)
-    if mode == "bucket":
-        stored_tail = tail_mass(stored_head, rounding_floor(stored_head, h_lp, rel, T))
-    else:
-        stored_tail = tail_weights(h_lp, t_lp, t_cnt, tnorm, T, draws, rel).sum(-1)
-    p = torch.cat([live_head.exp(), live_tail[:, None]], -1).double()
-    q = torch.cat([stored_head.exp(), stored_tail[:, None]], -1).double()
-    q = q / q.sum(-1, keepdim=True)  # the sampled tail's mass is an estimate: q need not sum to 1
-    terms = torch.where(p > 0, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log()), torch.zeros_like(p))
-    return terms.sum(-1).mean().item()

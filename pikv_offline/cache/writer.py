@@ -1,8 +1,8 @@
-"""Per-rank shard writer: whole zarr shards per call, committed only after their data is on disk.
+"""Per-rank writer of one writer group: whole zarr shards per call, committed only after their data is on disk.
 
-Each rank owns ``shards/rank-<r>`` and nobody else writes there, so no lock is needed. A block is
-one zarr shard worth of sequences (``shard_seqs``); it is written with one call per array (a
-partial-shard write would re-encode the whole shard file) and only then is the shard's
+Each rank owns its group (layout.group_name) and nobody else writes there, so no lock is needed. A
+block is one zarr shard worth of sequences (``shard_seqs``); it is written with one call per array
+(a partial-shard write would re-encode the whole shard file) and only then is the group's
 ``committed`` count raised. A restarted dump resumes at ``committed`` and rewrites the rest.
 Rich targets arrive as float32 and are encoded here, in the writer thread, so encoding and the
 measurement of its error overlap with the teacher's next forward.
@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 
 from . import format as F
+from . import layout as Y
 
 
 def _fault(point: str, count: int) -> None:
@@ -32,21 +33,20 @@ def _fault(point: str, count: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class ShardWriter:
+class GroupWriter:
     def __init__(self, root: str, rank: int, world_size: int, n_seqs: int, *, seq_len: int, targets: dict,
                  vocab_size: int, shard_seqs: int, cache_key: str):
         self.shard_seqs = shard_seqs
         self.n_seqs = n_seqs
-        path = F.shard_name(rank)
+        path = Y.group_name(rank)
         root_group = zarr.open_group(root, mode="r+")
-        meta = {"rank": rank, "world_size": world_size, "n_sequences": n_seqs,
-                "cache_key": cache_key, "committed": 0}
+        meta = Y.GroupAttrs(rank=rank, world_size=world_size, n_sequences=n_seqs, committed=0, cache_key=cache_key)
         existing = root_group.get(path)
-        if existing is not None and existing.attrs.get(F.SHARD_ATTR, {}).get("cache_key") == cache_key:
+        if existing is not None and (existing.attrs.get(Y.GROUP_ATTR) or {}).get("cache_key") == cache_key:
             self.group = existing
-            self.committed = int(existing.attrs[F.SHARD_ATTR]["committed"])
+            self.committed = Y.GroupAttrs.from_dict(existing.attrs.get(Y.GROUP_ATTR), f"{root}: {path}").committed
         else:
-            self.group = root_group.create_group(path, overwrite=True, attributes={F.SHARD_ATTR: meta})
+            self.group = root_group.create_group(path, overwrite=True, attributes={Y.GROUP_ATTR: meta.to_dict()})
             specs = F.array_specs(n_seqs, seq_len, targets, vocab_size, shard_seqs)
             for name, s in specs.items():
                 self.group.create_array(name, shape=s.shape, dtype=s.dtype, chunks=s.chunks,
@@ -55,7 +55,7 @@ class ShardWriter:
             self.committed = 0
         self.names = F.present_arrays(targets)
         self.rich = F.rich_arrays(targets)
-        self._meta = dict(self.group.attrs[F.SHARD_ATTR])
+        self._meta = dict(self.group.attrs[Y.GROUP_ATTR])
         self._blocks = 0
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
@@ -116,6 +116,6 @@ class ShardWriter:
             for target, e in errors.items():
                 merged[target] = F.merge_errors(merged.get(target), e)
             self._meta["encoding_errors"] = merged
-        self.group.attrs[F.SHARD_ATTR] = self._meta
+        self.group.attrs[Y.GROUP_ATTR] = self._meta
         self.committed = start + n
         _fault("commit", self._blocks)

@@ -1,4 +1,4 @@
-"""Held-out figures of any student checkpoint against a cache.
+"""Held-out figures of a student against a cache: the training loop's eval, and `pikv eval`.
 
     pikv eval --cache CACHE --student RUN/final [--temperature 1] [--json]
 
@@ -8,39 +8,58 @@ The held-out sequences are the ones train-student holds out with the same --eval
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
 from .. import dist
 from ..cache.reader import open_cache
-from ..errors import PikvError, brief
+from ..config import EvalConfig
+from ..errors import PikvError
 from . import data as D
-from .train import Distiller, check_compatible, evaluate, resolve_targets
+from .distiller import Distiller
+from .model import check_compatible, load_student
 
 
-def run(*, cache: str, student: str, temperature: float = 1.0, divergence: str = "forward_kl",
-        tail: str = "auto", top_k: int | None = None, eval_fraction: float = 0.01, batch_size: int = 8,
-        device: str = "auto") -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@torch.no_grad()
+def evaluate(model: Distiller, batches, d: dist.Dist, autocast=contextlib.nullcontext) -> dict:
+    """Held-out CE, perplexity, KD loss, top-1 agreement with the teacher and each rich loss over this
+    rank's ``batches``, summed over all ranks; {} when no rank has a held-out position."""
+    was_training = model.training
+    model.eval()
+    names = model.loss_names
+    sums = dict.fromkeys(names, 0.0)
+    top1 = n = 0.0
+    for batch in batches:
+        with autocast():
+            losses, t_, n_ = model(batch.to(d.device))
+        for k, v in losses.items():
+            sums[k] += float(v)
+        top1, n = top1 + float(t_), n + n_
+    totals = dist.all_reduce_sum([sums[k] for k in names] + [top1, n], d.device)
+    model.train(was_training)
+    n = totals[-1]
+    if n == 0:
+        return {}
+    got = dict(zip(names, totals))
+    out = {"eval_ce": got["ce"] / n, "eval_ppl": math.exp(min(got["ce"] / n, 50)), "eval_kd": got["kd"] / n,
+           "eval_top1": totals[-2] / n, "eval_tokens": int(n)}
+    out.update({f"eval_{k}": got[k] / n for k in names[2:]})
+    return out
 
-    d = dist.init(device)
+
+def run(cfg: EvalConfig) -> dict:
+    d = dist.init(cfg.device)
     try:
-        c = open_cache(cache)
-        k, t_index, tail = resolve_targets(c, top_k, temperature, tail, divergence)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-        except Exception as e:
-            raise PikvError(f"--student {student}: cannot load it as a causal LM ({brief(e)})")
-        try:
-            tok = AutoTokenizer.from_pretrained(student)
-        except Exception:
-            tok = None
-        check_compatible(model, tok, c.attrs)
-        index = D.CacheIndex(c, eval_fraction)
+        cache = open_cache(cfg.cache)
+        plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence)
+        model, tok = load_student(cfg.student, None, 0)
+        check_compatible(model, tok, cache.attrs)
+        index = D.CacheIndex(cache, cfg.eval_fraction)
         if len(index.eval) == 0:
-            raise PikvError(f"--eval-fraction {eval_fraction} selects no held-out sequence of this cache")
-        net = Distiller(model.to(d.device), temperature=temperature, divergence=divergence, tail=tail, loss_chunk=0,
-                        rel_error=c.relative_error, draws=c.tail)
-        return evaluate(net, c, index, batch_size, d, contextlib.nullcontext, k, t_index)
+            raise PikvError(f"--eval-fraction {cfg.eval_fraction} selects no held-out sequence of this cache")
+        net = Distiller(model.to(d.device), plan, weights={}, divergence=cfg.divergence)
+        return evaluate(net, D.eval_batches(cache, index, plan, rank=d.rank, world_size=d.world_size,
+                                            batch_size=cfg.batch_size), d)
     finally:
         dist.teardown()

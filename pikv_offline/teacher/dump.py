@@ -4,12 +4,13 @@
     torchrun --nproc-per-node 2 -m pikv_offline dump-teacher --teacher DIR --data corpus.jsonl --out CACHE
     pikv dump-teacher ... --targets hidden:4,8@int8 --targets kv:6 --targets router --max-cache-gb 500
 
-Rank r takes the sequences r, r+W, r+2W, ... (W ranks) and writes only its own shard. The cache is
-marked complete by rank 0 after every rank has committed all of its sequences.
+Rank r of W writes only its own writer group, the sequences cache/layout.py assigns it. The cache
+is marked complete by rank 0 after every rank has committed all of its sequences.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,24 +24,14 @@ from tqdm import tqdm
 
 from .. import __version__, dist
 from ..cache import format as F
+from ..cache import layout as Y
 from ..cache.reader import encoding_errors, open_cache, read_root_attrs
-from ..cache.writer import ShardWriter
+from ..cache.writer import GroupWriter
 from ..config import DumpConfig
 from ..data import build_sequences, fingerprint, iter_documents, load_records
 from ..errors import PikvError
 from ..modeling import resolve_dtype, text_config, tokenizer_hash
 from . import model as M
-
-TOKENIZER_DIR = "tokenizer"  # the teacher's tokenizer, saved inside the cache for stage two
-
-
-def rank_indices(n_seqs: int, rank: int, world_size: int) -> np.ndarray:
-    return np.arange(rank, n_seqs, world_size, dtype=np.int64)
-
-
-def cache_key(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
-
 
 def size_check(cfg: DumpConfig, specs: dict) -> str | None:
     """An error message when the cache's estimated size exceeds --max-cache-gb (default: the free disk).
@@ -95,12 +86,12 @@ def _decide(cfg: DumpConfig, key: str, world_size: int) -> tuple[str, str]:
     return "resume", f"resuming the incomplete cache at {out}"
 
 
-def _create_root(cfg: DumpConfig, attrs: dict, tokenizer) -> None:
+def _create_root(cfg: DumpConfig, attrs: Y.RootAttrs, tokenizer) -> None:
     if os.path.exists(cfg.out):
         shutil.rmtree(cfg.out)
-    root = zarr.open_group(cfg.out, mode="w", attributes={F.ROOT_ATTR: attrs})
-    root.create_group(F.SHARDS_GROUP)
-    tokenizer.save_pretrained(os.path.join(cfg.out, TOKENIZER_DIR))
+    root = zarr.open_group(cfg.out, mode="w", attributes={Y.ROOT_ATTR: attrs.to_dict()})
+    root.create_group(Y.GROUPS)
+    tokenizer.save_pretrained(os.path.join(cfg.out, Y.TOKENIZER_DIR))
 
 
 def run(cfg: DumpConfig) -> dict:
@@ -154,22 +145,19 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
                           "id_dtype": F.id_dtype(vocab).name, "sampled_tail": cfg.sampled_tail},
                **M.plan_targets(config, cfg.targets, cfg.teacher)}
     tok_hash = tokenizer_hash(tokenizer)
-    key = cache_key({"format_version": F.FORMAT_VERSION, "teacher": {k: v for k, v in teacher_info.items() if k != "name"},
-                     "tokenizer": tok_hash, "data": data_info["fingerprint"], "seq_len": cfg.seq_len,
-                     "targets": targets})
+    key = Y.cache_key(teacher=teacher_info, tokenizer_sha256=tok_hash, fingerprint=data_info["fingerprint"],
+                      seq_len=cfg.seq_len, targets=targets)
 
     decision, message = _decide(cfg, key, d.world_size) if d.is_main else (None, None)
     if decision == "new":  # only a new cache is sized: a hit or a resume writes no more than asked before
         too_big = size_check(cfg, F.array_specs(n_seqs, cfg.seq_len, targets, vocab, cfg.shard_seqs))
         decision, message = ("error", too_big) if too_big else (decision, message)
     if d.is_main and decision == "new":
-        _create_root(cfg, {
-            "format_version": F.FORMAT_VERSION, "complete": False, "cache_key": key,
-            "teacher": teacher_info, "tokenizer_sha256": tok_hash, "tokenizer_dir": TOKENIZER_DIR,
-            "data": data_info, "seq_len": cfg.seq_len, "targets": targets,
-            "world_size": d.world_size, "shard_seqs": cfg.shard_seqs,
-            "counts": {"sequences": n_seqs}, "package_version": __version__,
-            "dump_config": cfg.to_dict()}, tokenizer)
+        _create_root(cfg, Y.RootAttrs(
+            format_version=F.FORMAT_VERSION, complete=False, cache_key=key, teacher=teacher_info,
+            tokenizer_sha256=tok_hash, tokenizer_dir=Y.TOKENIZER_DIR, data=data_info, seq_len=cfg.seq_len,
+            targets=targets, world_size=d.world_size, shard_seqs=cfg.shard_seqs, counts={"sequences": n_seqs},
+            package_version=__version__, dump_config=cfg.to_dict()), tokenizer)
     decision, message = dist.broadcast_object((decision, message))
     if decision == "error":
         raise PikvError(message)
@@ -179,10 +167,10 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
         return {"cache_hit": True, "cache_key": key, "out": cfg.out}
 
     model = M.load_model(folder, cfg.teacher, dtype, device, cfg.device_map)
-    mine = rank_indices(n_seqs, d.rank, d.world_size)
+    mine = Y.group_sample_ids(n_seqs, d.rank, d.world_size)
     cap = M.open_capture(model, targets, cfg.seq_len)
     rich = F.rich_arrays(targets)
-    writer = ShardWriter(cfg.out, d.rank, d.world_size, len(mine), seq_len=cfg.seq_len, targets=targets,
+    writer = GroupWriter(cfg.out, d.rank, d.world_size, len(mine), seq_len=cfg.seq_len, targets=targets,
                          vocab_size=vocab, shard_seqs=cfg.shard_seqs, cache_key=key)
     first_device = next(model.parameters()).device
     todo = len(mine) - writer.committed
@@ -230,14 +218,12 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
     if d.is_main:
         cache = open_cache(cfg.out, allow_incomplete=True)
         stored = cache.bytes_per_array()
-        root = zarr.open_group(cfg.out, mode="r+")
-        attrs = dict(root.attrs[F.ROOT_ATTR])
-        attrs["counts"] = {"sequences": n_seqs, "positions": result["positions"],
-                           "loss_tokens": result["loss_tokens"]}
-        attrs["bytes_stored"] = stored
-        attrs["encoding_errors"] = encoding_errors(cache)
-        attrs["complete"] = True  # last write of the dump: readers trust the cache from here on
-        root.attrs[F.ROOT_ATTR] = attrs
+        attrs = dataclasses.replace(
+            cache.attrs, counts={"sequences": n_seqs, "positions": result["positions"],
+                                 "loss_tokens": result["loss_tokens"]},
+            bytes_stored=stored, encoding_errors=encoding_errors(cache),
+            complete=True)  # last write of the dump: readers trust the cache from here on
+        zarr.open_group(cfg.out, mode="r+").attrs[Y.ROOT_ATTR] = attrs.to_dict()
         tokens = sum(r["tokens"] for r in per_rank)
         seconds = time.perf_counter() - t_start
         result.update({
@@ -245,7 +231,7 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
             "dump_tokens_per_s": round(tokens / max(max(r["loop_s"] for r in per_rank), 1e-9), 1),
             "compute_tokens_per_s": round(tokens / max(max(r["forward_s"] for r in per_rank), 1e-9), 1),
             "bytes_per_token": {k: round(v / result["positions"], 2) for k, v in stored.items()},
-            "encoding_errors": attrs["encoding_errors"],
+            "encoding_errors": attrs.encoding_errors,
         })
         bpt = result["bytes_per_token"]
         dist.print0(f"dumped {n_seqs} sequences, {result['positions']} tokens in {seconds:.1f}s "

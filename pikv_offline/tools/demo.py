@@ -1,6 +1,6 @@
 """The main job on the embedded default: a small real teacher, dumped once, students trained from it.
 
-    python -m pikv_offline.demo [--workdir runs/demo]     (what `make demo` runs)
+    python -m pikv_offline.tools.demo [--workdir runs/demo]     (what `make demo` runs)
 
 1. builds the corpus from the standard library's docstrings (data is generated, never downloaded);
 2. trains a byte-level BPE tokenizer and a small GPT-2 shaped teacher on it until its held-out
@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
 
 from .corpus import write_corpus
 from .plot import mean_tokens_per_s, plot_runs, read_metrics
-from .toy import make_model, train_tokenizer
+from .toy import make_model, train_lm, train_tokenizer
 
 VOCAB = 4096
 SEQ = 128
@@ -60,31 +58,6 @@ def heldout_loss(model, held: np.ndarray, seq: int = SEQ) -> float:
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[i:i + 32].flatten(), reduction="sum").item()
     model.train()
     return total / (n * seq)
-
-
-def train_lm(model, train: np.ndarray, steps: int, *, batch: int = 16, seq: int = SEQ, lr: float = 2e-3,
-             seed: int = 0, log_every: int = 100) -> float:
-    """Plain next-token training on random windows of a token stream (AdamW, warmup + cosine); returns seconds."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
-    rng = np.random.default_rng(seed)
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(steps):
-        starts = rng.integers(0, len(train) - seq - 1, size=batch)
-        x = torch.from_numpy(np.stack([train[s:s + seq] for s in starts]))
-        y = torch.from_numpy(np.stack([train[s + 1:s + seq + 1] for s in starts]))
-        loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"  step {step:4d}  train loss {loss.item():.3f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
-    model.eval()
-    return time.perf_counter() - t0
 
 
 def train_teacher(out: str, train: np.ndarray, held: np.ndarray, tokenizer, steps: int, seed: int = 0) -> dict:

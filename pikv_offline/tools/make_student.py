@@ -1,7 +1,7 @@
 """`pikv make-student`: a student initialised from some of the teacher's layers (DistilBERT-style).
 
     pikv make-student --teacher DIR --keep-layers 0,2,4,6 --out STUDENT
-    pikv train-student --cache CACHE --student STUDENT --out RUN --feature-weight 1 --freeze embeddings ...
+    pikv train-student --cache CACHE --student STUDENT --out RUN --hidden-weight 1 --freeze embeddings ...
 
 The student has the teacher's config with fewer decoder layers, and copies the kept layers, the
 embeddings, the final norm and the LM head. With every layer kept it is the teacher itself.
@@ -12,20 +12,12 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from dataclasses import dataclass
-
 import torch
 
+from ..config import MakeStudentConfig
 from ..errors import PikvError
 from ..modeling import decoder_layers, layer_count, moe_layers, text_config
-
-
-@dataclass(frozen=True)
-class MakeStudentConfig:
-    teacher: str
-    keep_layers: str  # "0,2,4"; negative indices count from the end
-    out: str
-    overwrite: bool = False
+from ..teacher import model as M
 
 
 def parse_keep(text: str, n: int) -> list[int]:
@@ -84,8 +76,6 @@ def make(teacher, keep: list[int]):
 
 
 def run(cfg: MakeStudentConfig) -> dict:
-    from ..teacher import model as M
-
     if os.path.exists(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
         raise PikvError(f"--out {cfg.out} exists and is not empty; choose another folder or pass --overwrite")
     folder = M.resolve_teacher(cfg.teacher)

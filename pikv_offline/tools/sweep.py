@@ -13,65 +13,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import itertools
 import os
-import typing
 
 from .. import dist
-from ..config import TrainConfig
-from ..errors import PikvError
-from ..plot import mean_tokens_per_s, plot_runs, read_metrics
-from .train import latest_checkpoint, train
-
-NOT_SWEEPABLE = {"cache", "out", "student", "student_config", "resume", "layer_map", "freeze"}
-
-
-def _caster(field: dataclasses.Field):
-    ann = str(field.type)
-    if "bool" in ann:
-        return lambda v: v.lower() in ("1", "true", "yes")
-    if "float" in ann:
-        return float
-    if "int" in ann:
-        return int
-    return str
-
-
-def parse_grid(specs: typing.Sequence[str]) -> tuple[tuple[str, tuple], ...]:
-    """['temperature=1,2', 'kd-weight=0.5,1'] -> (('temperature', (1.0, 2.0)), ('kd_weight', (0.5, 1.0)))."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    grid = []
-    for spec in specs:
-        key, sep, values = spec.partition("=")
-        name = key.strip().lstrip("-").replace("-", "_")
-        if not sep or not values.strip():
-            raise PikvError(f"--grid {spec!r}: write it as flag=v1,v2,... e.g. --grid temperature=1,2")
-        if name not in fields or name in NOT_SWEEPABLE:
-            raise PikvError(f"--grid {spec!r}: {key} is not a train-student setting that can be swept")
-        if any(name == g[0] for g in grid):
-            raise PikvError(f"--grid names {key} twice; give all its values in one --grid")
-        try:
-            grid.append((name, tuple(_caster(fields[name])(v.strip()) for v in values.split(","))))
-        except ValueError:
-            raise PikvError(f"--grid {spec!r}: a value is not a valid {fields[name].type}")
-    if not grid:
-        raise PikvError("give at least one --grid flag=v1,v2,...")
-    return tuple(grid)
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepConfig:
-    out: str
-    grid: tuple[tuple[str, tuple], ...]
-    base: dict  # the fixed train-student settings (everything but out and resume)
-
-    def points(self) -> list[dict]:
-        names = [g[0] for g in self.grid]
-        return [dict(zip(names, combo)) for combo in itertools.product(*(g[1] for g in self.grid))]
-
-    def run_name(self, point: dict) -> str:
-        return "_".join(f"{k.replace('_', '-')}={v:g}" if isinstance(v, float) else f"{k.replace('_', '-')}={v}"
-                        for k, v in point.items())
+from ..config import SweepConfig, TrainConfig
+from ..student import checkpoint
+from ..student.train import train
+from .plot import mean_tokens_per_s, plot_runs, read_metrics
 
 
 def run(cfg: SweepConfig) -> list[dict]:
@@ -85,7 +33,7 @@ def run(cfg: SweepConfig) -> list[dict]:
             if os.path.isdir(os.path.join(tcfg.out, "final")):
                 dist.print0(f"[{i + 1}/{len(configs)}] {name}: finished before, skipped")
             else:
-                resume = latest_checkpoint(tcfg.out) is not None
+                resume = checkpoint.latest(tcfg.out) is not None
                 dist.print0(f"[{i + 1}/{len(configs)}] {name}" + (" (resuming)" if resume else ""))
                 train(dataclasses.replace(tcfg, resume=resume), d)
             steps, ev = read_metrics(tcfg.out)

@@ -1,6 +1,6 @@
 """The embedded corpus: real English built at run time from the Python standard library's docstrings.
 
-    python -m pikv_offline.corpus data/generated/corpus.jsonl
+    python -m pikv_offline.tools.corpus data/generated/corpus.jsonl
 
 Every machine with Python has these texts, so the demo and the tests need no download and the
 project ships no copied text. One JSON line per module, class or function docstring

@@ -1,0 +1,113 @@
+"""Training checkpoints: find the latest, save atomically, load and check one, RNG states.
+
+    RUN/checkpoint-<step>/   the student (save_pretrained), the cache's tokenizer, trainer_state.pt
+    RUN/final/               the student and tokenizer alone
+
+trainer_state.pt holds the optimizer, scheduler and scaler states, the step and data position,
+every rank's RNG states, the config, the data-order settings, the cache key and the rich losses'
+projections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import random
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import dist
+from ..errors import PikvError
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class Progress:
+    """Where a run is: optimizer steps done, the epoch and global micro-step in it (the data position)."""
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    tokens_seen: int = 0
+
+
+def latest(out: str) -> str | None:
+    """The checkpoint-<step> folder of ``out`` with the highest step and a state file, or None."""
+    found = [(int(p.rsplit("-", 1)[1]), p) for p in glob.glob(os.path.join(out, "checkpoint-*"))
+             if p.rsplit("-", 1)[1].isdigit() and os.path.isfile(os.path.join(p, STATE_FILE))]
+    return max(found)[1] if found else None
+
+
+def save(path: str, student, tokenizer_dir: str, state: dict | None) -> None:
+    """Atomic: everything goes to a temporary folder that is renamed into place at the end."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, f), tmp)
+    if state:
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str) -> dict:
+    """The trainer state of ``ckpt``; refuses one of another world size, data order or cache."""
+    state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=False)
+    if state["world_size"] != world_size:
+        raise PikvError(f"--resume: the checkpoint was written by {state['world_size']} ranks, this run has "
+                        f"{world_size}; resume with the same number of ranks")
+    if state["data_order"] != data_order or state["cache_key"] != cache_key:
+        raise PikvError("--resume: the cache or a setting that fixes the data order (seed, batch size, "
+                        "grad accum, eval fraction) changed since the checkpoint; use a new --out")
+    return state
+
+
+def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distiller, opt, sched, scaler,
+          cache, cfg) -> None:
+    """Every rank: a checkpoint of the run at ``path`` (rank 0 writes it); ``progress`` None writes the
+    student alone (final/). Gathers every rank's RNG states, and the ZeRO shards of the optimizer."""
+    if progress is not None and cfg.zero and d.world_size > 1:
+        opt.consolidate_state_dict(to=0)
+    rngs = dist.all_gather_object(rng_state())
+    if d.is_main:
+        state = None if progress is None else {
+            **dataclasses.asdict(progress), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rngs, "world_size": d.world_size, "data_order": cfg.data_order(),
+            "cache_key": cache.attrs.cache_key, "config": cfg.to_dict(), "projections": distiller.proj.state_dict()}
+        save(path, model, cache.tokenizer_path, state)
+    dist.barrier()
+
+
+def restore(state: dict, *, rank: int, opt, sched, scaler) -> Progress:
+    """Load a trainer state into the optimizer, scheduler, scaler and this rank's RNGs; where the run was."""
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][rank])
+    return Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
+
+
+def load_student(ckpt: str):
+    """The checkpoint's weights, through from_pretrained so tied weights load as saved."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
