@@ -262,14 +262,21 @@ class TrainConfig:
                 raise PikvError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         if (self.max_steps is None) == (self.epochs is None):
             raise PikvError("give exactly one of --max-steps or --epochs")
-        if (self.max_steps is not None and self.max_steps < 1) or (self.epochs is not None and self.epochs <= 0):
-            raise PikvError("--max-steps / --epochs must be positive")
+        if (self.max_steps is not None and self.max_steps < 1) or (
+                self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0)):
+            raise PikvError("--max-steps / --epochs must be positive (and finite)")
         if not 0 <= self.eval_fraction < 1:
             raise PikvError(f"--eval-fraction must be in [0, 1); got {self.eval_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise PikvError(f"--min-lr-ratio must be in [0, 1]; got {self.min_lr_ratio}")
-        if self.lr <= 0:
-            raise PikvError(f"--lr must be positive; got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise PikvError(f"--lr must be a positive finite number; got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "min_lr_ratio", "decay_fraction"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise PikvError(f"--{name.replace('_', '-')} must be a finite number >= 0; got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every", "eval_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise PikvError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise PikvError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype}")
         if self.device not in DEVICES:

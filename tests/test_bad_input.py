@@ -91,7 +91,9 @@ def bad_caches(train_cache, workdir):
     import zarr
 
     out = {}
-    for name, change in (("incomplete", {"complete": False}), ("future", {"format_version": 99})):
+    for name, change in (("incomplete", {"complete": False}), ("future", {"format_version": 99}),
+                         ("escape", {"tokenizer_dir": "../../.."}), ("typed", {"world_size": "1"}),
+                         ("boolcount", {"seq_len": True})):
         path = workdir / f"cache-{name}"
         if not path.exists():
             shutil.copytree(train_cache, path)
@@ -128,6 +130,19 @@ TRAIN_CASES = {
     "resume with nothing": (["--resume"], "holds no checkpoint"),
     "neither steps nor epochs": (["--no-steps"], "exactly one of --max-steps or --epochs"),
     "several loader workers": (["--num-workers", "2"], "--num-workers must be 0 or 1"),
+    "tokenizer_dir outside the cache": (["--cache", "@escape"], "attribute tokenizer_dir is '../../..'"),
+    "world_size of the wrong type": (["--cache", "@typed"], "attribute world_size is '1', expected int"),
+    "a bool where an int belongs": (["--cache", "@boolcount"], "attribute seq_len is True, expected int"),
+    "lr nan": (["--lr", "nan"], "--lr must be a positive finite number; got nan"),
+    "lr inf": (["--lr", "inf"], "--lr must be a positive finite number; got inf"),
+    "lr zero": (["--lr", "0"], "--lr must be a positive finite number"),
+    "lr negative": (["--lr", "-1e-3"], "--lr must be a positive finite number"),
+    "max-steps 0": (["--no-steps", "--max-steps", "0"], "--max-steps / --epochs must be positive"),
+    "epochs inf": (["--no-steps", "--epochs", "inf"], "--max-steps / --epochs must be positive"),
+    "batch-size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "weight decay nan": (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    "malformed student config": (["--no-student", "--student-config", "@badjson"], "not a usable model config json"),
+    "out is a file": (["--out", "@file"], "is a file; give a folder"),
 }
 
 
@@ -135,11 +150,15 @@ TRAIN_CASES = {
 def test_train_bad_input(case, capsys, monkeypatch, train_cache, student_config, workdir, bad_caches,
                          mismatched_students):
     extra, expected = TRAIN_CASES[case]
-    subst = {"@incomplete": bad_caches["incomplete"], "@future": bad_caches["future"],
+    (workdir / "bad-student.json").write_text('{"model_type": "llama", "hidden_size": ')
+    (workdir / "a-file").write_text("x")
+    subst = {**{f"@{k}": v for k, v in bad_caches.items()}, "@badjson": str(workdir / "bad-student.json"),
+             "@file": str(workdir / "a-file"),
              "@small": mismatched_students["small"], "@other": mismatched_students["other"],
              "@config": student_config}
     extra = [subst.get(a, a) for a in extra]
-    args = ["train-student", "--out", str(workdir / f"bad-train-{case.replace(' ', '-')}"), "--batch-size", "2"]
+    args = ["train-student"] + ([] if "--out" in extra else ["--out", str(workdir / f"bad-train-{case.replace(' ', '-')}")])
+    args += [] if "--batch-size" in extra else ["--batch-size", "2"]
     if "--num-workers" not in extra:
         args += ["--num-workers", "0"]
     if "--cache" not in extra:

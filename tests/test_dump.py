@@ -339,7 +339,7 @@ def test_verify_catches_inconsistent_metadata(one_rank_cache, workdir):
     g = zarr.open_group(str(bad / "shards" / "rank-00000"), mode="r+")
     meta = dict(g.attrs[Y.GROUP_ATTR])
     g.attrs[Y.GROUP_ATTR] = {**meta, "committed": meta["committed"] - 4}
-    with pytest.raises(PikvError, match="rank-00000 holds 18 committed"):
+    with pytest.raises(PikvError, match="rank-00000: 18 of its 22 sequences are committed, yet the cache is marked"):
         run(VerifyConfig(cache=str(bad)))
     g.attrs[Y.GROUP_ATTR] = meta
     g[F.SAMPLE_ID][0:2] = [1, 0]
@@ -375,3 +375,35 @@ def test_verify_recompute_measures_fidelity(one_rank_cache, llama_teacher, gpt2_
 
 def _corpus_of(cache_dir) -> str:
     return open_cache(str(cache_dir)).attrs.data["data"]
+
+
+@pytest.mark.parametrize("array", [F.HEAD_LOGPROBS, F.TNORM, F.TAIL_COUNTS, F.INPUT_IDS])
+def test_a_deleted_chunk_file_is_damage_not_zeros(array, one_rank_cache, workdir, student_config):
+    """Every open checks that the file of each zarr shard holding committed rows exists: a deleted one
+    would read back as zeros (zarr's fill value) and train silently on them."""
+    import shutil
+
+    bad = workdir / f"deleted-{array.replace('/', '-')}"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(one_rank_cache, bad)
+    files = sorted((bad / "shards" / "rank-00000" / array / "c").rglob("*"))
+    victim = [f for f in files if f.is_file()][1]  # the second zarr shard: sequences [4, 8)
+    victim.unlink()
+    with pytest.raises(PikvError, match=f"rank-00000/{array}: the data of sequences \\[4, 8\\) is missing"):
+        open_cache(str(bad))
+    p = pikv_subprocess(["train-student", "--cache", str(bad), "--student-config", student_config, "--out",
+                         str(bad) + "-run", "--max-steps", "1", "--num-workers", "0"])
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "is missing" in lines[0], p.stderr
+
+
+def test_a_deleted_array_zarr_json_is_one_line(one_rank_cache, workdir):
+    import shutil
+
+    bad = workdir / "deleted-array-json"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(one_rank_cache, bad)
+    (bad / "shards" / "rank-00000" / "logits" / "ids" / "zarr.json").unlink()
+    p = pikv_subprocess(["inspect", str(bad)])
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "logits/ids: the array cannot be opened" in lines[0], p.stderr

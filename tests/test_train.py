@@ -241,3 +241,65 @@ def test_sampled_tail_cache_trains(top_k, trained_cache, student_config, workdir
     train(str(cache), student_config, tmp_path / "one", max_steps=12, ce_weight=0.0,
           batch_size=4)
     assert_weights_close(weights(tmp_path / "one"), weights(tmp_path / "two"))
+
+
+def test_crafted_trainer_state_runs_no_code(train_cache, student_config, tmp_path):
+    """--resume loads trainer_state.pt with weights_only=True: a pickle that would create a file on load
+    is refused with one clear error and creates nothing."""
+    import pickle
+
+    from pikv_offline.errors import PikvError
+
+    out = tmp_path / "r"
+    train(train_cache, student_config, out, max_steps=2)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(out / "checkpoint-2" / "trainer_state.pt", "wb") as f:
+        pickle.dump({"step": Evil()}, f)
+    with pytest.raises(PikvError, match="not a trainer state this pikv can load safely"):
+        train(train_cache, student_config, out, max_steps=4, resume=True)
+    assert not marker.exists()
+
+
+def test_only_tokenizer_files_are_copied_from_the_cache(train_cache, student_config, tmp_path):
+    """A model.safetensors (or config.json) planted in the cache's tokenizer/ never replaces the student's."""
+    cache = tmp_path / "cache"
+    shutil.copytree(train_cache, cache)
+    (cache / "tokenizer" / "model.safetensors").write_bytes(b"not weights")
+    (cache / "tokenizer" / "config.json").write_text("{}")
+    train(str(cache), student_config, tmp_path / "r", max_steps=1)
+    for folder in ("final", "checkpoint-1"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "r" / folder)  # its own weights and config
+        assert AutoTokenizer.from_pretrained(tmp_path / "r" / folder).get_vocab()
+
+
+def test_second_run_on_the_same_out_is_refused(train_cache, student_config, tmp_path):
+    """The run folder is locked for a run's life (released by the kernel when the process dies)."""
+    from pikv_offline.student import checkpoint
+
+    out = tmp_path / "r"
+    with checkpoint.out_lock(str(out)):  # another run holds it
+        p = pikv_subprocess(["train-student", "--cache", train_cache, "--student-config", student_config, "--out",
+                             str(out), "--max-steps", "1", "--num-workers", "0", "--batch-size", "4"])
+    assert p.returncode == 2 and "is in use by another training run (pid" in p.stderr, p.stderr
+    assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1 and not (out / "final").exists()
+    train(train_cache, student_config, out, max_steps=1)  # free again
+    assert (out / "final").is_dir()
+
+
+def test_a_diverged_run_stops_without_a_final(train_cache, student_config, tmp_path, monkeypatch):
+    from pikv_offline.errors import PikvError
+    from pikv_offline.student import distiller as T
+
+    real = T.kd_loss
+    monkeypatch.setattr(T, "kd_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), 1))
+    with pytest.raises(PikvError, match="10 steps in a row .* non-finite loss or gradient"):
+        train(train_cache, student_config, tmp_path / "r", max_steps=20, save_every=0)
+    assert not (tmp_path / "r" / "final").exists()
+    with pytest.raises(PikvError, match="3 steps in a row"):  # a run shorter than 10 steps: every one of them
+        train(train_cache, student_config, tmp_path / "s", max_steps=3)
+    assert not (tmp_path / "s" / "final").exists()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from ..errors import PikvError
+from ..errors import PikvError, brief
 from . import format as F
 from . import layout as Y
 
@@ -155,7 +155,45 @@ def open_cache(path: str, allow_incomplete: bool = False) -> Cache:
                 continue
             raise PikvError(f"{path}: writer group {Y.group_name(r)} is missing; the cache is damaged, re-dump it")
         groups.append(g)
-    return Cache(path=path, attrs=attrs, groups=groups)
+    cache = Cache(path=path, attrs=attrs, groups=groups)
+    _check_open(cache)
+    return cache
+
+
+def _check_open(cache: Cache) -> None:
+    """The cheap checks every open does (verify does the rest): each group's attributes against the root
+    and the layout, every array present with its shape, and the file of every zarr shard that holds
+    committed rows, since a missing shard file reads back as zeros, not as an error."""
+    a = cache.attrs
+    n = a.counts["sequences"]
+    for i, g in enumerate(cache.groups):
+        where = f"{cache.path}: {g.path}"
+        meta = cache.group_attrs(i)
+        want = Y.group_size(n, meta.rank, a.world_size)
+        if meta.cache_key != a.cache_key or meta.world_size != a.world_size or meta.n_sequences != want or (
+                a.complete and meta.rank != i):
+            raise PikvError(f"{where}: its attributes (rank {meta.rank} of {meta.world_size}, {meta.n_sequences} "
+                            f"sequences, key {meta.cache_key}) do not match the root's ({a.world_size} ranks, "
+                            f"{want} sequences for this rank, key {a.cache_key}); the cache is damaged, re-dump it")
+        if a.complete and meta.committed != want:
+            raise PikvError(f"{where}: {meta.committed} of its {want} sequences are committed, yet the cache is "
+                            "marked complete; it is damaged (or was copied while a dump ran): re-run the dump")
+        for name in cache.names:
+            try:
+                arr = g[name]
+            except Exception as e:
+                raise PikvError(f"{where}/{name}: the array cannot be opened ({brief(e)}); the cache is damaged, "
+                                "re-dump it")
+            if arr.shape[0] != meta.n_sequences:
+                raise PikvError(f"{where}/{name} holds {arr.shape[0]} sequences, the group {meta.n_sequences}; "
+                                "the cache is damaged, re-dump it")
+            rows = (arr.shards or arr.chunks)[0]
+            for j in range(-(-meta.committed // rows)):
+                key = arr.metadata.encode_chunk_key((j,) + (0,) * (arr.ndim - 1))
+                if not os.path.isfile(os.path.join(cache.path, g.path, name, key)):
+                    raise PikvError(f"{where}/{name}: the data of sequences [{j * rows}, "
+                                    f"{min((j + 1) * rows, meta.committed)}) is missing (no file {key}); the cache "
+                                    "is damaged, re-dump it")
 
 
 def describe(path: str) -> dict:

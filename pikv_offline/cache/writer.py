@@ -104,8 +104,11 @@ class GroupWriter:
             if a.scale_name:
                 arrays[a.scale_name] = scale
             errors[a.name] = F.encoding_error(x, F.decode_tensor(arrays[a.name], scale, a.encoding, a.group), a.group)
-        for name in self.names:
-            self.group[name][start:start + n] = arrays[name]
+        # Every zarr shard is written even when all zeros (a tail of no draws, a mask of no targets), so a
+        # reader can tell a missing file, which is damage, from data.
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for name in self.names:
+                self.group[name][start:start + n] = arrays[name]
         self._blocks += 1
         _fault("write", self._blocks)
         # zarr >= 3.1.3 writes zarr.json atomically (temp file + rename), so a crash leaves either

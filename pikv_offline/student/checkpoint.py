@@ -10,7 +10,9 @@ projections.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import os
 import random
@@ -21,9 +23,14 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..errors import PikvError
+from ..errors import PikvError, brief
 
 STATE_FILE = "trainer_state.pt"
+# What a checkpoint copies from the cache's tokenizer folder: tokenizer files by name, nothing else (a
+# model.safetensors or config.json placed there must never replace the trained student's own).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+                   "chat_template.json")
 
 
 @dataclass
@@ -34,6 +41,39 @@ class Progress:
     micro: int = 0
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
     tokens_seen: int = 0
+
+
+LOCK_FILE = ".pikv-train.lock"
+
+
+@contextlib.contextmanager
+def out_lock(out: str, hold: bool = True):
+    """Creates the run folder ``out`` and, when ``hold`` (rank 0), holds an exclusive lock on it for the
+    run's life: a second run on the same folder is refused. The kernel drops the lock when the process
+    dies, so a crashed run never leaves it behind."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PikvError(f"--out {out} is a file; give a folder for the run")
+    os.makedirs(out, exist_ok=True)
+    if not hold:
+        yield
+        return
+    f = open(os.path.join(out, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise PikvError(f"--out {out} is in use by another training run ({owner}); wait for it to finish or "
+                        "choose another --out")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()
 
 
 def latest(out: str) -> str | None:
@@ -48,8 +88,10 @@ def save(path: str, student, tokenizer_dir: str, state: dict | None) -> None:
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
-    for f in os.listdir(tokenizer_dir):
-        shutil.copy(os.path.join(tokenizer_dir, f), tmp)
+    for f in TOKENIZER_FILES:
+        src = os.path.join(tokenizer_dir, f)
+        if os.path.isfile(src) and not os.path.islink(src):
+            shutil.copyfile(src, os.path.join(tmp, f))
     if state:
         torch.save(state, os.path.join(tmp, STATE_FILE))
     shutil.rmtree(path, ignore_errors=True)
@@ -58,7 +100,11 @@ def save(path: str, student, tokenizer_dir: str, state: dict | None) -> None:
 
 def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str) -> dict:
     """The trainer state of ``ckpt``; refuses one of another world size, data order or cache."""
-    state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=False)
+    try:  # tensors and plain containers only: a crafted pickle must not run code
+        state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True)
+    except Exception as e:
+        raise PikvError(f"--resume: {os.path.join(ckpt, STATE_FILE)} is not a trainer state this pikv can load safely "
+                        f"({brief(e)}); it was not written by this pikv, or is damaged: use a new --out")
     if state["world_size"] != world_size:
         raise PikvError(f"--resume: the checkpoint was written by {state['world_size']} ranks, this run has "
                         f"{world_size}; resume with the same number of ranks")
@@ -101,13 +147,18 @@ def load_student(ckpt: str):
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG a rank uses, as tensors and plain values (so torch.load(weights_only=True) reads it back)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])

@@ -35,6 +35,9 @@ from .evaluate import evaluate
 from .model import check_compatible, freeze, load_student
 
 
+MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop the run instead of saving a broken student
+
+
 def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
     """Multiplier of --lr at ``step``: linear warmup, then cosine / WSD / constant down to min_lr_ratio."""
     if step < cfg.warmup_steps:
@@ -128,11 +131,17 @@ def run(cfg: TrainConfig, source=None) -> dict:
 
 
 def train(cfg: TrainConfig, d: dist.Dist, source=None) -> dict:
-    """One training run in an initialised process group (a sweep runs several in one group).
+    """One training run in an initialised process group (a sweep runs several in one group), holding
+    --out for its life (a second run on it is refused).
 
     ``source(epoch, start)`` gives this rank's Batches of an epoch from global micro-step ``start``;
     by default they are read from the cache (data.train_batches). A bench may pass another source of
     the same batches (e.g. with targets computed live by a resident teacher)."""
+    with checkpoint.out_lock(cfg.out, hold=d.is_main):
+        return _train(cfg, d, source)
+
+
+def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     # ---- cache, student, targets -------------------------------------------------------------------
     if not os.path.exists(cfg.cache):
         raise PikvError(f"--cache {cfg.cache} does not exist; create it with `pikv dump-teacher`")
@@ -146,7 +155,6 @@ def train(cfg: TrainConfig, d: dist.Dist, source=None) -> dict:
                         f"{global_batch} (batch-size x grad-accum x ranks); lower --batch-size or --grad-accum")
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    os.makedirs(cfg.out, exist_ok=True)
     ckpt = checkpoint.latest(cfg.out) if cfg.resume else None
     if cfg.resume and ckpt is None:
         raise PikvError(f"--resume: {cfg.out} holds no checkpoint to resume from; drop --resume to start fresh")
@@ -206,6 +214,7 @@ def train(cfg: TrainConfig, d: dist.Dist, source=None) -> dict:
                 + "".join(f"; {p.kind} teacher layer {p.t} -> student layer {p.s}" for p in pairs)
                 + (f"; {frozen} parameters frozen" if frozen else ""))
     it = source(at.epoch, at.micro)
+    bad_run = 0  # consecutive skipped steps
     bar = tqdm(total=total, initial=at.step, desc="train", disable=not d.is_main, dynamic_ncols=True)
     t_log, tok_log = time.perf_counter(), 0
     last, history = {}, []  # history: (wall time, loss tokens) after each step, for throughput figures
@@ -225,9 +234,14 @@ def train(cfg: TrainConfig, d: dist.Dist, source=None) -> dict:
         total_loss = sum(weights[k] * v for k, v in per.items()) / max(count, 1)
         if math.isfinite(total_loss) and math.isfinite(float(grad_norm)):
             scaler.step(opt)
+            bad_run = 0
         else:
-            at.skipped += 1
+            at.skipped, bad_run = at.skipped + 1, bad_run + 1
             dist.print0(f"step {at.step}: non-finite loss {total_loss} or grad norm {float(grad_norm)}; step skipped")
+            if bad_run >= min(MAX_BAD_STEPS, total):
+                raise PikvError(f"{bad_run} steps in a row (up to step {at.step}) had a non-finite loss or gradient: "
+                                f"the run diverged (--lr {cfg.lr:g}); lower --lr or check the student and the cache. "
+                                "No final/ was written")
         scaler.update()
         opt.zero_grad(set_to_none=True)
         sched.step()
