@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pikv_offline.config import DumpConfig  # noqa: E402
-from pikv_offline.data import build_sequences, iter_documents, load_records  # noqa: E402
-from pikv_offline.modeling import resolve_dtype  # noqa: E402
+from pikv_offline.data import prepare  # noqa: E402
+from pikv_offline.modeling import resolve_dtype, tokenizer_hash  # noqa: E402
 from pikv_offline.teacher import dump as dump_mod  # noqa: E402
 from pikv_offline.teacher import model as M  # noqa: E402
 
@@ -46,8 +46,9 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
 
     tok = M.load_tokenizer(args.teacher, args.teacher)
-    docs = iter_documents(load_records(args.data), tok, "text", None)
-    input_ids, _ = build_sequences(docs, args.seq_len, tok.eos_token_id, True, args.max_sequences)
+    prep = prepare(data=args.data, split="train", data_config=None, tokenizer=tok, tokenizer_sha256=tokenizer_hash(tok),
+                   text_field="text", chat_field=None, seq_len=args.seq_len, pack=True, max_sequences=args.max_sequences)
+    input_ids, _ = prep.rows(0, prep.n)
     model = M.load_model(args.teacher, args.teacher, dtype, device, None)
     x_all = torch.from_numpy(input_ids).long()
 

@@ -103,7 +103,8 @@ class DumpConfig:
     device_map: str | None = opt(None, "Spread a teacher too large for one GPU over all visible GPUs (one process, "
                                  "accelerate).", choices=("auto",))
     overwrite: bool = opt(False, "Replace an existing cache of different inputs.")
-    shard_seqs: int = opt(64, "Sequences per zarr shard file (the unit of writing and of resume).", flag="--shard-size")
+    shard_seqs: int = opt(64, "Sequences per unit: one zarr shard file per array, the unit of writing, resume and "
+                          "extension.", flag="--shard-size")
     sampled_tail: int = opt(0, "Also draw N ids per position from the teacher outside the top-k (an unbiased tail "
                             "estimate for KD).")
     encoding: str = opt("fp16", "Log-prob storage: fp16 (rel. error 2^-11) or the compact bf16 (2^-8, ~1/3 fewer "
@@ -113,6 +114,8 @@ class DumpConfig:
                          "bf16]. Repeatable.", parse=lambda specs: parse_targets(specs), metavar="KIND[:LAYERS][@ENC]")
     max_cache_gb: float | None = opt(None, "Refuse a dump whose estimated size exceeds this [default: the free disk "
                                      "at --out].")
+    num_proc: int | None = opt(None, "Processes that tokenize and pack the data, once per node [default: the cores].")
+    streaming: bool = opt(False, "Read a hub dataset as a stream, only as far as --max-sequences needs.")
 
     def __post_init__(self):
         if self.chat_field and self.text_field:
@@ -134,6 +137,10 @@ class DumpConfig:
             raise PikvError(f"--batch-size must be at least 1; got {self.batch_size}")
         if self.shard_seqs < 1:
             raise PikvError(f"--shard-size must be at least 1; got {self.shard_seqs}")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise PikvError(f"--num-proc must be at least 1; got {self.num_proc}")
+        if self.streaming and not self.max_sequences:
+            raise PikvError("--streaming reads a hub dataset only as far as needed: give --max-sequences N")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise PikvError(f"--max-sequences must be at least 1; got {self.max_sequences}")
         if not self.temperatures or self.temperatures[0] != 1.0:

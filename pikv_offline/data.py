@@ -1,8 +1,14 @@
-"""Load text or chat records, tokenize, and pack them into fixed-length sequences.
+"""Prepare the data once, on disk: load records, tokenize and pack them into fixed-length sequences.
 
-A sequence's global id is its index in the packed stream, which depends only on the data, the
-tokenizer and the packing settings; the cache key hashes the packed tokens themselves, so ids are
-stable exactly when the content is.
+    prepare(data=..., tokenizer=..., seq_len=1024, ...) -> Prepared (a memory-mapped Arrow dataset)
+
+Tokenizing and packing run as two `datasets` maps (batched, ``num_proc`` worker processes) into the
+library's own on-disk cache, each named by a fingerprint of what it depends on (the source files,
+the tokenizer, the fields and the packing settings; not ``max_sequences``), so a re-run, a resume
+or another rank of the same node finds the work done and opens the result. Documents are packed
+in batches of PACK_DOCS (the `group_texts` pattern): concatenated with EOS between them and cut
+every ``seq_len`` tokens; a batch's last partial sequence is padded, never dropped. A sequence's
+global id is its row in the packed dataset, so the first N rows do not depend on how many are used.
 
 ``loss_mask[t]`` is aligned with the tokens: True when token t is one the student is trained to
 predict (every real token of plain text, only assistant tokens of chat data, never padding).
@@ -11,12 +17,16 @@ predict (every real token of plain text, only assistant tokens of chat data, nev
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from typing import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import PikvError, brief
+
+PREP_VERSION = 1  # bump when tokenizing or packing changes what a source becomes
+PACK_DOCS = 1000  # documents packed together (one map batch)
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text",
                   ".csv": "csv", ".arrow": "arrow"}
@@ -38,20 +48,27 @@ def _looks_like_path(data: str) -> bool:
     return data.startswith((".", "/", "~")) or os.path.splitext(data)[1].lower() in LOCAL_BUILDERS
 
 
-def load_records(data: str, split: str = "train", data_config: str | None = None):
-    """A ``datasets.Dataset`` from a local file/folder (jsonl, json, parquet, txt, csv, arrow) or a hub name."""
+def local_files(data: str) -> list[str]:
+    """The data files of a local --data file or folder, in a fixed order."""
+    path = os.path.expanduser(data)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                       if os.path.splitext(f)[1].lower() in LOCAL_BUILDERS)
+        if not files:
+            raise PikvError(f"--data folder {data} holds no {'/'.join(sorted(LOCAL_BUILDERS))} files")
+        return files
+    return [path]
+
+
+def load_records(data: str, split: str = "train", data_config: str | None = None, streaming: bool = False):
+    """A ``datasets.Dataset`` from a local file/folder (jsonl, json, parquet, txt, csv, arrow) or a hub name;
+    with ``streaming`` a hub dataset comes as an ``IterableDataset`` (read as far as needed, never whole)."""
     import datasets
 
     datasets.disable_progress_bars()
     path = os.path.expanduser(data)
     if os.path.exists(path):
-        if os.path.isdir(path):
-            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                           if os.path.splitext(f)[1].lower() in LOCAL_BUILDERS)
-            if not files:
-                raise PikvError(f"--data folder {data} holds no {'/'.join(sorted(LOCAL_BUILDERS))} files")
-        else:
-            files = [path]
+        files = local_files(data)
         if all(os.path.getsize(f) == 0 for f in files):
             raise PikvError(f"--data {data} is empty")
         kinds = {LOCAL_BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files}
@@ -67,7 +84,7 @@ def load_records(data: str, split: str = "train", data_config: str | None = None
     if _looks_like_path(data):
         raise PikvError(f"--data path {data} does not exist")
     try:
-        return datasets.load_dataset(data, data_config, split=split)
+        return datasets.load_dataset(data, data_config, split=split, streaming=streaming)
     except Exception as e:
         raise PikvError(f"could not load dataset {data!r} (split {split!r}) from the hub or its local "
                         f"cache: {brief(e)}")
@@ -118,85 +135,182 @@ def chat_tokens(tokenizer, turns: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def iter_documents(ds, tokenizer, text_field: str | None, chat_field: str | None,
-                   batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (token ids int32, loss mask bool) per record."""
-    field = chat_field or text_field
-    if field not in ds.column_names:
-        flag = "--chat-field" if chat_field else "--text-field"
-        raise PikvError(f"{flag} {field!r} is not a column of the data; columns: {', '.join(ds.column_names)}")
-    if chat_field and not tokenizer.is_fast:
-        raise PikvError("chat data needs a fast tokenizer (character offsets locate assistant tokens)")
+
+
+_PROBE = 1 << 20  # bytes read at each of a data file's probe points
+
+
+def source_identity(data: str, split: str, data_config: str | None, records=None) -> str:
+    """What the prepared data comes from, the same on every node: for local files their names, sizes and
+    17 probes of 1 MiB spread over each (hashing 40 GB of text in full would cost minutes per start);
+    for a hub dataset its name, config and split, and the library's fingerprint of it when downloaded."""
+    h = hashlib.sha256(json.dumps([split, data_config]).encode())
+    path = os.path.expanduser(data)
+    if os.path.exists(path):
+        root = path if os.path.isdir(path) else os.path.dirname(path)
+        for f in local_files(data):
+            size = os.path.getsize(f)
+            h.update(f"{os.path.relpath(f, root)}:{size}".encode())
+            with open(f, "rb") as fh:
+                for i in range(17):
+                    fh.seek(max(0, (size - _PROBE) * i // 16))
+                    h.update(fh.read(_PROBE))
+    else:
+        h.update(data.encode())
+        h.update(str(getattr(records, "_fingerprint", "")).encode())
+    return h.hexdigest()
+
+
+def _tokenize_batch(batch: dict, *, tokenizer, field: str, chat: bool) -> dict:
+    """A map over records: token ids and loss mask of each (empty for a blank or skipped record), and
+    whether the record was skipped because its text is not a string."""
+    ids, masks, skipped = [], [], []
+    if chat:
+        for turns in batch[field]:
+            i, m = chat_tokens(tokenizer, _normalize_turns(turns, field))
+            ids.append(i)
+            masks.append(m)
+            skipped.append(False)
+        return {"ids": ids, "mask": masks, "skipped": skipped}
     eos = tokenizer.eos_token_id
-    for lo in range(0, len(ds), batch):
-        rows = ds[lo:lo + batch][field]
-        if chat_field:
-            for turns in rows:
-                ids, mask = chat_tokens(tokenizer, _normalize_turns(turns, field))
-                if len(ids):
-                    yield ids, mask
-            continue
-        texts = [t for t in rows if isinstance(t, str) and t.strip()]
-        for ids in tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []:
-            if eos is not None and (not ids or ids[-1] != eos):
-                ids = ids + [eos]  # documents are separated by EOS when packed
-            yield np.asarray(ids, dtype=np.int32), np.ones(len(ids), dtype=bool)
+    rows = batch[field]
+    keep = [j for j, t in enumerate(rows) if isinstance(t, str) and t.strip()]
+    encoded = iter(tokenizer([rows[j] for j in keep], add_special_tokens=True)["input_ids"] if keep else [])
+    keep = set(keep)
+    for j, t in enumerate(rows):
+        x = next(encoded) if j in keep else []
+        if x and eos is not None and x[-1] != eos:
+            x = x + [eos]  # documents are separated by EOS when packed
+        ids.append(x)
+        masks.append([True] * len(x))
+        skipped.append(t is not None and not isinstance(t, str))
+    return {"ids": ids, "mask": masks, "skipped": skipped}
 
 
-def build_sequences(docs: Iterator[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int,
-                    pack: bool = True, max_sequences: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Packed (documents concatenated and cut every seq_len) or per-document (split, last padded).
-
-    Returns input_ids [N, seq_len] int32 and loss_mask [N, seq_len] bool. A trailing partial
-    sequence is padded (mask False) rather than dropped. Stops reading documents once
-    ``max_sequences`` full sequences exist.
-    """
-    seqs_ids, seqs_mask = [], []
-    buf_ids, buf_mask, buffered = [], [], 0
+def _pack_batch(batch: dict, *, seq_len: int, pad_id: int, pack: bool) -> dict:
+    """A map over tokenized documents: fixed-length sequences (the `group_texts` pattern over one batch)."""
+    out_ids, out_mask = [], []
 
     def emit(ids, mask):
         n = len(ids)
         if n < seq_len:
             ids = np.concatenate([ids, np.full(seq_len - n, pad_id, np.int32)])
             mask = np.concatenate([mask, np.zeros(seq_len - n, bool)])
-        seqs_ids.append(ids)
-        seqs_mask.append(mask)
+        out_ids.append(ids)
+        out_mask.append(mask)
 
-    def full() -> bool:
-        return max_sequences is not None and len(seqs_ids) >= max_sequences
-
-    for ids, mask in docs:
-        if pack:
-            buf_ids.append(ids)
-            buf_mask.append(mask)
-            buffered += len(ids)
-            if buffered >= seq_len:
-                cat_ids, cat_mask = np.concatenate(buf_ids), np.concatenate(buf_mask)
-                cut = (len(cat_ids) // seq_len) * seq_len
-                for s in range(0, cut, seq_len):
-                    emit(cat_ids[s:s + seq_len], cat_mask[s:s + seq_len])
-                buf_ids, buf_mask = [cat_ids[cut:]], [cat_mask[cut:]]
-                buffered = len(cat_ids) - cut
-        else:
+    docs = [(np.asarray(i, np.int32), np.asarray(m, bool)) for i, m in zip(batch["ids"], batch["mask"]) if len(i)]
+    if pack and docs:
+        ids, mask = np.concatenate([d[0] for d in docs]), np.concatenate([d[1] for d in docs])
+        for s in range(0, len(ids), seq_len):
+            if len(ids) - s >= 2:
+                emit(ids[s:s + seq_len], mask[s:s + seq_len])
+    elif not pack:
+        for ids, mask in docs:
             for s in range(0, len(ids), seq_len):
                 if len(ids) - s >= 2:
                     emit(ids[s:s + seq_len], mask[s:s + seq_len])
-        if full():
-            break
-    if pack and buffered >= 2 and not full():
-        emit(np.concatenate(buf_ids), np.concatenate(buf_mask))
-    if not seqs_ids:
+    return {"input_ids": out_ids, "loss_mask": out_mask,
+            "targets": [int(m[1:].sum()) for m in out_mask]}
+
+
+@dataclass
+class Prepared:
+    """The packed sequences, memory-mapped: rows [0, n) of ``dataset`` (numpy format: input_ids [., L]
+    int32, loss_mask [., L] bool); ``fingerprint`` names the preparation (the cache key's data identity)."""
+    dataset: object
+    n: int
+    fingerprint: str
+    skipped_records: int
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        got = self.dataset[start:stop]
+        return np.asarray(got["input_ids"], np.int32), np.asarray(got["loss_mask"], bool)
+
+
+def prepare(*, data: str, split: str, data_config: str | None, tokenizer, tokenizer_sha256: str,
+            text_field: str | None, chat_field: str | None, seq_len: int, pack: bool,
+            max_sequences: int | None = None, num_proc: int | None = None, streaming: bool = False) -> Prepared:
+    """Tokenize and pack ``data`` into the datasets cache (or find it there); see the module docstring.
+    With ``streaming`` a hub dataset is read only as far as ``max_sequences`` sequences need."""
+    import datasets
+
+    field = chat_field or text_field
+    if chat_field and not tokenizer.is_fast:
+        raise PikvError("chat data needs a fast tokenizer (character offsets locate assistant tokens)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    records = load_records(data, split, data_config, streaming=streaming)
+    columns = list(records.column_names or [])
+    if columns and field not in columns:
+        flag = "--chat-field" if chat_field else "--text-field"
+        raise PikvError(f"{flag} {field!r} is not a column of the data; columns: {', '.join(columns)}")
+    settings = {"source": source_identity(data, split, data_config, records), "tokenizer": tokenizer_sha256,
+                "field": field, "chat": bool(chat_field), "version": PREP_VERSION}
+    tok_fp = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    pack_settings = {**settings, "seq_len": seq_len, "pack": pack, "pad_id": pad_id, "pack_docs": PACK_DOCS}
+    fp = hashlib.sha256(json.dumps(pack_settings, sort_keys=True).encode()).hexdigest()[:32]
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=seq_len),
+                                  "loss_mask": datasets.Sequence(datasets.Value("bool"), length=seq_len),
+                                  "targets": datasets.Value("int32")})
+    tok_kw = {"tokenizer": tokenizer, "field": field, "chat": bool(chat_field)}
+    pack_kw = {"seq_len": seq_len, "pad_id": pad_id, "pack": pack}
+    if streaming:
+        if not max_sequences:
+            raise PikvError("--streaming reads a hub dataset only as far as needed: give --max-sequences N")
+        packed = datasets.Dataset.from_generator(
+            _stream_packed, features=features, fingerprint=f"{fp}-{max_sequences}",
+            gen_kwargs={"records": records, "tok_kw": tok_kw, "pack_kw": pack_kw, "n": max_sequences})
+        skipped = 0
+    else:
+        procs = max(1, min(num_proc or len(os.sched_getaffinity(0)), len(records) // PACK_DOCS))
+        try:
+            tokenized = records.map(_tokenize_batch, batched=True, batch_size=PACK_DOCS, fn_kwargs=tok_kw,
+                                    remove_columns=columns, num_proc=procs if procs > 1 else None,
+                                    new_fingerprint=tok_fp, desc="tokenize")
+            packed = tokenized.map(_pack_batch, batched=True, batch_size=PACK_DOCS, fn_kwargs=pack_kw,
+                                   remove_columns=tokenized.column_names, features=features,
+                                   num_proc=procs if procs > 1 else None, new_fingerprint=fp, desc="pack")
+        except PikvError:
+            raise
+        except Exception as e:  # e.g. a record that does not decode, or a field of another type
+            raise PikvError(f"could not tokenize --data {data}: {brief(e)}")
+        skipped = int(np.asarray(tokenized.with_format("numpy")["skipped"]).sum())
+    packed = packed.with_format("numpy")
+    n = len(packed) if max_sequences is None else min(len(packed), max_sequences)
+    if n == 0:
         raise PikvError("the data holds no usable tokens (empty files, empty texts, or every record too short)")
-    if max_sequences is not None:
-        seqs_ids, seqs_mask = seqs_ids[:max_sequences], seqs_mask[:max_sequences]
-    input_ids, loss_mask = np.stack(seqs_ids), np.stack(seqs_mask)
-    if not loss_mask.any():
+    if int(packed["targets"][:n].sum()) == 0:
         raise PikvError("no token of the data is a training target (chat data without assistant turns?)")
-    return input_ids, loss_mask
+    return Prepared(dataset=packed, n=n, fingerprint=fp, skipped_records=skipped)
+
+
+def _stream_packed(records, tok_kw: dict, pack_kw: dict, n: int):
+    """Packed rows from a streamed dataset, in order, until ``n`` exist (the generator of --streaming)."""
+    made, batch = 0, []
+    for r in records:
+        batch.append(r)
+        if len(batch) == PACK_DOCS:
+            for row in _rows(_pack_batch(_tokenize_batch(_columns(batch), **tok_kw), **pack_kw)):
+                yield row
+                made += 1
+                if made >= n:
+                    return
+            batch = []
+    if batch:
+        for row in _rows(_pack_batch(_tokenize_batch(_columns(batch), **tok_kw), **pack_kw))[:n - made]:
+            yield row
+
+
+def _columns(records: list[dict]) -> dict:
+    return {k: [r.get(k) for r in records] for k in records[0]}
+
+
+def _rows(columns: dict) -> list[dict]:
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 def fingerprint(input_ids: np.ndarray, loss_mask: np.ndarray) -> str:
-    """Content hash of the packed sequences: the data identity that enters the cache key."""
+    """Content hash of packed sequences (a unit's, in the cache): input ids and loss mask."""
     h = hashlib.sha256()
     h.update(str(input_ids.shape).encode())
     h.update(np.ascontiguousarray(input_ids, dtype=np.int32).tobytes())

@@ -6,12 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The prepared data of the tests goes to a cache of their own, shared by the subprocesses they start.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="pikv-test-datasets-"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 512

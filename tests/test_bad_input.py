@@ -92,7 +92,7 @@ def bad_caches(train_cache, workdir):
 
     out = {}
     for name, change in (("incomplete", {"complete": False}), ("future", {"format_version": 99}),
-                         ("escape", {"tokenizer_dir": "../../.."}), ("typed", {"world_size": "1"}),
+                         ("escape", {"tokenizer_dir": "../../.."}), ("typed", {"unit_seqs": "8"}),
                          ("boolcount", {"seq_len": True})):
         path = workdir / f"cache-{name}"
         if not path.exists():
@@ -131,7 +131,7 @@ TRAIN_CASES = {
     "neither steps nor epochs": (["--no-steps"], "exactly one of --max-steps or --epochs"),
     "several loader workers": (["--num-workers", "2"], "--num-workers must be 0 or 1"),
     "tokenizer_dir outside the cache": (["--cache", "@escape"], "attribute tokenizer_dir is '../../..'"),
-    "world_size of the wrong type": (["--cache", "@typed"], "attribute world_size is '1', expected int"),
+    "unit_seqs of the wrong type": (["--cache", "@typed"], "attribute unit_seqs is '8', expected int"),
     "a bool where an int belongs": (["--cache", "@boolcount"], "attribute seq_len is True, expected int"),
     "lr nan": (["--lr", "nan"], "--lr must be a positive finite number; got nan"),
     "lr inf": (["--lr", "inf"], "--lr must be a positive finite number; got inf"),

@@ -13,7 +13,7 @@ import itertools
 
 import numpy as np
 
-from pikv_offline.cache.format import decode_logprobs, encode_logprobs, encode_tail
+from pikv_offline.cache.format import decode_gaps, decode_logprobs, encode_logprobs, encode_tail
 from pikv_offline.student.losses import ce_loss, divergence, kd_loss, kd_rows
 
 
@@ -169,7 +169,7 @@ def test_sampled_tail_is_unbiased_by_exact_enumeration(k, T):
     prob = torch.stack([torch.prod(r[[tail.index(i) for i in d]]) for d in draws])
     assert abs(prob.sum().item() - 1) < 1e-12
     ids, _, counts = encode_tail(draws, lp.detach().numpy()[draws], "fp16", v)
-    ids = torch.from_numpy(ids.astype(np.int64))
+    ids = torch.from_numpy(decode_gaps(ids))  # stored as gaps
     rows = len(draws)
     tnorm = torch.logsumexp(lp / T, -1)
     # Exact float64 log-probs at the stored ids (storage rounding is the other test's business).
@@ -213,7 +213,7 @@ def test_sampled_tail_from_the_dump_sampler_averages_to_full_kl(llama_teacher):
     rows = kd_rows(torch.log_softmax(per_seed / T, -1).reshape(-1, v),
                    torch.from_numpy(h_ids).reshape(-1, k), torch.from_numpy(h_lp).reshape(-1, k),
                    got["tnorm"][..., 1].reshape(-1), temperature=T, tail="sampled",
-                   tail_ids=torch.from_numpy(ids.astype(np.int64)).reshape(-1, n),
+                   tail_ids=torch.from_numpy(decode_gaps(ids)).reshape(-1, n),
                    tail_logprobs=torch.from_numpy(decode_logprobs(lps)).reshape(-1, n),
                    tail_counts=torch.from_numpy(counts).float().reshape(-1, n), draws=n).reshape(seeds, length)
     full = s_logits.clone().requires_grad_()
@@ -237,7 +237,7 @@ def test_sampled_tail_zero_at_equality_and_descends():
     masked = lp.exp().scatter(-1, ids, 0.0)
     draws = torch.multinomial(masked, n, replacement=True, generator=g)
     t_ids, t_lps, counts = encode_tail(draws.numpy(), torch.gather(lp, -1, draws).numpy(), "fp16", v)
-    kw = dict(tail="sampled", draws=n, tail_ids=torch.from_numpy(t_ids.astype(np.int64)),
+    kw = dict(tail="sampled", draws=n, tail_ids=torch.from_numpy(decode_gaps(t_ids)),
               tail_logprobs=torch.from_numpy(decode_logprobs(t_lps)), tail_counts=torch.from_numpy(counts).float())
     same, _ = kd_loss(lp, ids, top, torch.zeros(rows), **kw)
     assert abs(same.item()) < 1e-2 * rows  # fp16 tail log-probs: exact zero only up to rounding

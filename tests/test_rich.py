@@ -381,7 +381,7 @@ def test_sliding_window_kv_is_refused_before_writing(tokenizer, corpus, tmp_path
     with pytest.raises(PikvError, match="caches 7 of 32 positions \\(a sliding window\\)"):
         run(DumpConfig(teacher=str(tmp_path / "mistral"), data=corpus, out=str(tmp_path / "c"), seq_len=32,
                        max_sequences=8, targets=parse_targets(["kv:1"])))
-    assert not (tmp_path / "c" / "shards" / "rank-00000").exists()
+    assert not (tmp_path / "c" / "units").exists(), "no unit was written"
 
 
 @pytest.mark.parametrize("kind, extra", [

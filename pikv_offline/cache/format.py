@@ -1,4 +1,4 @@
-"""The teacher cache format, version 3: every array name, dtype, shape, codec, encoding and attribute key.
+"""The teacher cache format, version 4: every array name, dtype, shape, codec and encoding.
 
 The writer and the reader both import this module and nothing else defines the arrays; which
 sequences go where and the attributes are layout.py's. See FORMAT.md beside this file for the
@@ -9,26 +9,23 @@ bump FORMAT_VERSION.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-# The numcodecs Delta filter is not in the core v3 spec; zarr warns on every array it builds.
-# We accept that: the codec is recorded in each array's metadata and zarr-python reads it back.
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
-from zarr.codecs.numcodecs import Delta  # noqa: E402
-
-FORMAT_VERSION = 3  # 3: optional hidden / kv / router / experts targets
+# 3: optional hidden / kv / router / experts targets. 4: arrays over all sequences written in units
+# (any rank writes any unit; resume at any world size; extension), ids stored as gaps (only codecs of
+# the Zarr v3 specification: bytes, blosc, crc32c, sharding).
+FORMAT_VERSION = 4
 
 INPUT_IDS = "input_ids"
 LOSS_MASK = "loss_mask"
 SAMPLE_ID = "sample_id"
-HEAD_IDS = "logits/ids"  # the exact top-k, each position's ids in ascending id order
+HEAD_IDS = "logits/id_gaps"  # the exact top-k in ascending id order, stored as gaps: ids = cumsum along k
 HEAD_LOGPROBS = "logits/logprobs"  # their T=1 log-probs, in the same order
 TNORM = "logits/tnorm"  # log sum_v p_1(v)^(1/T) for each grid T after the first (T=1: 0)
-TAIL_IDS = "logits/tail_ids"  # distinct sampled tail ids, ascending, padded with the last one
+TAIL_IDS = "logits/tail_id_gaps"  # distinct sampled tail ids, ascending, padded with the last one; as gaps
 TAIL_LOGPROBS = "logits/tail_logprobs"
 TAIL_COUNTS = "logits/tail_counts"  # draws of each id; 0 marks padding
 ARRAY_NAMES = (INPUT_IDS, LOSS_MASK, SAMPLE_ID, HEAD_IDS, HEAD_LOGPROBS, TNORM, TAIL_IDS, TAIL_LOGPROBS,
@@ -59,6 +56,11 @@ DEFAULT_ENCODING = "fp16"
 # 8), so chunks of 8 sequences make reads 4x cheaper and compress slightly better; the small
 # per-sequence arrays (input_ids, loss_mask, sample_id) take one chunk per shard.
 CHUNK_SEQS = 8
+
+
+def inner_chunk(unit_seqs: int) -> int:
+    """Sequences per inner chunk of the per-position arrays of a cache written in units of ``unit_seqs``."""
+    return math.gcd(unit_seqs, CHUNK_SEQS)
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -101,20 +103,31 @@ def decode_logprobs(bits: np.ndarray, encoding: str = DEFAULT_ENCODING) -> np.nd
     return from_bf16_bits(bits)
 
 
+def encode_gaps(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Ascending ids [..., k] -> their gaps (the first id itself, then each id minus the one before),
+    the stored values: small, so they compress well, with no filter a Zarr reader must know."""
+    ids = np.asarray(ids, np.int64)
+    return np.diff(ids, axis=-1, prepend=0).astype(id_dtype(vocab_size))
+
+
+def decode_gaps(gaps: np.ndarray) -> np.ndarray:
+    return np.cumsum(gaps.astype(np.int64), axis=-1)
+
+
 def encode_head(ids: np.ndarray, logprobs: np.ndarray, encoding: str, vocab_size: int):
-    """Top-k in any order -> (ids ascending, their log-prob bits). Sorted ids differ by small steps, so
-    a Delta filter packs them in 26 B/token at k=64 against 85 in probability order (measured)."""
+    """Top-k in any order -> (gaps of the ids sorted ascending, their log-prob bits). Sorted ids differ by
+    small steps: 26 B/token at k=64 against 85 in probability order (measured with a Delta filter in v3)."""
     order = np.argsort(ids, axis=-1)
-    return (np.take_along_axis(ids, order, -1).astype(id_dtype(vocab_size)),
+    return (encode_gaps(np.take_along_axis(ids, order, -1), vocab_size),
             encode_logprobs(np.take_along_axis(logprobs, order, -1), encoding))
 
 
-def decode_head(ids: np.ndarray, bits: np.ndarray, encoding: str, top_k: int | None = None,
+def decode_head(gaps: np.ndarray, bits: np.ndarray, encoding: str, top_k: int | None = None,
                 by_prob: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Stored head -> (ids int64, log-probs float32). Kept in id order (the losses do not care) unless
     ``by_prob`` or a ``top_k`` below the stored k asks for the most probable first."""
     lp = decode_logprobs(bits, encoding)
-    ids = ids.astype(np.int64)
+    ids = decode_gaps(gaps)
     if by_prob or (top_k is not None and top_k < ids.shape[-1]):
         order = np.argsort(-lp, axis=-1, kind="stable")[..., :top_k]
         return np.take_along_axis(ids, order, -1), np.take_along_axis(lp, order, -1)
@@ -136,7 +149,7 @@ def decode_tnorm(stored: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarra
 
 def encode_tail(draws: np.ndarray, logprobs: np.ndarray, encoding: str, vocab_size: int):
     """Sampled tail [.., n] draws (with replacement; -1 = no draw) and their log-probs -> distinct ids
-    ascending with counts; the unused slots repeat the last id (so its Delta is 0) with count 0."""
+    ascending (stored as gaps) with counts; the unused slots repeat the last id (gap 0) with count 0."""
     shape, n = draws.shape[:-1], draws.shape[-1]
     d = draws.reshape(-1, n).astype(np.int64)
     d = np.where(d < 0, vocab_size, d)  # a sentinel that sorts last
@@ -157,7 +170,7 @@ def encode_tail(draws: np.ndarray, logprobs: np.ndarray, encoding: str, vocab_si
     counts[ids == vocab_size] = 0
     ids[ids == vocab_size] = 0
     ids = np.maximum.accumulate(ids, axis=-1)  # padding repeats the last id
-    return (ids.reshape(*shape, n).astype(id_dtype(vocab_size)),
+    return (encode_gaps(ids.reshape(*shape, n), vocab_size),
             encode_logprobs(lps.reshape(*shape, n), encoding), counts.reshape(*shape, n).astype(np.uint8))
 
 
@@ -167,7 +180,6 @@ class ArraySpec:
     dtype: np.dtype
     chunks: tuple[int, ...]
     shards: tuple[int, ...]
-    filters: tuple
     compressors: tuple
 
 
@@ -175,34 +187,32 @@ def _blosc(typesize_shuffle: str = "shuffle", level: int = 5) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=level, shuffle=typesize_shuffle)
 
 
-def array_specs(n_seqs: int, seq_len: int, targets: dict, vocab_size: int, shard_seqs: int) -> dict[str, ArraySpec]:
-    """Specs of every array in one rank's shard group holding ``n_seqs`` sequences.
+def array_specs(n_seqs: int, seq_len: int, targets: dict, vocab_size: int, unit_seqs: int) -> dict[str, ArraySpec]:
+    """Specs of every array of a cache of ``n_seqs`` sequences written in units of ``unit_seqs``.
 
-    A zarr shard (one file) holds ``shard_seqs`` sequences, so a reader fetches many sequences per
-    call and the writer writes whole shards at once; inner chunks are CHUNK_SEQS sequences (or a
-    divisor of the shard) for the targets and a whole shard for the small arrays. Every inner chunk
-    ends with a crc32c checksum, so corruption is caught on read.
+    A zarr shard (one file) is one unit, so the writer writes whole shards at once and a reader
+    fetches many sequences per call; inner chunks are CHUNK_SEQS sequences (or a divisor of the
+    unit) for the targets and a whole unit for the small arrays. Every inner chunk ends with a
+    crc32c checksum, so corruption is caught on read. Only codecs of the Zarr v3 specification.
     """
     lg = targets["logits"]
     top_k, n_temps, tail, encoding = lg["top_k"], len(lg["temperatures"]), lg.get("sampled_tail", 0), lg["encoding"]
-    s = max(n_seqs, 1)  # zarr needs a non-zero extent to size chunks; an empty shard stays unwritten
-    n = min(shard_seqs, s)
-    c = math.gcd(n, CHUNK_SEQS)
+    n = unit_seqs  # the shard size does not depend on the extent, so an extended cache keeps its files
+    c = inner_chunk(n)
     ids = id_dtype(vocab_size)
 
-    def spec(tail_shape: tuple[int, ...], dtype, filters=(), chunk=c, level=5) -> ArraySpec:
+    def spec(tail_shape: tuple[int, ...], dtype, chunk=c, level=5) -> ArraySpec:
         return ArraySpec(shape=(n_seqs, *tail_shape), dtype=np.dtype(dtype), chunks=(chunk, *tail_shape),
-                         shards=(n, *tail_shape), filters=tuple(filters),
-                         compressors=(_blosc(level=level), Crc32cCodec()))
+                         shards=(n, *tail_shape), compressors=(_blosc(level=level), Crc32cCodec()))
 
     specs = {
         INPUT_IDS: spec((seq_len,), np.int32, chunk=n),
         LOSS_MASK: spec((seq_len,), np.bool_, chunk=n),
         SAMPLE_ID: spec((), np.int64, chunk=n),
-        HEAD_IDS: spec((seq_len, top_k), ids, filters=(Delta(dtype=ids.str),)),
+        HEAD_IDS: spec((seq_len, top_k), ids),
         HEAD_LOGPROBS: spec((seq_len, top_k), np.uint16),
         TNORM: spec((seq_len, n_temps - 1), ENCODINGS[encoding].tnorm_dtype),
-        TAIL_IDS: spec((seq_len, tail), ids, filters=(Delta(dtype=ids.str),)),
+        TAIL_IDS: spec((seq_len, tail), ids),
         TAIL_LOGPROBS: spec((seq_len, tail), np.uint16),
         TAIL_COUNTS: spec((seq_len, tail), np.uint8),
     }

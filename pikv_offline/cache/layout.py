@@ -1,10 +1,15 @@
 """Who holds what in a cache and the attributes that say so: the one owner of the cache's layout.
 
 format.py says what each array is (names, dtypes, codecs, encodings); this module says where the
-sequences go and what the root and each writer group record about them:
-  - writer group r of W (``shards/rank-<r>``) holds the global sequences r, r+W, r+2W, ... in order;
-  - the root attributes (``RootAttrs``) and each group's (``GroupAttrs``), validated when read;
-  - the tokenizer folder inside the cache; the cache-key recipe.
+sequences go and what records them:
+  - every array covers all N sequences, row i = sample id i; it is written in *units* of
+    ``unit_seqs`` sequences, unit u = rows [u*S, min((u+1)*S, N)), one zarr shard file per array;
+  - any rank may write any unit; rank r of W takes the units u with u % W == r that are not
+    committed yet, so a dump resumes at any world size and no lock is needed;
+  - a unit is committed by its marker file ``units/u-<u>.json`` (``UnitMarker``), written atomically
+    after the unit's data is on disk; the root attributes (``RootAttrs``) are marked complete last;
+  - the tokenizer folder inside the cache; the cache-key recipe (independent of N, so a cache can be
+    extended by more sequences of the same data).
 The writer, the reader, verify and the dump import these; nothing else derives them.
 """
 
@@ -13,42 +18,41 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
-
-import numpy as np
 
 from ..errors import PikvError
 from .format import ENCODINGS, FORMAT_VERSION, MAX_TAIL
 
 ROOT_ATTR = "pikv"  # key of the root attributes dict
-GROUP_ATTR = "pikv_shard"  # key of each writer group's attributes dict
-GROUPS = "shards"  # the folder of the writer groups
+UNITS_DIR = "units"  # the folder of the unit markers
 TOKENIZER_DIR = "tokenizer"  # the teacher's tokenizer (save_pretrained), inside the cache
 
 
-def group_name(rank: int) -> str:
-    return f"{GROUPS}/rank-{rank:05d}"
+def n_units(n_seqs: int, unit_seqs: int) -> int:
+    return -(-n_seqs // unit_seqs)
 
 
-def group_sample_ids(n_seqs: int, rank: int, world_size: int) -> np.ndarray:
-    """The global sequence ids writer group ``rank`` of ``world_size`` holds, in its row order."""
-    return np.arange(rank, n_seqs, world_size, dtype=np.int64)
+def unit_range(unit: int, n_seqs: int, unit_seqs: int) -> tuple[int, int]:
+    """The global sequence ids [start, stop) of ``unit``."""
+    return unit * unit_seqs, min((unit + 1) * unit_seqs, n_seqs)
 
 
-def group_size(n_seqs: int, rank: int, world_size: int) -> int:
-    return len(range(rank, n_seqs, world_size))
+def rank_units(n_seqs: int, unit_seqs: int, rank: int, world_size: int) -> range:
+    """The units rank ``rank`` of ``world_size`` writes (those not committed yet)."""
+    return range(rank, n_units(n_seqs, unit_seqs), world_size)
 
 
-def global_rows(rank: int, world_size: int, start: int, stop: int) -> slice:
-    """The positions in global sequence order of rows [start, stop) of group ``rank``."""
-    return slice(rank + start * world_size, rank + stop * world_size, world_size)
+def marker_name(unit: int) -> str:
+    return f"{UNITS_DIR}/u-{unit:08d}.json"
 
 
-def cache_key(*, teacher: dict, tokenizer_sha256: str, fingerprint: str, seq_len: int, targets: dict) -> str:
+def cache_key(*, teacher: dict, tokenizer_sha256: str, data: str, seq_len: int, targets: dict) -> str:
     """What defines a cache's content: the teacher (config, weights, compute dtype; not its name), the
-    tokenizer, the packed data, seq_len, the targets and the format version."""
+    tokenizer, the prepared data (data.Prepared.fingerprint: the source and how it was packed, not how
+    many sequences), seq_len, the targets and the format version."""
     fields = {"format_version": FORMAT_VERSION, "teacher": {k: v for k, v in teacher.items() if k != "name"},
-              "tokenizer": tokenizer_sha256, "data": fingerprint, "seq_len": seq_len, "targets": targets}
+              "tokenizer": tokenizer_sha256, "data": data, "seq_len": seq_len, "targets": targets}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -77,13 +81,21 @@ class RootAttrs:
     data: dict  # data, split, data_config, text_field, chat_field, pack, max_sequences, fingerprint
     seq_len: int
     targets: dict  # logits: top_k, sampled_tail, temperatures, encoding, id_dtype; rich kinds when asked
-    world_size: int
-    shard_seqs: int
+    unit_seqs: int
     counts: dict  # sequences; at completion also positions, loss_tokens
+    content_sha256: str | None = None  # at completion: the hash of the units' input hashes, in order
     package_version: str | None = None
     dump_config: dict = dataclasses.field(default_factory=dict)
     bytes_stored: dict = dataclasses.field(default_factory=dict)
     encoding_errors: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_sequences(self) -> int:
+        return self.counts["sequences"]
+
+    @property
+    def n_units(self) -> int:
+        return n_units(self.n_sequences, self.unit_seqs)
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "RootAttrs":
@@ -91,8 +103,9 @@ class RootAttrs:
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise PikvError(f"{where} has cache format version {version}, this pikv reads version "
-                            f"{FORMAT_VERSION}; re-dump it or use a matching pikv release")
-        for key, kind, low in (("seq_len", int, 2), ("world_size", int, 1), ("shard_seqs", int, 1)):
+                            f"{FORMAT_VERSION}; re-dump it with this pikv (the data preparation and the "
+                            "teacher run again), or use a matching pikv release")
+        for key, kind, low in (("seq_len", int, 2), ("unit_seqs", int, 1)):
             _need(d, key, kind, where, low)
         for key in ("cache_key", "tokenizer_sha256", "tokenizer_dir"):
             _need(d, key, str, where)
@@ -103,7 +116,7 @@ class RootAttrs:
             raise _damaged(where, f"attribute tokenizer_dir is {d['tokenizer_dir']!r}; a cache keeps its tokenizer "
                                   f"in {TOKENIZER_DIR}/")
         _need(d["teacher"], "vocab_size", int, f"{where} (teacher)", 1)
-        _need(d["counts"], "sequences", int, f"{where} (counts)", 0)
+        _need(d["counts"], "sequences", int, f"{where} (counts)", 1)
         lg = _need(d["targets"], "logits", dict, f"{where} (targets)")
         _need(lg, "top_k", int, f"{where} (targets.logits)", 0)
         draws = _need(lg, "sampled_tail", int, f"{where} (targets.logits)", 0)
@@ -119,29 +132,74 @@ class RootAttrs:
 
 
 @dataclass(frozen=True)
-class GroupAttrs:
-    """A writer group's ``attributes["pikv_shard"]``: ``committed`` rows of ``n_sequences`` are on disk."""
-    rank: int
-    world_size: int
-    n_sequences: int
-    committed: int
+class UnitMarker:
+    """``units/u-<u>.json``: unit ``unit`` holds sequences [start, stop) of the cache with ``cache_key``,
+    their inputs hash to ``sha256`` (data.fingerprint) and hold ``loss_tokens`` training targets."""
+    unit: int
+    start: int
+    stop: int
     cache_key: str
+    sha256: str
+    loss_tokens: int
     encoding_errors: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d, where: str) -> "GroupAttrs":
+    def from_dict(cls, d, where: str) -> "UnitMarker":
         if not isinstance(d, dict):
-            raise _damaged(where, "the group has no pikv attributes")
-        for key in ("rank", "world_size", "n_sequences", "committed"):
+            raise _damaged(where, "the unit marker is not a JSON object")
+        for key in ("unit", "start", "stop", "loss_tokens"):
             _need(d, key, int, where, 0)
-        _need(d, "cache_key", str, where)
-        if d["committed"] > d["n_sequences"]:
-            raise _damaged(where, f"{d['committed']} sequences committed of {d['n_sequences']}")
-        return cls(**{k: d[k] for k in ("rank", "world_size", "n_sequences", "committed", "cache_key")},
+        for key in ("cache_key", "sha256"):
+            _need(d, key, str, where)
+        return cls(**{k: d[k] for k in ("unit", "start", "stop", "cache_key", "sha256", "loss_tokens")},
                    encoding_errors=dict(d.get("encoding_errors") or {}))
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        if not d["encoding_errors"]:  # written only once a block measured some
-            del d["encoding_errors"]
-        return d
+        return dataclasses.asdict(self)
+
+    def holds(self, unit: int, n_seqs: int, unit_seqs: int, cache_key: str) -> bool:
+        """Whether this marker commits ``unit`` of the cache as it is now (an extended cache's old
+        partial last unit is not committed: its range grew)."""
+        return (self.unit, (self.start, self.stop), self.cache_key) == (
+            unit, unit_range(unit, n_seqs, unit_seqs), cache_key)
+
+
+def read_marker(cache_path: str, unit: int) -> UnitMarker | None:
+    """The marker of ``unit``, or None when it has none; a marker that is not valid JSON is damage."""
+    path = os.path.join(cache_path, marker_name(unit))
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        d = json.loads(text)
+    except ValueError:
+        raise _damaged(path, "the unit marker is not valid JSON")
+    return UnitMarker.from_dict(d, path)
+
+
+def write_marker(cache_path: str, marker: UnitMarker) -> None:
+    """Atomically: a crash leaves the old marker or the new one, never a torn file."""
+    path = os.path.join(cache_path, marker_name(marker.unit))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(marker.to_dict(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def committed_units(cache_path: str) -> set[int]:
+    """The units that have a marker file (one listing; the markers' contents are checked where it matters)."""
+    try:
+        names = os.listdir(os.path.join(cache_path, UNITS_DIR))
+    except FileNotFoundError:
+        return set()
+    return {int(n[2:-5]) for n in names if n.startswith("u-") and n.endswith(".json") and n[2:-5].isdigit()}
+
+
+def content_sha256(unit_hashes: list[str]) -> str:
+    """The hash of a cache's inputs: of its units' input hashes, in unit order."""
+    return hashlib.sha256("".join(unit_hashes).encode()).hexdigest()

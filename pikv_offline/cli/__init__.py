@@ -122,7 +122,8 @@ def inspect_cmd(**kw):
     click.echo(f"logits       top-k {lg['top_k']}, sampled tail {lg.get('sampled_tail', 0)}, temperatures "
                f"{lg['temperatures']}, encoding {lg['encoding']}, ids {lg['id_dtype']}")
     c = info["counts"]
-    click.echo(f"counts       {c['committed']}/{c['sequences']} sequences committed over {info['world_size']} shard(s), "
+    click.echo(f"counts       {c['committed']}/{c['sequences']} sequences committed ({c['committed_units']}/{c['units']} "
+               f"units of {info['unit_seqs']}), "
                f"{c['positions']} positions, {c.get('loss_tokens', '?')} loss tokens")
     for kind in RICH_KINDS:
         t = info["targets"].get(kind)
@@ -139,7 +140,7 @@ def inspect_cmd(**kw):
 @cli.command("verify")
 @options(C.VerifyConfig)
 def verify_cmd(**kw):
-    """Read every chunk and check a cache end to end; exits non-zero naming the first bad shard."""
+    """Read every chunk and check a cache end to end; exits non-zero naming the first bad unit."""
     from ..tools.fidelity import run
 
     cfg = build(C.VerifyConfig, kw)
@@ -147,7 +148,7 @@ def verify_cmd(**kw):
     if cfg.as_json:
         click.echo(json.dumps(res, indent=2))
         return
-    click.echo(f"ok: {res['path']} (format v{res['format_version']}, {res['shards']} shard(s), {res['sequences']} "
+    click.echo(f"ok: {res['path']} (format v{res['format_version']}, {res['units']} unit(s), {res['sequences']} "
                f"sequences, {res['loss_tokens']} loss tokens; arrays {', '.join(res['arrays'])})")
     rc = res.get("recompute")
     if rc:

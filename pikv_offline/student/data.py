@@ -1,22 +1,23 @@
 """Micro-batches of cached teacher targets for one rank, in a deterministic global order.
 
-Order of an epoch: the cache's zarr blocks (``shard_seqs`` sequences of one writer group, one zarr shard file) are
-permuted with the seed and the epoch, their sequences concatenated, and the result shuffled
-inside windows of ``window_blocks`` blocks. Global micro-step m takes the positions
-[m*B*W, (m+1)*B*W) of that order (B = batch size, W = world size) and rank r the B positions at
-offset r*B. So the sequences of an optimizer step do not depend on how they are split over ranks
-or micro-batches, and resuming is skipping m micro-steps.
+Order of an epoch: the cache's units (``unit_seqs`` sequences, one zarr shard file each) are
+permuted with the seed and the epoch, and their inner chunks (format.inner_chunk sequences, the
+unit of decoding) shuffled inside windows of ``window_blocks`` units; a chunk stays whole, and the
+held-out set is made of whole chunks too. Optimizer step s takes the G = B*W*A positions
+[s*G, (s+1)*G) of that order (B batch size, W world size, A grad accum) and rank r the contiguous
+B*A of them at r*B*A (micro_positions). So the sequences of a step do not depend on how they are
+split over ranks or micro-batches, each rank decodes whole chunks (about its share, at any W), and
+resuming is skipping micro-steps.
 
 Reads: a rank fetches all of its sequences of one window with one orthogonal-selection call per
-array and writer group (zarr decodes the needed inner chunks of a few shard files in that one call),
-never one sequence per call. Zarr handles are opened lazily inside the iterating process, so a
-DataLoader worker never inherits one across fork.
+array (zarr decodes the needed inner chunks of a few shard files in that one call), never one
+sequence per call. Zarr handles are opened lazily inside the iterating process, so a DataLoader
+worker never inherits one across fork.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 
 from ..cache import format as F
 from ..cache.reader import Cache, decode, open_cache
-from ..errors import PikvError
+from ..errors import PikvError, brief
 
 
 @dataclass(frozen=True)
@@ -104,75 +105,105 @@ class Batch:
         return int(self.loss_mask[:, 1:].sum())  # the prediction at t is for token t+1
 
 
-def is_eval(sample_ids: np.ndarray, fraction: float) -> np.ndarray:
-    """Held-out sequences, chosen by a hash of the sample id (stable across dumps of the same data)."""
+def _unit_float(x: np.ndarray) -> np.ndarray:
+    """A fixed hash of non-negative integers to [0, 1) (splitmix64's finalizer), vectorized."""
+    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def is_eval(sample_ids: np.ndarray, fraction: float, chunk: int) -> np.ndarray:
+    """Held-out sequences: whole inner chunks of ``chunk`` sequences, chosen by a hash of the chunk index
+    (stable across dumps of the same data, and the training order keeps its chunks whole); at least one
+    chunk when ``fraction`` is positive and the cache has two."""
     if fraction <= 0:
         return np.zeros(len(sample_ids), dtype=bool)
     if fraction >= 1:
         return np.ones(len(sample_ids), dtype=bool)
-    h = np.array([int(hashlib.sha256(str(int(s)).encode()).hexdigest()[:8], 16) for s in sample_ids])
-    return h / 0xFFFFFFFF < fraction
+    chunks = np.asarray(sample_ids) // chunk
+    u = _unit_float(chunks)
+    held = u < fraction
+    if not held.any() and len(chunks) and chunks.min() != chunks.max():
+        held = chunks == chunks[np.argmin(u)]  # a small cache still holds out one chunk
+    return held
 
 
 class CacheIndex:
-    """Which rows exist: (writer group, row) of every committed sequence, split into train and eval."""
+    """Which sequences exist (sample ids, = rows), split into train and eval by whole inner chunks."""
 
-    def __init__(self, cache: Cache, eval_fraction: float):
-        self.shard_seqs = int(cache.attrs.shard_seqs)
-        rows, held = [], []
-        for i in range(len(cache.groups)):
-            n = cache.group_len(i)
-            sid = cache.groups[i][F.SAMPLE_ID][:n]
-            ev = is_eval(sid, eval_fraction)
-            rows.append(np.stack([np.full(n, i), np.arange(n)], 1))
-            held.append(ev)
-        rows = np.concatenate(rows) if rows else np.zeros((0, 2), np.int64)
-        held = np.concatenate(held) if held else np.zeros(0, bool)
-        self.train = rows[~held]
-        self.eval = rows[held]
+    def __init__(self, cache: Cache | None, eval_fraction: float, *, n: int | None = None, unit_seqs: int | None = None):
+        """From a cache, or (``cache`` None) from its sizes alone: a read plan needs no cache or process group."""
+        self.unit_seqs = cache.attrs.unit_seqs if cache is not None else unit_seqs
+        self.chunk = F.inner_chunk(self.unit_seqs)
+        ids = np.arange(cache.n if cache is not None else n, dtype=np.int64)
+        held = is_eval(ids, eval_fraction, self.chunk)
+        self.train = ids[~held]
+        self.eval = ids[held]
 
     def epoch_order(self, seed: int, epoch: int, window_blocks: int = 4) -> np.ndarray:
-        """[N, 2] (group, row) of every training sequence in this epoch's order."""
-        rows = self.train
-        block = rows[:, 0] * (1 << 32) + rows[:, 1] // self.shard_seqs
-        ublocks, inverse = np.unique(block, return_inverse=True)
+        """[N] sample ids of every training sequence in this epoch's order: the units permuted, then the
+        inner chunks shuffled inside windows of ``window_blocks`` units; a chunk's sequences stay together."""
+        ids = self.train
         rng = np.random.default_rng([seed, epoch])
-        perm = rng.permutation(len(ublocks))
-        rank_of_block = np.empty_like(perm)
-        rank_of_block[perm] = np.arange(len(perm))
-        order = rows[np.lexsort((rows[:, 1], rank_of_block[inverse]))]
-        window = window_blocks * self.shard_seqs
-        for s in range(0, len(order), window):
-            order[s:s + window] = order[s:s + window][rng.permutation(min(window, len(order) - s))]
-        return order
+        units = ids // self.unit_seqs
+        uniq, inverse = np.unique(units, return_inverse=True)
+        rank_of_unit = np.empty(len(uniq), np.int64)
+        rank_of_unit[rng.permutation(len(uniq))] = np.arange(len(uniq))
+        order = ids[np.lexsort((ids, rank_of_unit[inverse]))]
+        chunks = order // self.chunk
+        starts = np.flatnonzero(np.r_[True, chunks[1:] != chunks[:-1]])  # where each chunk's run begins
+        bounds = np.r_[starts, len(order)]
+        window = window_blocks * self.unit_seqs
+        perm = np.lexsort((rng.random(len(starts)), starts // window))  # chunks shuffled within their window
+        lengths = np.diff(bounds)[perm]
+        offsets = np.repeat(bounds[:-1][perm] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+        return order[np.arange(len(order)) + offsets]
 
 
 def micro_steps_per_epoch(n_train: int, batch_size: int, world_size: int) -> int:
     return n_train // (batch_size * world_size)
 
 
+def micro_positions(m: int, *, batch_size: int, world_size: int, grad_accum: int, rank: int) -> np.ndarray:
+    """Positions in the epoch order of rank ``rank``'s micro-batch ``m`` (counted per rank, grad_accum per step).
+
+    Step s takes the G = B*W*A positions [s*G, (s+1)*G), whatever W and A are (so 2 ranks == 1 rank and
+    accum 2 == 1); rank r takes the contiguous B*A of them at r*B*A, so it decodes whole inner chunks,
+    about its share, at any world size; micro-batch a of the step takes B of those at a*B.
+    """
+    b, a = batch_size, grad_accum
+    step, micro = divmod(m, a)
+    lo = step * b * world_size * a + rank * b * a + micro * b
+    return np.arange(lo, lo + b)
+
+
 def rich_names(rich) -> tuple[str, ...]:
     return tuple(n for a in rich for n in a.stored)
 
 
-def read_rows(cache: Cache, rows: np.ndarray, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """Stored arrays (``names``, default: the logit targets) of the given (group, row) pairs, in that order;
-    one call per array and writer group. A run reads only the rich targets its losses use."""
+def read_rows(cache: Cache, ids: np.ndarray, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Stored arrays (``names``, default: the logit targets) of the given sample ids, in that order; one
+    call per array. A run reads only the rich targets its losses use."""
     names = cache.logit_names if names is None else names
-    out: dict[str, list] = {}
-    parts, where = [], []
-    for group in np.unique(rows[:, 0]):
-        sel = np.nonzero(rows[:, 0] == group)[0]
-        uniq, inv = np.unique(rows[sel, 1], return_inverse=True)
-        g = cache.groups[int(group)]
-        parts.append({name: g[name].oindex[uniq][inv] for name in names})
-        where.append(sel)
-    where = np.concatenate(where)
-    back = np.empty_like(where)
-    back[where] = np.arange(len(where))
-    for k in parts[0]:
-        out[k] = np.concatenate([p[k] for p in parts])[back]
-    return out
+    uniq, inv = np.unique(np.asarray(ids, np.int64), return_inverse=True)
+    try:
+        return {name: cache.arrays[name].oindex[uniq][inv] for name in names}
+    except Exception as e:  # e.g. a checksum mismatch: name the array and the sequences
+        bad = next((n for n in names if not _reads(cache, n, uniq)), names[0])
+        raise PikvError(f"{cache.path}/{bad}: the stored data of sequences {int(uniq[0])}..{int(uniq[-1])} does not "
+                        f"read ({brief(e)}); the cache is damaged: run `pikv verify {cache.path}` to name the "
+                        "unit, and re-dump")
+
+
+def _reads(cache: Cache, name: str, ids: np.ndarray) -> bool:
+    try:
+        cache.arrays[name].oindex[ids]
+        return True
+    except Exception:
+        return False
 
 
 def to_batch(raw: dict[str, np.ndarray], encoding: str, plan: TargetPlan) -> Batch:
@@ -194,46 +225,48 @@ class TrainStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, path: str, index: CacheIndex, plan: TargetPlan, *, seed: int, epoch: int, start: int,
-                 batch_size: int, rank: int, world_size: int, window_blocks: int = 4):
+                 batch_size: int, rank: int, world_size: int, grad_accum: int = 1, window_blocks: int = 4):
         self.path, self.index, self.plan, self.seed, self.epoch, self.start = path, index, plan, seed, epoch, start
         self.batch_size, self.rank, self.world, self.window_blocks = batch_size, rank, world_size, window_blocks
+        self.grad_accum = grad_accum
 
     def __iter__(self):
         cache = open_cache(self.path)  # opened here, in the iterating process
         order = self.index.epoch_order(self.seed, self.epoch, self.window_blocks)
-        b, w = self.batch_size, self.world
-        n_micro = micro_steps_per_epoch(len(order), b, w)
-        window = self.window_blocks * self.index.shard_seqs
-        loaded_window, data, mine = -1, None, None
-        for m in range(self.start, n_micro):
-            lo = m * b * w + self.rank * b
-            positions = np.arange(lo, lo + b)
-            if positions[-1] // window != loaded_window or positions[0] // window != loaded_window:
-                # Load this rank's positions of the window(s) the micro-batch touches, in one read.
-                w0, w1 = positions[0] // window, positions[-1] // window
-                span = np.arange(w0 * window, min((w1 + 1) * window, n_micro * b * w))
-                mine = span[(span // b) % w == self.rank]
-                data = read_rows(cache, order[mine], cache.logit_names + rich_names(self.plan.rich))
-                loaded_window = w1
-            sel = np.searchsorted(mine, positions)  # mine is sorted and holds every position of the batch
-            yield to_batch({k: v[sel] for k, v in data.items()}, cache.encoding, self.plan)
+        b, w, a = self.batch_size, self.world, self.grad_accum
+        n_micro = len(order) // (b * w * a) * a
+        where = dict(batch_size=b, world_size=w, grad_accum=a, rank=self.rank)
+        window = self.window_blocks * self.index.unit_seqs
+        names = cache.logit_names + rich_names(self.plan.rich)
+        m = self.start
+        while m < n_micro:
+            # This rank's micro-batches whose first position lies in the current window: one read for all.
+            w0 = micro_positions(m, **where)[0] // window
+            group = [m]
+            while group[-1] + 1 < n_micro and micro_positions(group[-1] + 1, **where)[0] // window == w0:
+                group.append(group[-1] + 1)
+            mine = np.concatenate([micro_positions(i, **where) for i in group])
+            data = read_rows(cache, order[mine], names)
+            for j in range(len(group)):
+                yield to_batch({k: v[j * b:(j + 1) * b] for k, v in data.items()}, cache.encoding, self.plan)
+            m = group[-1] + 1
 
 
 def train_batches(path: str, index: CacheIndex, plan: TargetPlan, *, seed: int, batch_size: int, rank: int,
-                  world_size: int, num_workers: int, pin_memory: bool):
+                  world_size: int, num_workers: int, pin_memory: bool, grad_accum: int = 1):
     """The default data source of train(): ``source(epoch, start)`` -> this rank's Batches of that epoch from
     global micro-step ``start``, read by ``num_workers`` (0 or 1) background DataLoader workers."""
     def source(epoch: int, start: int):
         stream = TrainStream(path, index, plan, seed=seed, epoch=epoch, start=start, batch_size=batch_size,
-                             rank=rank, world_size=world_size)
+                             rank=rank, world_size=world_size, grad_accum=grad_accum)
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                                 pin_memory=pin_memory, prefetch_factor=4 if num_workers else None))
     return source
 
 
 def eval_batches(cache: Cache, index: CacheIndex, plan: TargetPlan, *, rank: int, world_size: int, batch_size: int):
-    """This rank's share of the held-out sequences (rows rank::world), in micro-batches."""
-    rows = index.eval[rank::world_size]
+    """This rank's share of the held-out sequences (a contiguous part: whole chunks), in micro-batches."""
+    rows = np.array_split(index.eval, world_size)[rank]
     for s in range(0, len(rows), batch_size):
         yield to_batch(read_rows(cache, rows[s:s + batch_size], cache.logit_names + rich_names(plan.rich)),
                        cache.encoding, plan)

@@ -202,8 +202,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                    "tail_mode": plan.tail, "cache_key": cache.attrs.cache_key},
                   open(os.path.join(cfg.out, "config.json"), "w"), indent=2)
     source = source or D.train_batches(cfg.cache, index, plan, seed=cfg.seed, batch_size=cfg.batch_size,
-                                       rank=d.rank, world_size=d.world_size, num_workers=cfg.num_workers,
-                                       pin_memory=d.device.type == "cuda")
+                                       rank=d.rank, world_size=d.world_size, grad_accum=cfg.grad_accum,
+                                       num_workers=cfg.num_workers, pin_memory=d.device.type == "cuda")
     held_out = lambda: D.eval_batches(cache, index, plan, rank=d.rank, world_size=d.world_size,  # noqa: E731
                                       batch_size=cfg.batch_size)
 

@@ -4,8 +4,10 @@
     torchrun --nproc-per-node 2 -m pikv_offline dump-teacher --teacher DIR --data corpus.jsonl --out CACHE
     pikv dump-teacher ... --targets hidden:4,8@int8 --targets kv:6 --targets router --max-cache-gb 500
 
-Rank r of W writes only its own writer group, the sequences cache/layout.py assigns it. The cache
-is marked complete by rank 0 after every rank has committed all of its sequences.
+The data is prepared once per node (data.prepare). Rank r of W writes the units cache/layout.py
+assigns it that are not committed yet, so a dump resumes at any world size, and the same command
+with a larger --max-sequences extends a complete cache. The cache is marked complete by rank 0
+after every unit is committed.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from tqdm import tqdm
 from .. import __version__, dist
 from ..cache import format as F
 from ..cache import layout as Y
-from ..cache.reader import encoding_errors, open_cache, read_root_attrs
-from ..cache.writer import GroupWriter
+from ..cache.reader import open_cache, read_root_attrs
+from ..cache.writer import UnitWriter, create_arrays, fault, resize_arrays
 from ..config import DumpConfig
-from ..data import build_sequences, fingerprint, iter_documents, load_records
+from ..data import Prepared, prepare
 from ..errors import PikvError
 from ..modeling import resolve_dtype, text_config, tokenizer_hash
 from . import model as M
@@ -62,8 +64,8 @@ def size_check(cfg: DumpConfig, specs: dict) -> str | None:
             "dump fewer --max-sequences, or raise --max-cache-gb")
 
 
-def _decide(cfg: DumpConfig, key: str, world_size: int) -> tuple[str, str]:
-    """Rank 0's view of --out: ('new'|'resume'|'hit', message) or ('error', message)."""
+def _decide(cfg: DumpConfig, key: str, n_seqs: int) -> tuple[str, str]:
+    """Rank 0's view of --out: ('new'|'resume'|'extend'|'hit', message) or ('error', message)."""
     out = cfg.out
     if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
         return "new", ""
@@ -71,27 +73,61 @@ def _decide(cfg: DumpConfig, key: str, world_size: int) -> tuple[str, str]:
     if attrs is None:
         return "error", (f"--out {out} exists and is not a pikv cache; choose a new or empty folder "
                          "(--overwrite only replaces pikv caches)")
-    if attrs.get("cache_key") != key or attrs.get("format_version") != F.FORMAT_VERSION:
+    if attrs.get("cache_key") != key or attrs.get("format_version") != F.FORMAT_VERSION or cfg.overwrite:
         if cfg.overwrite:
             return "new", f"replacing the cache at {out} (--overwrite)"
         return "error", (f"--out {out} holds a cache of different inputs (teacher, data or settings "
-                         "changed); use another --out or pass --overwrite")
-    if attrs.get("complete") and not cfg.overwrite:
-        return "hit", f"cache hit: {out} is complete for these inputs (key {key}); nothing to do"
-    if cfg.overwrite:
-        return "new", f"replacing the cache at {out} (--overwrite)"
-    if int(attrs.get("world_size", -1)) != world_size:
-        return "error", (f"--out {out} is an incomplete dump started with {attrs.get('world_size')} "
-                         f"ranks; resume it with the same number of ranks or pass --overwrite")
-    return "resume", f"resuming the incomplete cache at {out}"
+                         "changed, or an older format); use another --out or pass --overwrite")
+    have = Y.RootAttrs.from_dict(attrs, out).n_sequences
+    if attrs.get("complete") and n_seqs <= have:
+        return "hit", (f"cache hit: {out} is complete for these inputs (key {key}) with {have} sequences"
+                       + (f", the first {n_seqs} of them asked for" if n_seqs < have else "") + "; nothing to do")
+    if attrs.get("complete"):
+        return "extend", f"extending the cache at {out} from {have} to {n_seqs} sequences: only the new units run"
+    return "resume", (f"resuming the incomplete cache at {out}"
+                      + (f" ({have} sequences asked for before, {n_seqs} now)" if have != n_seqs else ""))
 
 
-def _create_root(cfg: DumpConfig, attrs: Y.RootAttrs, tokenizer) -> None:
+def _create_root(cfg: DumpConfig, attrs: Y.RootAttrs, tokenizer, vocab: int) -> None:
     if os.path.exists(cfg.out):
         shutil.rmtree(cfg.out)
-    root = zarr.open_group(cfg.out, mode="w", attributes={Y.ROOT_ATTR: attrs.to_dict()})
-    root.create_group(Y.GROUPS)
+    zarr.open_group(cfg.out, mode="w", attributes={Y.ROOT_ATTR: attrs.to_dict()})
+    create_arrays(cfg.out, attrs.n_sequences, seq_len=attrs.seq_len, targets=attrs.targets, vocab_size=vocab,
+                  unit_seqs=attrs.unit_seqs)
     tokenizer.save_pretrained(os.path.join(cfg.out, Y.TOKENIZER_DIR))
+
+
+def _regrow(cfg: DumpConfig, n_seqs: int, data_info: dict) -> None:
+    """An incomplete or extended cache to ``n_seqs`` sequences, marked incomplete until the new units are in."""
+    root = zarr.open_group(cfg.out, mode="r+")
+    attrs = Y.RootAttrs.from_dict(dict(root.attrs[Y.ROOT_ATTR]), cfg.out)
+    if attrs.n_sequences != n_seqs:
+        for u in Y.committed_units(cfg.out):  # a shrunk dump's markers beyond the new end would be stale
+            if u >= Y.n_units(n_seqs, attrs.unit_seqs):
+                os.remove(os.path.join(cfg.out, Y.marker_name(u)))
+        resize_arrays(cfg.out, n_seqs, attrs.targets)
+    root.attrs[Y.ROOT_ATTR] = dataclasses.replace(attrs, complete=False, counts={"sequences": n_seqs},
+                                                  data=data_info, content_sha256=None).to_dict()
+
+
+def _prepare(cfg: DumpConfig, d: dist.Dist, tokenizer, tok_hash: str) -> Prepared:
+    """The packed data, prepared once per node: local rank 0 tokenizes and packs into the datasets cache
+    while the node's other ranks wait, then they open it. A failure on any rank stops every rank."""
+    kw = dict(data=cfg.data, split=cfg.split, data_config=cfg.data_config, tokenizer=tokenizer,
+              tokenizer_sha256=tok_hash, text_field=cfg.text_field, chat_field=cfg.chat_field, seq_len=cfg.seq_len,
+              pack=cfg.pack, max_sequences=cfg.max_sequences, num_proc=cfg.num_proc, streaming=cfg.streaming)
+    prep = None
+    for turn in (0, 1):  # turn 0: local rank 0 of each node; turn 1: the others, from its cache
+        error = None
+        if (d.local_rank == 0) == (turn == 0):
+            try:
+                prep = prepare(**kw)
+            except PikvError as e:
+                error = str(e)
+        errors = [e for e in dist.all_gather_object(error) if e]
+        if errors:
+            raise PikvError(errors[0])
+    return prep
 
 
 def run(cfg: DumpConfig) -> dict:
@@ -124,12 +160,11 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
         raise PikvError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary is {vocab}; "
                         "they do not belong together")
 
-    ds = load_records(cfg.data, cfg.split, cfg.data_config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    docs = iter_documents(ds, tokenizer, cfg.text_field, cfg.chat_field)
-    input_ids, loss_mask = build_sequences(docs, cfg.seq_len, pad_id, cfg.pack, cfg.max_sequences)
-    n_seqs = len(input_ids)
-
+    tok_hash = tokenizer_hash(tokenizer)
+    prep = _prepare(cfg, d, tokenizer, tok_hash)
+    n_seqs, unit_seqs = prep.n, cfg.shard_seqs
+    if prep.skipped_records:
+        dist.print0(f"skipped {prep.skipped_records} records whose {cfg.text_field!r} is not text")
     device = d.device if not cfg.device_map else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -140,24 +175,30 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
                     "num_layers": M.layer_count(config), "dtype": dtype_name}
     data_info = {"data": cfg.data, "split": cfg.split, "data_config": cfg.data_config,
                  "text_field": cfg.text_field, "chat_field": cfg.chat_field, "pack": cfg.pack,
-                 "max_sequences": cfg.max_sequences, "fingerprint": fingerprint(input_ids, loss_mask)}
+                 "max_sequences": cfg.max_sequences, "fingerprint": prep.fingerprint}
     targets = {"logits": {"top_k": cfg.top_k, "temperatures": list(cfg.temperatures), "encoding": cfg.encoding,
                           "id_dtype": F.id_dtype(vocab).name, "sampled_tail": cfg.sampled_tail},
                **M.plan_targets(config, cfg.targets, cfg.teacher)}
-    tok_hash = tokenizer_hash(tokenizer)
-    key = Y.cache_key(teacher=teacher_info, tokenizer_sha256=tok_hash, fingerprint=data_info["fingerprint"],
-                      seq_len=cfg.seq_len, targets=targets)
+    key = Y.cache_key(teacher=teacher_info, tokenizer_sha256=tok_hash, data=prep.fingerprint, seq_len=cfg.seq_len,
+                      targets=targets)
 
-    decision, message = _decide(cfg, key, d.world_size) if d.is_main else (None, None)
-    if decision == "new":  # only a new cache is sized: a hit or a resume writes no more than asked before
-        too_big = size_check(cfg, F.array_specs(n_seqs, cfg.seq_len, targets, vocab, cfg.shard_seqs))
-        decision, message = ("error", too_big) if too_big else (decision, message)
-    if d.is_main and decision == "new":
-        _create_root(cfg, Y.RootAttrs(
-            format_version=F.FORMAT_VERSION, complete=False, cache_key=key, teacher=teacher_info,
-            tokenizer_sha256=tok_hash, tokenizer_dir=Y.TOKENIZER_DIR, data=data_info, seq_len=cfg.seq_len,
-            targets=targets, world_size=d.world_size, shard_seqs=cfg.shard_seqs, counts={"sequences": n_seqs},
-            package_version=__version__, dump_config=cfg.to_dict()), tokenizer)
+    decision, message = None, None
+    if d.is_main:  # rank 0 alone looks at and sets up --out; a failure there must reach every rank
+        try:
+            decision, message = _decide(cfg, key, n_seqs)
+            if decision in ("new", "extend"):  # a hit or a resume writes no more than asked before
+                too_big = size_check(cfg, F.array_specs(n_seqs, cfg.seq_len, targets, vocab, unit_seqs))
+                decision, message = ("error", too_big) if too_big else (decision, message)
+            if decision == "new":
+                _create_root(cfg, Y.RootAttrs(
+                    format_version=F.FORMAT_VERSION, complete=False, cache_key=key, teacher=teacher_info,
+                    tokenizer_sha256=tok_hash, tokenizer_dir=Y.TOKENIZER_DIR, data=data_info, seq_len=cfg.seq_len,
+                    targets=targets, unit_seqs=unit_seqs, counts={"sequences": n_seqs},
+                    package_version=__version__, dump_config=cfg.to_dict()), tokenizer, vocab)
+            elif decision in ("extend", "resume"):
+                _regrow(cfg, n_seqs, data_info)
+        except PikvError as e:
+            decision, message = "error", str(e)
     decision, message = dist.broadcast_object((decision, message))
     if decision == "error":
         raise PikvError(message)
@@ -165,28 +206,32 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
         dist.print0(message)
     if decision == "hit":
         return {"cache_hit": True, "cache_key": key, "out": cfg.out}
+    unit_seqs = Y.RootAttrs.from_dict(read_root_attrs(cfg.out), cfg.out).unit_seqs  # a resume keeps its units
 
+    todo = [u for u in Y.rank_units(n_seqs, unit_seqs, d.rank, d.world_size)
+            if not ((m := Y.read_marker(cfg.out, u)) and m.holds(u, n_seqs, unit_seqs, key))]
     model = M.load_model(folder, cfg.teacher, dtype, device, cfg.device_map)
-    mine = Y.group_sample_ids(n_seqs, d.rank, d.world_size)
     cap = M.open_capture(model, targets, cfg.seq_len)
     rich = F.rich_arrays(targets)
-    writer = GroupWriter(cfg.out, d.rank, d.world_size, len(mine), seq_len=cfg.seq_len, targets=targets,
-                         vocab_size=vocab, shard_seqs=cfg.shard_seqs, cache_key=key)
+    writer = UnitWriter(cfg.out, n_seqs=n_seqs, unit_seqs=unit_seqs, targets=targets, cache_key=key)
     first_device = next(model.parameters()).device
-    todo = len(mine) - writer.committed
-    bar = tqdm(total=todo * cfg.seq_len, unit="tok", unit_scale=True, desc=f"dump (rank 0 of {d.world_size})",
+    tokens_todo = sum(b - a for a, b in (Y.unit_range(u, n_seqs, unit_seqs) for u in todo)) * cfg.seq_len
+    bar = tqdm(total=tokens_todo, unit="tok", unit_scale=True, desc=f"dump (rank 0 of {d.world_size})",
                disable=not d.is_main, dynamic_ncols=True)
     t_loop = time.perf_counter()
     forward_s = 0.0
-    for start in range(writer.committed, len(mine), cfg.shard_seqs):
-        block = mine[start:start + cfg.shard_seqs]
+    fault("forward", 1)  # test and bench hook (PIKV_FAULT=forward:1): killed before the first forward
+    for u in todo:
+        start, stop = Y.unit_range(u, n_seqs, unit_seqs)
+        input_ids, loss_mask = prep.rows(start, stop)
+        block = np.arange(start, stop, dtype=np.int64)
         parts = []
-        for b in range(0, len(block), cfg.batch_size):
+        for b in range(0, len(block), cfg.batch_size):  # batches fixed by the unit: the same at any world size
             t0 = time.perf_counter()
+            x = torch.from_numpy(input_ids[b:b + cfg.batch_size]).long().to(first_device)
             rows = block[b:b + cfg.batch_size]
-            x = torch.from_numpy(input_ids[rows]).long().to(first_device)
-            u = torch.from_numpy(tail_uniforms(key, rows, cfg.seq_len, cfg.sampled_tail)) if cfg.sampled_tail else None
-            got = M.logit_targets(model, x, cfg.top_k, cfg.temperatures, u,
+            g = torch.from_numpy(tail_uniforms(key, rows, cfg.seq_len, cfg.sampled_tail)) if cfg.sampled_tail else None
+            got = M.logit_targets(model, x, cfg.top_k, cfg.temperatures, g,
                                   forward_kwargs=cap.forward_kwargs() if cap else None)
             if cap:
                 got.update(M.rich_targets(cap, *x.shape))
@@ -194,7 +239,7 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
             forward_s += time.perf_counter() - t0
             bar.update(x.numel())
         t = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        arrays = {F.INPUT_IDS: input_ids[block], F.LOSS_MASK: loss_mask[block], F.SAMPLE_ID: block,
+        arrays = {F.INPUT_IDS: input_ids, F.LOSS_MASK: loss_mask, F.SAMPLE_ID: block,
                   F.TNORM: F.encode_tnorm(t["tnorm"], cfg.encoding)}
         if cfg.top_k:
             arrays[F.HEAD_IDS], arrays[F.HEAD_LOGPROBS] = F.encode_head(t["ids"], t["logprobs"], cfg.encoding, vocab)
@@ -202,44 +247,70 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
             arrays[F.TAIL_IDS], arrays[F.TAIL_LOGPROBS], arrays[F.TAIL_COUNTS] = F.encode_tail(
                 t["tail_ids"], t["tail_logprobs"], cfg.encoding, vocab)
         arrays.update({a.name: t[a.name] for a in rich})  # float32; the writer thread encodes them
-        writer.submit(start, arrays)
-    committed = writer.close()
+        writer.submit(u, arrays)
+    writer.close()
     bar.close()
     if cap:
         cap.close()
     loop_s = time.perf_counter() - t_loop
-    assert committed == len(mine), (committed, len(mine))
 
-    dist.barrier()  # every rank has committed all of its sequences
+    dist.barrier()  # every rank has committed all of its units
+    per_rank = dist.all_gather_object({"tokens": tokens_todo, "loop_s": loop_s, "forward_s": forward_s,
+                                       "units": len(todo)})
     result = {"cache_hit": False, "cache_key": key, "out": cfg.out, "sequences": n_seqs,
-              "positions": n_seqs * cfg.seq_len, "loss_tokens": int(loss_mask[:, 1:].sum())}
-    per_rank = dist.all_gather_object({"tokens": int(todo * cfg.seq_len), "loop_s": loop_s,
-                                       "forward_s": forward_s})
+              "positions": n_seqs * cfg.seq_len, "units_written": sum(r["units"] for r in per_rank)}
+    done = None
     if d.is_main:
-        cache = open_cache(cfg.out, allow_incomplete=True)
-        stored = cache.bytes_per_array()
-        attrs = dataclasses.replace(
-            cache.attrs, counts={"sequences": n_seqs, "positions": result["positions"],
-                                 "loss_tokens": result["loss_tokens"]},
-            bytes_stored=stored, encoding_errors=encoding_errors(cache),
-            complete=True)  # last write of the dump: readers trust the cache from here on
-        zarr.open_group(cfg.out, mode="r+").attrs[Y.ROOT_ATTR] = attrs.to_dict()
+        try:
+            done = _complete(cfg.out, key)
+        except PikvError as e:
+            done = str(e)
+    done = dist.broadcast_object(done)
+    if isinstance(done, str):
+        raise PikvError(done)
+    result.update(done)
+    if d.is_main:
         tokens = sum(r["tokens"] for r in per_rank)
         seconds = time.perf_counter() - t_start
         result.update({
             "seconds": round(seconds, 2),
             "dump_tokens_per_s": round(tokens / max(max(r["loop_s"] for r in per_rank), 1e-9), 1),
             "compute_tokens_per_s": round(tokens / max(max(r["forward_s"] for r in per_rank), 1e-9), 1),
-            "bytes_per_token": {k: round(v / result["positions"], 2) for k, v in stored.items()},
-            "encoding_errors": attrs.encoding_errors,
         })
         bpt = result["bytes_per_token"]
-        dist.print0(f"dumped {n_seqs} sequences, {result['positions']} tokens in {seconds:.1f}s "
-                    f"({result['dump_tokens_per_s']:.0f} tok/s); bytes/token: "
-                    + ", ".join(f"{k} {v}" for k, v in bpt.items())
+        dist.print0(f"dumped {n_seqs} sequences ({result['units_written']} units written now), "
+                    f"{result['positions']} tokens in {seconds:.1f}s ({result['dump_tokens_per_s']:.0f} tok/s); "
+                    "bytes/token: " + ", ".join(f"{k} {v}" for k, v in bpt.items())
                     + f", total {sum(bpt.values()):.1f}")
     dist.barrier()
     return result
+
+
+def _complete(out: str, key: str) -> dict:
+    """Rank 0, after every rank committed its units: check every marker, sum the counts, errors and
+    bytes, and mark the cache complete (its last write: readers trust the cache from here on)."""
+    cache = open_cache(out, allow_incomplete=True)
+    a = cache.attrs
+    loss_tokens, hashes, errors = 0, [], {}
+    for u in range(a.n_units):
+        m = Y.read_marker(out, u)
+        if m is None or not m.holds(u, a.n_sequences, a.unit_seqs, key):
+            raise PikvError(f"{out}: unit {u} was not committed by any rank (marker {m}); re-run the dump")
+        loss_tokens += m.loss_tokens
+        hashes.append(m.sha256)
+        for target, e in m.encoding_errors.items():
+            errors[target] = F.merge_errors(errors.get(target), e)
+    stored = cache.bytes_per_array()
+    positions = a.n_sequences * a.seq_len
+    attrs = dataclasses.replace(a, counts={"sequences": a.n_sequences, "positions": positions,
+                                           "loss_tokens": loss_tokens},
+                                content_sha256=Y.content_sha256(hashes), bytes_stored=stored,
+                                encoding_errors={k: F.error_summary(v) for k, v in sorted(errors.items())},
+                                complete=True)
+    fault("complete", 1)
+    zarr.open_group(out, mode="r+").attrs[Y.ROOT_ATTR] = attrs.to_dict()
+    return {"loss_tokens": loss_tokens, "bytes_per_token": {k: round(v / positions, 2) for k, v in stored.items()},
+            "encoding_errors": attrs.encoding_errors}
 
 
 def tail_uniforms(key: str, sample_ids: np.ndarray, seq_len: int, n: int) -> np.ndarray:
