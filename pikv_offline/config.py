@@ -321,6 +321,16 @@ class EvalConfig:
     device: str = opt("auto", choices=DEVICES)
     as_json: bool = opt(False, "Print one JSON object.", flag="--json")
 
+    def __post_init__(self):
+        if not 0 < self.eval_fraction <= 1:
+            raise PikvError(f"--eval-fraction must be in (0, 1]; got {self.eval_fraction}")
+        if self.batch_size < 1:
+            raise PikvError(f"--batch-size must be at least 1; got {self.batch_size}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise PikvError(f"--temperature must be a positive number; got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise PikvError(f"--top-k must be at least 1; got {self.top_k}")
+
 
 @dataclass(frozen=True)
 class InspectConfig:
@@ -346,6 +356,8 @@ class VerifyConfig:
             raise PikvError("--recompute N needs --teacher DIR (the teacher that wrote the cache)")
         if self.student and not self.recompute:
             raise PikvError("--student is used only with --recompute N (the gradient angle)")
+        if self.batch_size < 1:
+            raise PikvError(f"--batch-size must be at least 1; got {self.batch_size}")
 
 
 @dataclass(frozen=True)

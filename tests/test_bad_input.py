@@ -91,14 +91,21 @@ def bad_caches(train_cache, workdir):
     import zarr
 
     out = {}
+    def logits(**change):
+        return lambda a: {**a, "targets": {**a["targets"], "logits": {**a["targets"]["logits"], **change}}}
+
     for name, change in (("incomplete", {"complete": False}), ("future", {"format_version": 99}),
                          ("escape", {"tokenizer_dir": "../../.."}), ("typed", {"unit_seqs": "8"}),
-                         ("boolcount", {"seq_len": True})):
+                         ("boolcount", {"seq_len": True}), ("grid", logits(temperatures=[1.0, 3.0])),
+                         ("nohead", logits(top_k=0, sampled_tail=4)), ("nangrid", logits(temperatures=[1.0, "nan"])),
+                         ("nolayers", lambda a: {**a, "teacher": {k: v for k, v in a["teacher"].items()
+                                                                   if k != "num_layers"}})):
         path = workdir / f"cache-{name}"
         if not path.exists():
             shutil.copytree(train_cache, path)
             root = zarr.open_group(str(path), mode="r+")
-            root.attrs["pikv"] = {**root.attrs["pikv"], **change}
+            attrs = dict(root.attrs["pikv"])
+            root.attrs["pikv"] = change(attrs) if callable(change) else {**attrs, **change}
         out[name] = str(path)
     return out
 
@@ -133,6 +140,10 @@ TRAIN_CASES = {
     "tokenizer_dir outside the cache": (["--cache", "@escape"], "attribute tokenizer_dir is '../../..'"),
     "unit_seqs of the wrong type": (["--cache", "@typed"], "attribute unit_seqs is '8', expected int"),
     "a bool where an int belongs": (["--cache", "@boolcount"], "attribute seq_len is True, expected int"),
+    "temperature grid tampered": (["--cache", "@grid"], "is not the hash of the attributes that define its content"),
+    "top_k tampered to 0": (["--cache", "@nohead"], "is not the hash of the attributes"),
+    "a temperature that is not a number": (["--cache", "@nangrid"], "is not a valid head/tail/temperature"),
+    "num_layers missing": (["--cache", "@nolayers"], "attribute num_layers is None, expected int"),
     "lr nan": (["--lr", "nan"], "--lr must be a positive finite number; got nan"),
     "lr inf": (["--lr", "inf"], "--lr must be a positive finite number; got inf"),
     "lr zero": (["--lr", "0"], "--lr must be a positive finite number"),
@@ -210,3 +221,22 @@ def test_missing_logger_package_is_one_line(capsys, monkeypatch, train_cache, st
                              "--out", str(tmp_path / "tb"), "--max-steps", "1", "--num-workers", "0",
                              "--tensorboard"], capsys, monkeypatch)
     assert code == 2 and "pip install tensorboard" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, missing", [
+    (["dump-teacher"], "--teacher"), (["train-student", "--cache", "c", "--student-config", "s"], "--out"),
+    (["eval", "--cache", "x"], "--student"), (["make-student", "--teacher", "t", "--out", "o"], "--keep-layers"),
+    (["sweep", "--student-config", "s", "--max-steps", "1", "--grid", "temperature=1"], "--cache"),
+    (["sweep", "--cache", "c", "--student-config", "s", "--grid", "temperature=1"], "--out"),
+    (["inspect"], "CACHE_DIR"), (["verify"], "CACHE_DIR")])
+def test_a_missing_required_option_is_clicks_usage_error(args, missing, capsys, monkeypatch):
+    code, stdout, stderr = run_main(args, capsys, monkeypatch)
+    assert code == 2 and "Missing" in stderr and missing in stderr and "Traceback" not in stderr + stdout, stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["eval", "--cache", "c", "--student", "s", "--eval-fraction", "2"], "--eval-fraction must be in (0, 1]; got 2.0"),
+    (["verify", "c", "--recompute", "2", "--teacher", "t", "--batch-size", "0"], "--batch-size must be at least 1; got 0")])
+def test_eval_and_verify_flags_are_checked(args, expected, capsys, monkeypatch):
+    code, stdout, stderr = run_main(args, capsys, monkeypatch)
+    assert code == 2 and stderr.strip() == f"error: {expected}", stderr

@@ -388,10 +388,12 @@ def test_verify_catches_inconsistent_metadata(one_rank_cache, workdir):
     with pytest.raises(PikvError, match="unit 4 .* do not match its marker's hash and token count"):
         run(VerifyConfig(cache=str(bad)))
     marker.write_text(text)
-    zarr.open_array(str(bad / F.SAMPLE_ID), mode="r+")[0:2] = [1, 0]
-    with pytest.raises(PikvError, match="unit 0 .* sample ids are not the rows'"):
+    ids = zarr.open_array(str(bad / F.SAMPLE_ID), mode="r+")
+    first = ids[0:2]
+    ids[0:2] = first[::-1]
+    with pytest.raises(PikvError, match="unit 0 .* sample ids are not the unit's"):
         run(VerifyConfig(cache=str(bad)))
-    zarr.open_array(str(bad / F.SAMPLE_ID), mode="r+")[0:2] = [0, 1]
+    ids[0:2] = first
     marker.write_text("{not json")
     with pytest.raises(PikvError, match="u-00000004.json: the unit marker is not valid JSON"):
         run(VerifyConfig(cache=str(bad)))
@@ -484,3 +486,61 @@ def test_ten_kills_in_a_row_then_equal_to_uninterrupted(llama_teacher, corpus, w
     assert p.returncode == 0 and "(0 units written now)" in p.stdout, p.stdout[-2000:]
     _assert_same(open_cache(str(out)).read_all(), open_cache(str(clean)).read_all())
     assert open_cache(str(out)).attrs.content_sha256 == open_cache(str(clean)).attrs.content_sha256
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.startswith("error:")]
+
+
+def test_a_full_disk_stops_with_one_line_and_resumes(llama_teacher, corpus, workdir, one_rank_cache):
+    """ENOSPC while a unit is written (injected at the writer): one line naming the space needed, the
+    committed units intact, and the same command resumes once there is space."""
+    import shutil
+
+    out = workdir / "enospc"
+    shutil.rmtree(out, ignore_errors=True)
+    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out), env={"PIKV_FAULT": "enospc:3"})
+    errors = _error_lines(p.stderr)
+    assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "is full" in errors[0] and "more are needed for the 4 units not committed yet" in errors[0]
+    assert "the 2 committed units are kept" in errors[0]
+    assert open_cache(str(out), allow_incomplete=True).committed_units() == [0, 1]
+    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out))
+    assert p.returncode == 0 and "resuming" in p.stdout, p.stderr[-2000:]
+    _assert_same(open_cache(str(out)).read_all(), open_cache(str(one_rank_cache)).read_all())
+
+
+def test_a_real_full_disk(llama_teacher, corpus, workdir):
+    """The same on a 300 KiB tmpfs (root can mount one; skipped where it cannot)."""
+    import subprocess as sp
+
+    mnt = workdir / "tiny-disk"
+    mnt.mkdir(exist_ok=True)
+    if sp.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        p = pikv_subprocess([*_cli_args(llama_teacher, corpus, mnt / "c"), "--max-cache-gb", "1"])
+        errors = _error_lines(p.stderr)
+        assert p.returncode == 2 and len(errors) == 1 and "is full" in errors[0], p.stderr[-2000:]
+        assert "Traceback" not in p.stderr
+        assert read_root_attrs(str(mnt / "c")) is None or not read_root_attrs(str(mnt / "c"))["complete"]
+    finally:
+        sp.run(["umount", str(mnt)])
+
+
+def test_two_dumps_on_one_out_do_not_interleave(llama_teacher, corpus, workdir):
+    """A dump holds --out for its life: a second one is refused, naming the first."""
+    import shutil
+
+    from pikv_offline import lock
+
+    out = workdir / "locked"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    with lock.hold(str(out / Y.LOCK_FILE), what="test", by="dump"):  # the first dump, still running
+        p = pikv_subprocess(_cli_args(llama_teacher, corpus, out))
+    errors = _error_lines(p.stderr)
+    assert p.returncode == 2 and len(errors) == 1, p.stderr[-2000:]
+    assert f"--out {out} is in use by another dump (pid {os.getpid()} on" in errors[0]
+    assert read_root_attrs(str(out)) is None, "the refused dump wrote nothing"
+    assert pikv_subprocess(_cli_args(llama_teacher, corpus, out, n=4)).returncode == 0  # free again

@@ -286,7 +286,7 @@ def test_second_run_on_the_same_out_is_refused(train_cache, student_config, tmp_
     with checkpoint.out_lock(str(out)):  # another run holds it
         p = pikv_subprocess(["train-student", "--cache", train_cache, "--student-config", student_config, "--out",
                              str(out), "--max-steps", "1", "--num-workers", "0", "--batch-size", "4"])
-    assert p.returncode == 2 and "is in use by another training run (pid" in p.stderr, p.stderr
+    assert p.returncode == 2 and "is in use by another training run (pid " in p.stderr, p.stderr
     assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1 and not (out / "final").exists()
     train(train_cache, student_config, out, max_steps=1)  # free again
     assert (out / "final").is_dir()

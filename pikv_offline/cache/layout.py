@@ -2,8 +2,9 @@
 
 format.py says what each array is (names, dtypes, codecs, encodings); this module says where the
 sequences go and what records them:
-  - every array covers all N sequences, row i = sample id i; it is written in *units* of
-    ``unit_seqs`` sequences, unit u = rows [u*S, min((u+1)*S, N)), one zarr shard file per array;
+  - every array covers all N sequences; it is written in *units* of ``unit_seqs`` sequences, unit u =
+    rows [u*S, min((u+1)*S, N)), one zarr shard file per array, holding the sample ids (rows of the
+    prepared data) of that range in a seeded order (unit_sample_ids);
   - any rank may write any unit; rank r of W takes the units u with u % W == r that are not
     committed yet, so a dump resumes at any world size and no lock is needed;
   - a unit is committed by its marker file ``units/u-<u>.json`` (``UnitMarker``), written atomically
@@ -18,15 +19,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import PikvError
-from .format import ENCODINGS, FORMAT_VERSION, MAX_TAIL
+from .format import ENCODINGS, FORMAT_VERSION, MAX_TAIL, RICH_KINDS, TENSOR_ENCODINGS
 
 ROOT_ATTR = "pikv"  # key of the root attributes dict
 UNITS_DIR = "units"  # the folder of the unit markers
 TOKENIZER_DIR = "tokenizer"  # the teacher's tokenizer (save_pretrained), inside the cache
+LOCK_FILE = ".pikv-dump.lock"  # held by the dump writing the cache (lock.hold), for its life
 
 
 def n_units(n_seqs: int, unit_seqs: int) -> int:
@@ -36,6 +41,20 @@ def n_units(n_seqs: int, unit_seqs: int) -> int:
 def unit_range(unit: int, n_seqs: int, unit_seqs: int) -> tuple[int, int]:
     """The global sequence ids [start, stop) of ``unit``."""
     return unit * unit_seqs, min((unit + 1) * unit_seqs, n_seqs)
+
+
+def unit_sample_ids(unit: int, n_seqs: int, unit_seqs: int, seed: int) -> np.ndarray:
+    """The sample ids (rows of the prepared data) that ``unit``'s rows hold, in row order: the unit's range,
+    permuted by a generator seeded with the data and the unit. Consecutive prepared sequences are
+    consecutive text; shuffled inside the unit, an inner chunk (the unit of decoding, which the
+    training order keeps whole) holds unrelated ones. A unit's permutation depends on its size, so an
+    extended cache's grown partial unit is written anew, as it is anyway."""
+    start, stop = unit_range(unit, n_seqs, unit_seqs)
+    return start + np.random.default_rng([seed, unit, stop - start]).permutation(stop - start).astype(np.int64)
+
+
+def order_seed(data_fingerprint: str) -> int:
+    return int(data_fingerprint[:16], 16)
 
 
 def rank_units(n_seqs: int, unit_seqs: int, rank: int, world_size: int) -> range:
@@ -116,16 +135,37 @@ class RootAttrs:
             raise _damaged(where, f"attribute tokenizer_dir is {d['tokenizer_dir']!r}; a cache keeps its tokenizer "
                                   f"in {TOKENIZER_DIR}/")
         _need(d["teacher"], "vocab_size", int, f"{where} (teacher)", 1)
+        _need(d["teacher"], "num_layers", int, f"{where} (teacher)", 0)
+        _need(d["data"], "fingerprint", str, f"{where} (data)")
         _need(d["counts"], "sequences", int, f"{where} (counts)", 1)
         lg = _need(d["targets"], "logits", dict, f"{where} (targets)")
         _need(lg, "top_k", int, f"{where} (targets.logits)", 0)
         draws = _need(lg, "sampled_tail", int, f"{where} (targets.logits)", 0)
         temps = _need(lg, "temperatures", list, f"{where} (targets.logits)")
-        if draws > MAX_TAIL or lg.get("encoding") not in ENCODINGS or not temps or temps[0] != 1.0 or not all(
-                isinstance(t, (int, float)) and t > 0 for t in temps):
+        if draws > MAX_TAIL or lg.get("encoding") not in ENCODINGS or lg.get("id_dtype") not in ("uint16", "uint32") \
+                or not temps or temps[0] != 1.0 or len(set(temps)) != len(temps) or not all(
+                    isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
+                    for t in temps):
             raise _damaged(where, f"targets.logits {lg} is not a valid head/tail/temperature description")
+        for kind in RICH_KINDS:
+            t = d["targets"].get(kind)
+            if t is None:
+                continue
+            ok = isinstance(t, dict) and t.get("encoding") in TENSOR_ENCODINGS and all(
+                isinstance(t.get(k), list) and t[k] and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                            for x in t[k]) for k in ("layers", "shape"))
+            if not ok or (t.get("group") is not None and not (isinstance(t["group"], int) and t["group"] > 0)):
+                raise _damaged(where, f"targets.{kind} {t} is not a valid rich target description")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        attrs = cls(**{k: v for k, v in d.items() if k in names})
+        if attrs.recomputed_key() != attrs.cache_key:
+            raise _damaged(where, f"its cache key {attrs.cache_key} is not the hash of the attributes that define "
+                                  "its content (teacher, tokenizer, data, seq_len, targets): they were changed")
+        return attrs
+
+    def recomputed_key(self) -> str:
+        return cache_key(teacher=self.teacher, tokenizer_sha256=self.tokenizer_sha256, data=self.data["fingerprint"],
+                         seq_len=self.seq_len, targets=self.targets)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,8 +191,11 @@ class UnitMarker:
             _need(d, key, int, where, 0)
         for key in ("cache_key", "sha256"):
             _need(d, key, str, where)
+        errors = d.get("encoding_errors") or {}
+        if not isinstance(errors, dict) or not all(isinstance(e, dict) for e in errors.values()):
+            raise _damaged(where, "attribute encoding_errors is not a dict of dicts")
         return cls(**{k: d[k] for k in ("unit", "start", "stop", "cache_key", "sha256", "loss_tokens")},
-                   encoding_errors=dict(d.get("encoding_errors") or {}))
+                   encoding_errors=dict(errors))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -123,8 +123,11 @@ class Cache:
                       by_prob=True, rich=tuple(self.rich))
 
     def read_all(self, top_k: int | None = None, first: int | None = None) -> dict[str, np.ndarray]:
-        """The first ``first`` sequences (default: all), in sample-id order (for tests, verify, small caches)."""
-        return self.read(0, self.n if first is None else min(first, self.n), top_k)
+        """Sample ids [0, ``first``) (default: all), in sample-id order (for tests, verify, small caches)."""
+        first = self.n if first is None else min(first, self.n)
+        got = self.read(0, min(self.n, Y.n_units(first, self.attrs.unit_seqs) * self.attrs.unit_seqs), top_k)
+        order = np.argsort(got[F.SAMPLE_ID], kind="stable")[:first]  # units hold their own ids, permuted
+        return {name: a[order] for name, a in got.items()}
 
     def bytes_per_array(self) -> dict[str, int]:
         """Stored (compressed) bytes of each array."""
@@ -147,6 +150,10 @@ def open_cache(path: str, allow_incomplete: bool = False) -> Cache:
             arrays[name] = root[name]
         except Exception as e:
             raise PikvError(f"{path}/{name}: the array cannot be opened ({brief(e)}); the cache is damaged, "
+                            "re-dump it")
+    for name in F.ARRAY_NAMES:  # an array the attributes do not declare: they were changed (e.g. top_k 0)
+        if name not in arrays and root.get(name) is not None:
+            raise PikvError(f"{path}: holds {name}, which its root attributes do not declare; the cache is damaged, "
                             "re-dump it")
     cache = Cache(path=path, attrs=attrs, arrays=arrays)
     _check_open(cache)

@@ -40,7 +40,8 @@ def check_integrity(path: str) -> dict:
             raise PikvError(f"{where}: {bad} has an unreadable chunk ({brief(e)}); the cache is corrupt, "
                             "re-dump it")
         problem = _check_values(raw, decode(raw, cache.encoding, rich=tuple(cache.rich)),
-                                np.arange(start, stop), vocab, cache.draws, cache.rich)
+                                Y.unit_sample_ids(u, n, unit_seqs, Y.order_seed(attrs.data["fingerprint"])), vocab,
+                                cache.draws, cache.rich)
         if problem:
             raise PikvError(f"{where}: {problem}; the cache is damaged, re-dump it")
         got = fingerprint(raw[F.INPUT_IDS], raw[F.LOSS_MASK])
@@ -73,7 +74,7 @@ def _unreadable(cache, start: int, stop: int) -> str:
 
 def _check_values(raw: dict, a: dict, sample_ids: np.ndarray, vocab: int, draws: int, rich: list = ()) -> str | None:
     if not np.array_equal(raw[F.SAMPLE_ID], sample_ids):
-        return "sample ids are not the rows' (row i holds sample id i)"
+        return "sample ids are not the unit's (its range in the seeded order of layout.unit_sample_ids)"
     if ((raw[F.INPUT_IDS] < 0) | (raw[F.INPUT_IDS] >= vocab)).any():
         return "input ids outside the vocabulary"
     head, lp = a[F.HEAD_IDS] if F.HEAD_IDS in raw else None, a[F.HEAD_LOGPROBS]

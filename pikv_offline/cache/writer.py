@@ -10,6 +10,7 @@ teacher's next forward.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import signal
@@ -25,13 +26,16 @@ from . import layout as Y
 
 def fault(point: str, count: int) -> None:
     """Test hook for crash tests: PIKV_FAULT=write:N or commit:N SIGKILLs this process after the data
-    (write) or the commit of its N-th unit (forward:1: before the dump's first forward); a suffix @R
-    limits it to rank R."""
+    (write) or the commit of its N-th unit (forward:1: before the dump's first forward; complete:1:
+    before the final commit); enospc:N makes the N-th unit's write fail as on a full disk; a suffix
+    @R limits it to rank R."""
     spec = os.environ.get("PIKV_FAULT", "")
     if not spec:
         return
     where, _, rank = spec.partition("@")
     if where == f"{point}:{count}" and (not rank or rank == os.environ.get("RANK", "0")):
+        if point == "enospc":  # the disk fills while this unit is written
+            raise OSError(errno.ENOSPC, "No space left on device (PIKV_FAULT)")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -107,6 +111,7 @@ class UnitWriter:
             errors[a.name] = F.encoding_error(x, F.decode_tensor(arrays[a.name], scale, a.encoding, a.group), a.group)
         # Every zarr shard is written even when all zeros (a tail of no draws, a mask of no targets), so a
         # reader can tell a missing file, which is damage, from data.
+        fault("enospc", self.written + 1)
         with zarr.config.set({"array.write_empty_chunks": True}):
             for name in self.names:
                 self.group[name][start:stop] = arrays[name]

@@ -52,13 +52,14 @@ def _params(cls, skip: tuple[str, ...] = ()) -> list:
         elif kind is tuple:  # a repeatable flag
             kw.update(multiple=True, required=required)
         elif m.get("parse") is not None:  # one text, parsed into the value (e.g. '1,2,4')
-            kw.update(required=required, default=None)
+            kw["required"] = required
             if m.get("show"):
                 kw["help"] = f"{kw['help']}  [default: {m['show']}]"
         else:
             kw["type"] = click.Choice(m["choices"]) if m.get("choices") else kind
-            kw.update(required=required, default=None if required else f.default,
-                      show_default=not required and f.default is not None)
+            kw["required"] = required
+            if not required:  # click >= 8.3 takes an explicit default=None as given: a required one has none
+                kw.update(default=f.default, show_default=f.default is not None)
         params.append(click.Option([flag, f.name], **kw))
     return params
 
@@ -199,8 +200,9 @@ def eval_cmd(**kw):
 
     cfg = build(C.EvalConfig, kw)
     res = run(cfg)
-    click.echo(json.dumps(res) if cfg.as_json else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                                for k, v in res.items()))
+    if env_rank() == 0:  # every rank computes the same figures; one prints them
+        click.echo(json.dumps(res) if cfg.as_json else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else
+                                                                    f"{k} {v}" for k, v in res.items()))
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import glob
 import os
 import random
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import dist
+from .. import dist, lock
 from ..errors import PikvError, brief
 
 STATE_FILE = "trainer_state.pt"
@@ -54,26 +53,9 @@ def out_lock(out: str, hold: bool = True):
     if os.path.exists(out) and not os.path.isdir(out):
         raise PikvError(f"--out {out} is a file; give a folder for the run")
     os.makedirs(out, exist_ok=True)
-    if not hold:
+    with lock.hold(os.path.join(out, LOCK_FILE), what=f"--out {out}", by="training run") if hold \
+            else contextlib.nullcontext():
         yield
-        return
-    f = open(os.path.join(out, LOCK_FILE), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        owner = f.read().strip() or "another process"
-        f.close()
-        raise PikvError(f"--out {out} is in use by another training run ({owner}); wait for it to finish or "
-                        "choose another --out")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}")
-    f.flush()
-    try:
-        yield
-    finally:
-        f.close()
 
 
 def latest(out: str) -> str | None:

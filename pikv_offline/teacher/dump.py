@@ -12,7 +12,9 @@ after every unit is committed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +26,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from .. import __version__, dist
+from .. import __version__, dist, lock
 from ..cache import format as F
 from ..cache import layout as Y
 from ..cache.reader import open_cache, read_root_attrs
@@ -67,7 +69,7 @@ def size_check(cfg: DumpConfig, specs: dict) -> str | None:
 def _decide(cfg: DumpConfig, key: str, n_seqs: int) -> tuple[str, str]:
     """Rank 0's view of --out: ('new'|'resume'|'extend'|'hit', message) or ('error', message)."""
     out = cfg.out
-    if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+    if not os.path.exists(out) or (os.path.isdir(out) and not set(os.listdir(out)) - {Y.LOCK_FILE}):
         return "new", ""
     attrs = read_root_attrs(out) if os.path.isdir(out) else None
     if attrs is None:
@@ -89,8 +91,10 @@ def _decide(cfg: DumpConfig, key: str, n_seqs: int) -> tuple[str, str]:
 
 
 def _create_root(cfg: DumpConfig, attrs: Y.RootAttrs, tokenizer, vocab: int) -> None:
-    if os.path.exists(cfg.out):
-        shutil.rmtree(cfg.out)
+    for name in os.listdir(cfg.out):  # an old cache (--overwrite), not the lock this dump holds
+        path = os.path.join(cfg.out, name)
+        if name != Y.LOCK_FILE:
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     zarr.open_group(cfg.out, mode="w", attributes={Y.ROOT_ATTR: attrs.to_dict()})
     create_arrays(cfg.out, attrs.n_sequences, seq_len=attrs.seq_len, targets=attrs.targets, vocab_size=vocab,
                   unit_seqs=attrs.unit_seqs)
@@ -133,12 +137,13 @@ def _prepare(cfg: DumpConfig, d: dist.Dist, tokenizer, tok_hash: str) -> Prepare
 def run(cfg: DumpConfig) -> dict:
     d = dist.init(cfg.device)
     try:
-        return _run(cfg, d)
+        with contextlib.ExitStack() as held:
+            return _run(cfg, d, held)
     finally:
         dist.teardown()
 
 
-def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
+def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
     t_start = time.perf_counter()
     if cfg.device_map and d.world_size > 1:
         raise PikvError("--device-map auto spreads one teacher over the visible GPUs in one process; "
@@ -186,6 +191,11 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
     if d.is_main:  # rank 0 alone looks at and sets up --out; a failure there must reach every rank
         try:
             decision, message = _decide(cfg, key, n_seqs)
+            if decision in ("new", "resume", "extend"):  # writing: only one dump at a time, decided again
+                os.makedirs(cfg.out, exist_ok=True)
+                held.enter_context(lock.hold(os.path.join(cfg.out, Y.LOCK_FILE), what=f"--out {cfg.out}",
+                                             by="dump"))
+                decision, message = _decide(cfg, key, n_seqs)
             if decision in ("new", "extend"):  # a hit or a resume writes no more than asked before
                 too_big = size_check(cfg, F.array_specs(n_seqs, cfg.seq_len, targets, vocab, unit_seqs))
                 decision, message = ("error", too_big) if too_big else (decision, message)
@@ -199,6 +209,8 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
                 _regrow(cfg, n_seqs, data_info)
         except PikvError as e:
             decision, message = "error", str(e)
+        except OSError as e:  # a read-only or full --out
+            decision, message = "error", f"cannot set up --out {cfg.out}: {e}"
     decision, message = dist.broadcast_object((decision, message))
     if decision == "error":
         raise PikvError(message)
@@ -212,43 +224,20 @@ def _run(cfg: DumpConfig, d: dist.Dist) -> dict:
             if not ((m := Y.read_marker(cfg.out, u)) and m.holds(u, n_seqs, unit_seqs, key))]
     model = M.load_model(folder, cfg.teacher, dtype, device, cfg.device_map)
     cap = M.open_capture(model, targets, cfg.seq_len)
-    rich = F.rich_arrays(targets)
     writer = UnitWriter(cfg.out, n_seqs=n_seqs, unit_seqs=unit_seqs, targets=targets, cache_key=key)
     first_device = next(model.parameters()).device
     tokens_todo = sum(b - a for a, b in (Y.unit_range(u, n_seqs, unit_seqs) for u in todo)) * cfg.seq_len
     bar = tqdm(total=tokens_todo, unit="tok", unit_scale=True, desc=f"dump (rank 0 of {d.world_size})",
                disable=not d.is_main, dynamic_ncols=True)
     t_loop = time.perf_counter()
-    forward_s = 0.0
     fault("forward", 1)  # test and bench hook (PIKV_FAULT=forward:1): killed before the first forward
-    for u in todo:
-        start, stop = Y.unit_range(u, n_seqs, unit_seqs)
-        input_ids, loss_mask = prep.rows(start, stop)
-        block = np.arange(start, stop, dtype=np.int64)
-        parts = []
-        for b in range(0, len(block), cfg.batch_size):  # batches fixed by the unit: the same at any world size
-            t0 = time.perf_counter()
-            x = torch.from_numpy(input_ids[b:b + cfg.batch_size]).long().to(first_device)
-            rows = block[b:b + cfg.batch_size]
-            g = torch.from_numpy(tail_uniforms(key, rows, cfg.seq_len, cfg.sampled_tail)) if cfg.sampled_tail else None
-            got = M.logit_targets(model, x, cfg.top_k, cfg.temperatures, g,
-                                  forward_kwargs=cap.forward_kwargs() if cap else None)
-            if cap:
-                got.update(M.rich_targets(cap, *x.shape))
-            parts.append({k: v.cpu().numpy() for k, v in got.items()})
-            forward_s += time.perf_counter() - t0
-            bar.update(x.numel())
-        t = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        arrays = {F.INPUT_IDS: input_ids, F.LOSS_MASK: loss_mask, F.SAMPLE_ID: block,
-                  F.TNORM: F.encode_tnorm(t["tnorm"], cfg.encoding)}
-        if cfg.top_k:
-            arrays[F.HEAD_IDS], arrays[F.HEAD_LOGPROBS] = F.encode_head(t["ids"], t["logprobs"], cfg.encoding, vocab)
-        if cfg.sampled_tail:
-            arrays[F.TAIL_IDS], arrays[F.TAIL_LOGPROBS], arrays[F.TAIL_COUNTS] = F.encode_tail(
-                t["tail_ids"], t["tail_logprobs"], cfg.encoding, vocab)
-        arrays.update({a.name: t[a.name] for a in rich})  # float32; the writer thread encodes them
-        writer.submit(u, arrays)
-    writer.close()
+    try:
+        forward_s = _dump_units(cfg, todo, prep, model, cap, writer, bar, key, vocab, n_seqs, unit_seqs, first_device)
+    except OSError as e:
+        if not _disk_full(e):
+            raise
+        bar.close()
+        raise PikvError(_disk_full_message(cfg, targets, vocab, n_seqs, unit_seqs, key)) from None
     bar.close()
     if cap:
         cap.close()
@@ -311,6 +300,64 @@ def _complete(out: str, key: str) -> dict:
     zarr.open_group(out, mode="r+").attrs[Y.ROOT_ATTR] = attrs.to_dict()
     return {"loss_tokens": loss_tokens, "bytes_per_token": {k: round(v / positions, 2) for k, v in stored.items()},
             "encoding_errors": attrs.encoding_errors}
+
+
+def _dump_units(cfg: DumpConfig, todo: list[int], prep: Prepared, model, cap, writer: UnitWriter, bar, key: str,
+                vocab: int, n_seqs: int, unit_seqs: int, first_device) -> float:
+    """Run the teacher over this rank's units and hand each to the writer; returns the seconds spent in
+    the forward passes (and target computation)."""
+    rich = writer.rich
+    forward_s = 0.0
+    for u in todo:
+        start, stop = Y.unit_range(u, n_seqs, unit_seqs)
+        block = Y.unit_sample_ids(u, n_seqs, unit_seqs, Y.order_seed(prep.fingerprint))
+        input_ids, loss_mask = prep.rows(start, stop)
+        input_ids, loss_mask = input_ids[block - start], loss_mask[block - start]
+        parts = []
+        for b in range(0, len(block), cfg.batch_size):  # batches fixed by the unit: the same at any world size
+            t0 = time.perf_counter()
+            x = torch.from_numpy(input_ids[b:b + cfg.batch_size]).long().to(first_device)
+            rows = block[b:b + cfg.batch_size]
+            g = torch.from_numpy(tail_uniforms(key, rows, cfg.seq_len, cfg.sampled_tail)) if cfg.sampled_tail else None
+            got = M.logit_targets(model, x, cfg.top_k, cfg.temperatures, g,
+                                  forward_kwargs=cap.forward_kwargs() if cap else None)
+            if cap:
+                got.update(M.rich_targets(cap, *x.shape))
+            parts.append({k: v.cpu().numpy() for k, v in got.items()})
+            forward_s += time.perf_counter() - t0
+            bar.update(x.numel())
+        t = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        arrays = {F.INPUT_IDS: input_ids, F.LOSS_MASK: loss_mask, F.SAMPLE_ID: block,
+                  F.TNORM: F.encode_tnorm(t["tnorm"], cfg.encoding)}
+        if cfg.top_k:
+            arrays[F.HEAD_IDS], arrays[F.HEAD_LOGPROBS] = F.encode_head(t["ids"], t["logprobs"], cfg.encoding, vocab)
+        if cfg.sampled_tail:
+            arrays[F.TAIL_IDS], arrays[F.TAIL_LOGPROBS], arrays[F.TAIL_COUNTS] = F.encode_tail(
+                t["tail_ids"], t["tail_logprobs"], cfg.encoding, vocab)
+        arrays.update({a.name: t[a.name] for a in rich})  # float32; the writer thread encodes them
+        writer.submit(u, arrays)
+    writer.close()
+    return forward_s
+
+
+def _disk_full(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full_message(cfg: DumpConfig, targets: dict, vocab: int, n_seqs: int, unit_seqs: int, key: str) -> str:
+    units = Y.n_units(n_seqs, unit_seqs)
+    left = [u for u in range(units) if not ((m := Y.read_marker(cfg.out, u)) and m.holds(u, n_seqs, unit_seqs, key))]
+    per_unit = sum(int(np.prod(s.shape[1:])) * s.dtype.itemsize * unit_seqs
+                   for s in F.array_specs(n_seqs, cfg.seq_len, targets, vocab, unit_seqs).values())
+    free = shutil.disk_usage(cfg.out).free
+    size = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.1f} MB"  # noqa: E731
+    return (f"the disk at --out {cfg.out} is full ({size(free)} free): about {size(len(left) * per_unit)} more are "
+            f"needed for the {len(left)} units not committed yet (uncompressed, an upper bound); free space and "
+            f"re-run the same command: the {units - len(left)} committed units are kept")
 
 
 def tail_uniforms(key: str, sample_ids: np.ndarray, seq_len: int, n: int) -> np.ndarray:

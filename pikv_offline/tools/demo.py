@@ -18,12 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import torch
 
+from ..cache.format import FORMAT_VERSION
+from ..cache.reader import read_root_attrs
 from .corpus import write_corpus
 from .plot import mean_tokens_per_s, plot_runs, read_metrics
 from .toy import make_model, train_lm, train_tokenizer
@@ -109,6 +112,14 @@ def main(argv=None) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
                 "-m", "pikv_offline"]
     heldout_cache = os.path.join(args.workdir, "cache-heldout")
+    # Caches of an older format (an earlier pikv's demo) are refused by the dump; they and the students
+    # trained from them are this demo's own outputs, so they are made again.
+    stale = read_root_attrs(cache)
+    if stale is not None and stale.get("format_version") != FORMAT_VERSION:
+        print(f"      {cache} has cache format {stale.get('format_version')}, this pikv writes {FORMAT_VERSION}: "
+              "dumping and training again")
+        for name in ("cache", "cache-heldout", "sweep", "kd-only"):
+            shutil.rmtree(os.path.join(args.workdir, name), ignore_errors=True)
     print(f"[3/4] pikv dump-teacher with {args.nproc} ranks -> {cache} (and {heldout_cache})")
     for data, out in ((corpus, cache), (held_path, heldout_cache)):
         subprocess.run(torchrun + ["dump-teacher", "--teacher", teacher, "--data", data, "--out", out,

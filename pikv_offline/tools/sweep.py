@@ -51,9 +51,9 @@ def run(cfg: SweepConfig) -> list[dict]:
             width = max(len(r["run"]) for r in rows)
             print(f"\n| {'run':<{width}} | held-out CE | perplexity | top-1 = teacher | tok/s |")
             for r in rows:
-                print(f"| {r['run']:<{width}} | {r['eval_ce'] or float('nan'):11.4f} | "
-                      f"{r['eval_ppl'] or float('nan'):10.2f} | {r['eval_top1'] or float('nan'):15.3f} | "
-                      f"{r['tokens_per_s'] or 0:5.0f} |")
+                num = lambda k: float("nan") if r[k] is None else r[k]  # noqa: E731 (a run without eval)
+                print(f"| {r['run']:<{width}} | {num('eval_ce'):11.4f} | {num('eval_ppl'):10.2f} | "
+                      f"{num('eval_top1'):15.3f} | {r['tokens_per_s'] or 0:5.0f} |")
             print(f"wrote {os.path.join(cfg.out, 'results.csv')} and results.png")
         return rows
     finally:
