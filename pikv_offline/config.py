@@ -21,12 +21,14 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def opt(default=dataclasses.MISSING, help: str = "", *, flag: str | None = None, choices=None, parse=None,
-        show: str | None = None, argument: bool = False, metavar: str | None = None, cli: bool = True):
+        show: str | None = None, argument: bool = False, metavar: str | None = None, cli: bool = True,
+        flag_value=None):
     """A config field with what its command-line option needs: ``flag`` (default --field-name; a
     --no-X flag of a bool stores False), ``choices``, ``parse`` (text -> value, for values given as one
-    string such as '1,2,4'), ``show`` (the default as a user writes it), ``argument`` (positional)."""
+    string such as '1,2,4'), ``show`` (the default as a user writes it), ``argument`` (positional),
+    ``flag_value`` (the value of the option given without one, e.g. --resume)."""
     meta = {"help": help, "flag": flag, "choices": choices, "parse": parse, "show": show, "argument": argument,
-            "metavar": metavar, "cli": cli}
+            "metavar": metavar, "cli": cli, "flag_value": flag_value}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -186,6 +188,7 @@ def parse_freeze(specs) -> tuple[str, ...]:
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 FEATURE_LOSSES = ("mse", "cosine")
 TAILS = ("auto", "bucket", "renorm", "sampled")
+RESUMES = ("no", "strict", "auto")  # --resume alone is strict
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -225,7 +228,9 @@ class TrainConfig:
     eval_every: int = opt(0, "Held-out eval every N steps (0: only at the end).")
     eval_fraction: float = opt(0.01)
     log_every: int = opt(10)
-    resume: bool = opt(False, "Continue from the latest checkpoint in --out.")
+    resume: str = opt("no", "Continue from the latest complete checkpoint in --out; `--resume auto` starts fresh when "
+                      "there is none (for torchrun --max-restarts). Without it a folder with checkpoints is refused.",
+                      choices=RESUMES, flag_value="strict")
     tensorboard: bool = opt(False)
     wandb: bool = opt(False)
     zero: bool = opt(False, "Shard optimizer state over ranks (ZeroRedundancyOptimizer).")
@@ -244,6 +249,10 @@ class TrainConfig:
     freeze: tuple = opt((), "Freeze mlp, embeddings (with a tied head: the head too) or layers:0,2. Repeatable.")
 
     def __post_init__(self):
+        if isinstance(self.resume, bool):  # resume=True from Python means --resume
+            object.__setattr__(self, "resume", "strict" if self.resume else "no")
+        if self.resume not in RESUMES:
+            raise PikvError(f"--resume takes no value or 'auto'; got {self.resume}")
         if bool(self.student) == bool(self.student_config):
             raise PikvError("give exactly one of --student (a model folder or hub id) or --student-config (a config json)")
         if self.divergence not in DIVERGENCES:

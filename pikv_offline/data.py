@@ -60,6 +60,19 @@ def local_files(data: str) -> list[str]:
     return [path]
 
 
+def _check_utf8(path: str, probe: int = 1 << 20) -> None:
+    """Refuse a text file whose first MiB is not UTF-8 (binary data, another encoding), naming where."""
+    with open(path, "rb") as f:
+        head = f.read(probe)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.reason == "unexpected end of data" and e.start >= len(head) - 3:
+            return  # a character cut by the probe's end
+        raise PikvError(f"--data file {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it "
+                        "(e.g. iconv -t utf-8) or leave it out")
+
+
 def load_records(data: str, split: str = "train", data_config: str | None = None, streaming: bool = False):
     """A ``datasets.Dataset`` from a local file/folder (jsonl, json, parquet, txt, csv, arrow) or a hub name;
     with ``streaming`` a hub dataset comes as an ``IterableDataset`` (read as far as needed, never whole)."""
@@ -76,11 +89,18 @@ def load_records(data: str, split: str = "train", data_config: str | None = None
             raise PikvError(f"--data {data}: use files of one kind among "
                             f"{', '.join(sorted(LOCAL_BUILDERS))}")
         builder = kinds.pop()
+        if builder in ("json", "text", "csv"):
+            for f in files:
+                _check_utf8(f)
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        level = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own error log would precede ours
         try:
             return datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
         except Exception as e:
             raise PikvError(f"could not read --data {data} as {builder}: {brief(e)}")
+        finally:
+            datasets.logging.set_verbosity(level)
     if _looks_like_path(data):
         raise PikvError(f"--data path {data} does not exist")
     try:
@@ -99,6 +119,8 @@ def _normalize_turns(turns, field: str) -> list[dict]:
         content = t.get("content", t.get("value"))
         if role is None or content is None:
             raise PikvError(f"chat turn {t!r} has no role/content (or from/value) keys")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise PikvError(f"chat turn {str(t)[:80]!r}: role and content must be strings; fix the record or drop it")
         out.append({"role": _SHAREGPT_ROLES.get(role, role), "content": content})
     return out
 
@@ -226,6 +248,12 @@ class Prepared:
     def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         got = self.dataset[start:stop]
         return np.asarray(got["input_ids"], np.int32), np.asarray(got["loss_mask"], bool)
+
+    def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``ids`` (any order), read in ascending order and put back in theirs."""
+        uniq, inv = np.unique(np.asarray(ids, np.int64), return_inverse=True)
+        got = self.dataset[uniq.tolist()]
+        return np.asarray(got["input_ids"], np.int32)[inv], np.asarray(got["loss_mask"], bool)[inv]
 
 
 def prepare(*, data: str, split: str, data_config: str | None, tokenizer, tokenizer_sha256: str,

@@ -52,6 +52,17 @@ CASES = {
     "temperature repeated": (dict(extra=["--temperatures", "1,2,2"]), "repeats"),
     "out holds something else": (dict(out="@notcache"), "is not a pikv cache"),
     "both fields": (dict(extra=["--text-field", "text", "--chat-field", "c"]), "not both"),
+    "binary data": (dict(data="@binary"), "binary.jsonl is not UTF-8 text (invalid start byte at byte 128)"),
+    "chat content a number": (dict(data="@chat-int", extra=["--chat-field", "c"]), "role and content must be strings"),
+    "chat content a list": (dict(data="@chat-list", extra=["--chat-field", "c"]), "role and content must be strings"),
+    "chat turn without a role": (dict(data="@chat-norole", extra=["--chat-field", "c"]), "has no role/content"),
+    "chat turns not a list": (dict(data="@chat-dict", extra=["--chat-field", "c"]), "must hold a list of"),
+    "seq-len 1": (dict(extra=["--seq-len", "1"]), "--seq-len must be at least 2"),
+    "temperature zero": (dict(extra=["--temperatures", "1,0"]), "positive"),
+    "temperature inf": (dict(extra=["--temperatures", "1,inf"]), "positive finite"),
+    "temperature nan": (dict(extra=["--temperatures", "1,nan"]), "positive finite"),
+    "batch-size 0": (dict(extra=["--batch-size", "0"]), "--batch-size must be at least 1"),
+    "out is a file": (dict(out="@file"), "is not a pikv cache"),
 }
 
 
@@ -66,9 +77,18 @@ def test_bad_input(case, capsys, monkeypatch, llama_teacher, corpus, workdir, no
         open(data, "w").close()
     elif data == "@blank":
         data = write_jsonl(workdir / "blank.jsonl", [{"text": "   "}, {"text": ""}])
+    elif data == "@binary":
+        data = str(workdir / "binary.jsonl")
+        open(data, "wb").write(bytes(range(256)) * 64)
+    elif data.startswith("@chat-"):
+        turns = {"int": [{"role": "user", "content": 5}], "list": [{"role": "user", "content": ["a"]}],
+                 "norole": [{"content": "hi"}], "dict": {"role": "user", "content": "hi"}}[data[6:]]
+        data = write_jsonl(workdir / f"chat-{data[6:]}.jsonl", [{"c": turns}, {"c": turns}])
     if spec.get("out") == "@notcache":
         out.mkdir(exist_ok=True)
         (out / "notes.txt").write_text("mine")
+    if spec.get("out") == "@file":
+        out.write_text("mine")
     args = ["dump-teacher", "--teacher", teacher, "--data", data, "--out", str(out), "--seq-len", "32",
             "--max-sequences", "2", *spec.get("extra", [])]
     code, stdout, stderr = run_main(args, capsys, monkeypatch)
@@ -240,3 +260,11 @@ def test_a_missing_required_option_is_clicks_usage_error(args, missing, capsys, 
 def test_eval_and_verify_flags_are_checked(args, expected, capsys, monkeypatch):
     code, stdout, stderr = run_main(args, capsys, monkeypatch)
     assert code == 2 and stderr.strip() == f"error: {expected}", stderr
+
+
+def test_streaming_needs_max_sequences():
+    from pikv_offline.config import DumpConfig
+    from pikv_offline.errors import PikvError
+
+    with pytest.raises(PikvError, match="--streaming reads a hub dataset only as far as needed: give --max-sequences"):
+        DumpConfig(teacher="t", data="some/hub-dataset", out="o", streaming=True)

@@ -169,25 +169,32 @@ def test_killed_at_two_ranks_resumes_at_any_world_size(resume_ranks, llama_teach
     assert describe(str(out))["encoding_errors"] == describe(str(two_rank_cache))["encoding_errors"]
 
 
-def test_more_sequences_extend_a_complete_cache(llama_teacher, corpus, workdir, one_rank_cache, monkeypatch):
-    """The same command with a larger --max-sequences computes only the new units (the old partial last
-    unit too, its range grew) and ends equal to a dump of that many at once; a smaller one is a hit."""
+def test_more_sequences_extend_a_complete_cache(llama_teacher, corpus, workdir):
+    """The same command with a larger --max-sequences computes only the new units (and those of a shuffle
+    block that grew) and ends equal to a dump of that many at once; a smaller one is a hit on a prefix."""
     import shutil
 
-    out = workdir / "extended"
-    shutil.rmtree(out, ignore_errors=True)
-    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out, n=10))  # units [0,4) [4,8) [8,10)
+    from pikv_offline.cache import layout
+
+    args = lambda out, n: [*_cli_args(llama_teacher, corpus, out, n=n), "--shard-size", "1"]  # noqa: E731
+    block = layout.SHUFFLE_UNITS  # sequences per shuffle block at one sequence per unit
+    out, direct = workdir / "extended", workdir / "extended-direct"
+    for d in (out, direct):
+        shutil.rmtree(d, ignore_errors=True)
+    assert pikv_subprocess(args(direct, block + 6)).returncode == 0
+    p = pikv_subprocess(args(out, block))  # one whole block
     assert p.returncode == 0, p.stderr[-2000:]
-    before = {u: (out / Y.marker_name(u)).stat().st_mtime_ns for u in (0, 1)}
-    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out, n=22))
+    before = {u: (out / Y.marker_name(u)).stat().st_mtime_ns for u in range(block)}
+    p = pikv_subprocess(args(out, block + 6))
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "extending the cache" in p.stdout and "from 10 to 22 sequences" in p.stdout
-    assert "(4 units written now)" in p.stdout  # unit 2 (grown) and units 3, 4, 5
-    assert {u: (out / Y.marker_name(u)).stat().st_mtime_ns for u in (0, 1)} == before
-    _assert_same(open_cache(str(out)).read_all(), open_cache(str(one_rank_cache)).read_all())
-    assert open_cache(str(out)).attrs.content_sha256 == open_cache(str(one_rank_cache)).attrs.content_sha256
-    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out, n=12))
+    assert f"from {block} to {block + 6} sequences" in p.stdout and "(6 units written now)" in p.stdout, p.stdout
+    assert {u: (out / Y.marker_name(u)).stat().st_mtime_ns for u in range(block)} == before, "kept units rewritten"
+    _assert_same(open_cache(str(out)).read_all(), open_cache(str(direct)).read_all())
+    assert open_cache(str(out)).attrs.content_sha256 == open_cache(str(direct)).attrs.content_sha256
+    p = pikv_subprocess(args(out, 12))
     assert p.returncode == 0 and "cache hit" in p.stdout and "the first 12 of them" in p.stdout
+    p = pikv_subprocess(args(out, block + 9))  # the last block grew again: its units are written anew
+    assert p.returncode == 0 and "(9 units written now)" in p.stdout, p.stdout
 
 
 def test_prepared_data_is_reused(llama_teacher, corpus, workdir, monkeypatch):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import pikv_subprocess
+from conftest import ROOT, pikv_subprocess
 from pikv_offline.config import TrainConfig
 from pikv_offline.student import data as D
 from pikv_offline.student.train import run
@@ -304,3 +306,72 @@ def test_a_diverged_run_stops_without_a_final(train_cache, student_config, tmp_p
     with pytest.raises(PikvError, match="3 steps in a row"):  # a run shorter than 10 steps: every one of them
         train(train_cache, student_config, tmp_path / "s", max_steps=3)
     assert not (tmp_path / "s" / "final").exists()
+
+
+def test_a_finished_run_extended_by_resume_equals_one_long_run(train_cache, student_config, tmp_path, capsys):
+    """--max-steps 10, then --max-steps 20 --resume: bitwise one 20-step run (constant LR); a decaying schedule
+    whose length changed is named on one line."""
+    kw = dict(schedule="constant", warmup_steps=0, ce_weight=0.3)
+    train(train_cache, student_config, tmp_path / "long", max_steps=20, **kw)
+    train(train_cache, student_config, tmp_path / "ext", max_steps=10, **kw)
+    res = train(train_cache, student_config, tmp_path / "ext", max_steps=20, resume=True, **kw)
+    assert res["steps"] == 20
+    assert_weights_close(weights(tmp_path / "long"), weights(tmp_path / "ext"), exact=True)
+    capsys.readouterr()
+    train(train_cache, student_config, tmp_path / "cos", max_steps=4)
+    train(train_cache, student_config, tmp_path / "cos", max_steps=6, resume="auto")
+    assert "note: this run has 6 steps, the checkpoint's had 4: the cosine schedule" in capsys.readouterr().out
+
+
+def test_a_restart_never_trains_silently_over_an_earlier_run(train_cache, student_config, tmp_path):
+    from pikv_offline.errors import PikvError
+
+    train(train_cache, student_config, tmp_path / "r", max_steps=2)
+    with pytest.raises(PikvError, match="holds checkpoints of an earlier run \\(latest checkpoint-2\\); pass --resume"):
+        train(train_cache, student_config, tmp_path / "r", max_steps=4)
+    res = train(train_cache, student_config, tmp_path / "fresh", max_steps=2, resume="auto")  # nothing to resume
+    assert res["steps"] == 2
+
+
+def test_torchrun_restarts_finish_a_killed_run(train_cache, student_config, tmp_path):
+    """torchrun --max-restarts 2 with --resume auto: rank 1 is killed after step 3 (first attempt only), the
+    restarted ranks resume from checkpoint-2 and the run ends with the uninterrupted run's weights."""
+    args = ["train-student", "--cache", train_cache, "--student-config", student_config, "--max-steps", "6",
+            "--batch-size", "2", "--lr", "3e-3", "--eval-fraction", "0.1", "--num-workers", "0", "--save-every", "2",
+            "--log-every", "1", "--resume", "auto"]
+    p = pikv_subprocess([*args, "--out", str(tmp_path / "whole")], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
+           "2", "-m", "pikv_offline", *args, "--out", str(tmp_path / "killed")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PIKV_FAULT": "step:3@1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from" in p.stdout and (tmp_path / "killed" / "final").is_dir()
+    assert_weights_close(weights(tmp_path / "whole"), weights(tmp_path / "killed"), exact=True)
+    steps = [r["step"] for r in metrics(tmp_path / "killed") if "loss" in r]
+    assert steps[:2] == [1, 2] and steps[-4:] == [3, 4, 5, 6], steps  # the restart redid steps 3.. from checkpoint-2
+
+
+def test_two_runs_train_at_once_from_a_read_only_cache(train_cache, student_config, tmp_path):
+    """Training never writes to the cache: two runs at once from a read-only bind mount of it (root can make
+    one; skipped where it cannot), and the cache's files are unchanged."""
+    ro = tmp_path / "ro-cache"
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", train_cache, str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], capture_output=True).returncode:
+            pytest.skip("cannot remount read-only here")
+        before = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in ro.rglob("*"))
+        args = ["train-student", "--cache", str(ro), "--student-config", student_config, "--max-steps", "2",
+                "--batch-size", "4", "--eval-fraction", "0.1"]
+        procs = [subprocess.Popen([sys.executable, "-m", "pikv_offline", *args, "--out", str(tmp_path / f"run{i}")],
+                                  cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-2000:]
+        assert sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in ro.rglob("*")) == before
+        assert_weights_close(weights(tmp_path / "run0"), weights(tmp_path / "run1"), exact=True)
+    finally:
+        subprocess.run(["umount", str(ro)])

@@ -43,14 +43,27 @@ def unit_range(unit: int, n_seqs: int, unit_seqs: int) -> tuple[int, int]:
     return unit * unit_seqs, min((unit + 1) * unit_seqs, n_seqs)
 
 
+SHUFFLE_UNITS = 16  # units whose sequences are shuffled together at dump time (a block)
+
+
+def block_range(unit: int, n_seqs: int, unit_seqs: int) -> tuple[int, int]:
+    """The rows [start, stop) of the block of SHUFFLE_UNITS units that ``unit`` belongs to."""
+    b = unit // SHUFFLE_UNITS
+    return b * SHUFFLE_UNITS * unit_seqs, min((b + 1) * SHUFFLE_UNITS * unit_seqs, n_seqs)
+
+
 def unit_sample_ids(unit: int, n_seqs: int, unit_seqs: int, seed: int) -> np.ndarray:
-    """The sample ids (rows of the prepared data) that ``unit``'s rows hold, in row order: the unit's range,
-    permuted by a generator seeded with the data and the unit. Consecutive prepared sequences are
-    consecutive text; shuffled inside the unit, an inner chunk (the unit of decoding, which the
-    training order keeps whole) holds unrelated ones. A unit's permutation depends on its size, so an
-    extended cache's grown partial unit is written anew, as it is anyway."""
+    """The sample ids (rows of the prepared data) that ``unit``'s rows hold, in row order.
+
+    Consecutive prepared sequences are consecutive text, and the training order keeps an inner chunk
+    (the unit of decoding, 8 rows) whole; so the dump shuffles the sequences of each block of
+    SHUFFLE_UNITS units (a permutation seeded by the data and the block) and a chunk holds unrelated
+    ones from a span of SHUFFLE_UNITS * unit_seqs sequences. The permutation depends on the block's
+    size: extending a cache rewrites the units of its last, grown block (UnitMarker.block says which)."""
+    b0, b1 = block_range(unit, n_seqs, unit_seqs)
+    perm = np.random.default_rng([seed, unit // SHUFFLE_UNITS, b1 - b0]).permutation(b1 - b0).astype(np.int64)
     start, stop = unit_range(unit, n_seqs, unit_seqs)
-    return start + np.random.default_rng([seed, unit, stop - start]).permutation(stop - start).astype(np.int64)
+    return b0 + perm[start - b0:stop - b0]
 
 
 def order_seed(data_fingerprint: str) -> int:
@@ -181,6 +194,7 @@ class UnitMarker:
     cache_key: str
     sha256: str
     loss_tokens: int
+    block: list  # [start, stop) rows of the unit's shuffle block when it was written
     encoding_errors: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -194,7 +208,10 @@ class UnitMarker:
         errors = d.get("encoding_errors") or {}
         if not isinstance(errors, dict) or not all(isinstance(e, dict) for e in errors.values()):
             raise _damaged(where, "attribute encoding_errors is not a dict of dicts")
-        return cls(**{k: d[k] for k in ("unit", "start", "stop", "cache_key", "sha256", "loss_tokens")},
+        block = d.get("block")
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(x, int) for x in block)):
+            raise _damaged(where, f"attribute block is {block!r}, expected [start, stop]")
+        return cls(**{k: d[k] for k in ("unit", "start", "stop", "cache_key", "sha256", "loss_tokens", "block")},
                    encoding_errors=dict(errors))
 
     def to_dict(self) -> dict:
@@ -202,9 +219,9 @@ class UnitMarker:
 
     def holds(self, unit: int, n_seqs: int, unit_seqs: int, cache_key: str) -> bool:
         """Whether this marker commits ``unit`` of the cache as it is now (an extended cache's old
-        partial last unit is not committed: its range grew)."""
-        return (self.unit, (self.start, self.stop), self.cache_key) == (
-            unit, unit_range(unit, n_seqs, unit_seqs), cache_key)
+        partial last unit is not committed: its range grew; nor are the units of its grown last block)."""
+        return (self.unit, (self.start, self.stop), tuple(self.block), self.cache_key) == (
+            unit, unit_range(unit, n_seqs, unit_seqs), block_range(unit, n_seqs, unit_seqs), cache_key)
 
 
 def read_marker(cache_path: str, unit: int) -> UnitMarker | None:

@@ -125,8 +125,9 @@ class Cache:
     def read_all(self, top_k: int | None = None, first: int | None = None) -> dict[str, np.ndarray]:
         """Sample ids [0, ``first``) (default: all), in sample-id order (for tests, verify, small caches)."""
         first = self.n if first is None else min(first, self.n)
-        got = self.read(0, min(self.n, Y.n_units(first, self.attrs.unit_seqs) * self.attrs.unit_seqs), top_k)
-        order = np.argsort(got[F.SAMPLE_ID], kind="stable")[:first]  # units hold their own ids, permuted
+        blocks = -(-first // (Y.SHUFFLE_UNITS * self.attrs.unit_seqs))  # a block holds its own ids, shuffled
+        got = self.read(0, min(self.n, blocks * Y.SHUFFLE_UNITS * self.attrs.unit_seqs), top_k)
+        order = np.argsort(got[F.SAMPLE_ID], kind="stable")[:first]
         return {name: a[order] for name, a in got.items()}
 
     def bytes_per_array(self) -> dict[str, int]:

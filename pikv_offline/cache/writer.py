@@ -10,33 +10,16 @@ teacher's next forward.
 
 from __future__ import annotations
 
-import errno
-import os
 import queue
-import signal
 import threading
 
 import numpy as np
 import zarr
 
 from ..data import fingerprint
+from ..faults import fault
 from . import format as F
 from . import layout as Y
-
-
-def fault(point: str, count: int) -> None:
-    """Test hook for crash tests: PIKV_FAULT=write:N or commit:N SIGKILLs this process after the data
-    (write) or the commit of its N-th unit (forward:1: before the dump's first forward; complete:1:
-    before the final commit); enospc:N makes the N-th unit's write fail as on a full disk; a suffix
-    @R limits it to rank R."""
-    spec = os.environ.get("PIKV_FAULT", "")
-    if not spec:
-        return
-    where, _, rank = spec.partition("@")
-    if where == f"{point}:{count}" and (not rank or rank == os.environ.get("RANK", "0")):
-        if point == "enospc":  # the disk fills while this unit is written
-            raise OSError(errno.ENOSPC, "No space left on device (PIKV_FAULT)")
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def create_arrays(root: str, n_seqs: int, *, seq_len: int, targets: dict, vocab_size: int, unit_seqs: int) -> None:
@@ -120,5 +103,6 @@ class UnitWriter:
         Y.write_marker(self.root, Y.UnitMarker(
             unit=unit, start=start, stop=stop, cache_key=self.cache_key,
             sha256=fingerprint(arrays[F.INPUT_IDS], arrays[F.LOSS_MASK]),
-            loss_tokens=int(arrays[F.LOSS_MASK][:, 1:].sum()), encoding_errors=errors))
+            loss_tokens=int(arrays[F.LOSS_MASK][:, 1:].sum()),
+            block=list(Y.block_range(unit, self.n_seqs, self.unit_seqs)), encoding_errors=errors))
         fault("commit", self.written)

@@ -58,6 +58,8 @@ def _params(cls, skip: tuple[str, ...] = ()) -> list:
         else:
             kw["type"] = click.Choice(m["choices"]) if m.get("choices") else kind
             kw["required"] = required
+            if m.get("flag_value") is not None:  # usable alone (--resume) or with a value (--resume auto)
+                kw.update(is_flag=False, flag_value=m["flag_value"])
             if not required:  # click >= 8.3 takes an explicit default=None as given: a required one has none
                 kw.update(default=f.default, show_default=f.default is not None)
         params.append(click.Option([flag, f.name], **kw))

@@ -97,7 +97,7 @@ def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str) -> dic
 
 
 def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distiller, opt, sched, scaler,
-          cache, cfg) -> None:
+          cache, cfg, total: int) -> None:
     """Every rank: a checkpoint of the run at ``path`` (rank 0 writes it); ``progress`` None writes the
     student alone (final/). Gathers every rank's RNG states, and the ZeRO shards of the optimizer."""
     if progress is not None and cfg.zero and d.world_size > 1:
@@ -107,7 +107,8 @@ def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distille
         state = None if progress is None else {
             **dataclasses.asdict(progress), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "rng": rngs, "world_size": d.world_size, "data_order": cfg.data_order(),
-            "cache_key": cache.attrs.cache_key, "config": cfg.to_dict(), "projections": distiller.proj.state_dict()}
+            "cache_key": cache.attrs.cache_key, "config": cfg.to_dict(), "projections": distiller.proj.state_dict(),
+            "total_steps": total}
         save(path, model, cache.tokenizer_path, state)
     dist.barrier()
 

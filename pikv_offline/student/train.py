@@ -27,6 +27,7 @@ from .. import dist
 from ..cache.reader import open_cache
 from ..config import TrainConfig
 from ..errors import PikvError, brief
+from ..faults import fault
 from ..modeling import resolve_dtype
 from . import checkpoint
 from . import data as D
@@ -155,9 +156,15 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                         f"{global_batch} (batch-size x grad-accum x ranks); lower --batch-size or --grad-accum")
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    ckpt = checkpoint.latest(cfg.out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        raise PikvError(f"--resume: {cfg.out} holds no checkpoint to resume from; drop --resume to start fresh")
+    ckpt = checkpoint.latest(cfg.out)
+    if cfg.resume == "strict" and ckpt is None:
+        raise PikvError(f"--resume: {cfg.out} holds no checkpoint to resume from; drop --resume to start fresh "
+                        "(or use --resume auto)")
+    if cfg.resume == "no" and ckpt is not None:  # a restart must not silently train over an earlier run
+        raise PikvError(f"--out {cfg.out} holds checkpoints of an earlier run (latest {os.path.basename(ckpt)}); "
+                        "pass --resume to continue it (--resume auto: continue when there is one), or choose "
+                        "another --out")
+    ckpt = ckpt if cfg.resume != "no" else None
     state = checkpoint.load(ckpt, world_size=d.world_size, data_order=cfg.data_order(),
                             cache_key=cache.attrs.cache_key) if ckpt else None
     model, student_tok = load_student(cfg.student, cfg.student_config, cfg.seed)
@@ -193,8 +200,12 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     at = checkpoint.restore(state, rank=d.rank, opt=opt, sched=sched, scaler=scaler) if state else checkpoint.Progress()
     if state:
         dist.print0(f"resuming from {ckpt} at step {at.step}")
+        before = state.get("total_steps")
+        if before not in (None, total) and cfg.schedule != "constant" and at.step < total:
+            dist.print0(f"note: this run has {total} steps, the checkpoint's had {before}: the {cfg.schedule} "
+                        f"schedule now spans {total} steps, so steps after {at.step} differ from the earlier plan")
     save = functools.partial(checkpoint.write, d=d, model=model, distiller=distiller, opt=opt, sched=sched,
-                             scaler=scaler, cache=cache, cfg=cfg)
+                             scaler=scaler, cache=cache, cfg=cfg, total=total)
 
     log = RunLog(cfg, d)
     if d.is_main:
@@ -264,6 +275,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                 log({"step": at.step, **ev})
         if cfg.save_every and at.step % cfg.save_every == 0 and at.step < total:
             save(os.path.join(cfg.out, f"checkpoint-{at.step}"), progress=at)
+        fault("step", at.step)
     bar.close()
     ev = evaluate(distiller, held_out(), d, autocast)
     if ev:

@@ -30,10 +30,11 @@ from .. import __version__, dist, lock
 from ..cache import format as F
 from ..cache import layout as Y
 from ..cache.reader import open_cache, read_root_attrs
-from ..cache.writer import UnitWriter, create_arrays, fault, resize_arrays
+from ..cache.writer import UnitWriter, create_arrays, resize_arrays
 from ..config import DumpConfig
 from ..data import Prepared, prepare
 from ..errors import PikvError
+from ..faults import fault
 from ..modeling import resolve_dtype, text_config, tokenizer_hash
 from . import model as M
 
@@ -311,8 +312,7 @@ def _dump_units(cfg: DumpConfig, todo: list[int], prep: Prepared, model, cap, wr
     for u in todo:
         start, stop = Y.unit_range(u, n_seqs, unit_seqs)
         block = Y.unit_sample_ids(u, n_seqs, unit_seqs, Y.order_seed(prep.fingerprint))
-        input_ids, loss_mask = prep.rows(start, stop)
-        input_ids, loss_mask = input_ids[block - start], loss_mask[block - start]
+        input_ids, loss_mask = prep.take(block)
         parts = []
         for b in range(0, len(block), cfg.batch_size):  # batches fixed by the unit: the same at any world size
             t0 = time.perf_counter()

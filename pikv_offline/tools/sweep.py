@@ -35,7 +35,7 @@ def run(cfg: SweepConfig) -> list[dict]:
             else:
                 resume = checkpoint.latest(tcfg.out) is not None
                 dist.print0(f"[{i + 1}/{len(configs)}] {name}" + (" (resuming)" if resume else ""))
-                train(dataclasses.replace(tcfg, resume=resume), d)
+                train(dataclasses.replace(tcfg, resume="strict" if resume else "no"), d)
             steps, ev = read_metrics(tcfg.out)
             tps = mean_tokens_per_s(steps)
             rows.append({"run": name, **point, "steps": steps[-1]["step"] if steps else 0,
