@@ -43,9 +43,18 @@ def init(device: str = "auto", timeout_s: int = 1800) -> Dist:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs = {}
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt not in (None, "0") and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # A restart (torchrun --max-restarts) reuses the agent's store; keys of the attempt before (a dead
+            # rank's gloo address) left the restarted group waiting forever in connectFullMesh (seen here), so
+            # each attempt rendezvouses under a prefix of its own.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                                  timeout=timeout)
+            kwargs = {"store": dist.PrefixStore(f"pikv/attempt-{attempt}", store), "rank": rank, "world_size": world}
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout,
+                                device_id=dev if dev.type == "cuda" else None, **kwargs)
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 

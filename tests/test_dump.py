@@ -551,3 +551,46 @@ def test_two_dumps_on_one_out_do_not_interleave(llama_teacher, corpus, workdir):
     assert f"--out {out} is in use by another dump (pid {os.getpid()} on" in errors[0]
     assert read_root_attrs(str(out)) is None, "the refused dump wrote nothing"
     assert pikv_subprocess(_cli_args(llama_teacher, corpus, out, n=4)).returncode == 0  # free again
+
+
+def test_a_flipped_byte_stops_training_with_one_line(one_rank_cache, workdir, student_config):
+    """The crc32c of an inner chunk fails while training reads it: one line naming the array and sequences."""
+    import shutil
+
+    bad = workdir / "flipped-train"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(one_rank_cache, bad)
+    for f in (bad / "logits" / "logprobs" / "c").rglob("*"):
+        if f.is_file():
+            data = bytearray(f.read_bytes())
+            data[len(data) // 3] ^= 0x10
+            f.write_bytes(bytes(data))
+    p = pikv_subprocess(["train-student", "--cache", str(bad), "--student-config", student_config, "--out",
+                         str(workdir / "flipped-run"), "--max-steps", "2", "--num-workers", "0", "--batch-size", "4"])
+    errors = _error_lines(p.stderr)
+    assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "logits/logprobs: the stored data of sequences" in errors[0] and "does not read" in errors[0]
+
+
+def test_records_that_are_not_text_are_skipped_and_counted(llama_teacher, workdir):
+    data = write_jsonl(workdir / "mixed.jsonl", [{"text": "a line of real text here."}, {"text": 5},
+                                                  {"text": "more text, and some more."}, {"text": ["a"]}])
+    p = pikv_subprocess(["dump-teacher", "--teacher", llama_teacher, "--data", data, "--out",
+                         str(workdir / "mixed-cache"), "--seq-len", "8", "--top-k", "4"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "skipped 2 records whose 'text' is not text" in p.stdout
+
+
+def test_streaming_reads_only_what_it_needs_and_packs_the_same(llama_teacher, corpus, workdir, tokenizer):
+    """--streaming packs the records as they come (here a local file read as a stream), stops at
+    --max-sequences, and gives the same rows as the prepared dataset."""
+    from pikv_offline.data import prepare
+    from pikv_offline.modeling import tokenizer_hash
+
+    kw = dict(data=corpus, split="train", data_config=None, tokenizer=tokenizer, tokenizer_sha256=tokenizer_hash(tokenizer),
+              text_field="text", chat_field=None, seq_len=SEQ, pack=True, max_sequences=7)
+    streamed, prepared = prepare(**kw, streaming=True), prepare(**kw)
+    assert streamed.n == prepared.n == 7 and len(streamed.dataset) == 7 and len(prepared.dataset) > 7
+    assert streamed.fingerprint == prepared.fingerprint
+    for a, b in zip(streamed.rows(0, 7), prepared.rows(0, 7)):
+        np.testing.assert_array_equal(a, b)

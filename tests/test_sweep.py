@@ -42,7 +42,7 @@ def test_sweep_runs_the_grid_and_resumes(train_cache, student_config, tmp_path, 
 
     monkeypatch.setattr(S, "train", spy)
     rows2 = S.run(cfg)
-    assert trained == [("temperature=2_top-k=4", True)]
+    assert trained == [("temperature=2_top-k=4", "strict")]
     assert [r["eval_ce"] for r in rows2] == pytest.approx([r["eval_ce"] for r in rows])
 
 

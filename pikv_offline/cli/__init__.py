@@ -211,6 +211,10 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except PikvError as e:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open: the error starts on its own line
+            bar.close()
         if env_rank() == 0:
             click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -192,14 +192,14 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
     if d.is_main:  # rank 0 alone looks at and sets up --out; a failure there must reach every rank
         try:
             decision, message = _decide(cfg, key, n_seqs)
+            if decision in ("new", "extend"):  # a hit or a resume writes no more than asked before
+                too_big = size_check(cfg, F.array_specs(n_seqs, cfg.seq_len, targets, vocab, unit_seqs))
+                decision, message = ("error", too_big) if too_big else (decision, message)
             if decision in ("new", "resume", "extend"):  # writing: only one dump at a time, decided again
                 os.makedirs(cfg.out, exist_ok=True)
                 held.enter_context(lock.hold(os.path.join(cfg.out, Y.LOCK_FILE), what=f"--out {cfg.out}",
                                              by="dump"))
                 decision, message = _decide(cfg, key, n_seqs)
-            if decision in ("new", "extend"):  # a hit or a resume writes no more than asked before
-                too_big = size_check(cfg, F.array_specs(n_seqs, cfg.seq_len, targets, vocab, unit_seqs))
-                decision, message = ("error", too_big) if too_big else (decision, message)
             if decision == "new":
                 _create_root(cfg, Y.RootAttrs(
                     format_version=F.FORMAT_VERSION, complete=False, cache_key=key, teacher=teacher_info,
