@@ -5,9 +5,10 @@ forward at 10M and 100M tokens, and how soon a second run of the same command re
 
 The corpus is the demo's training docstrings repeated until it holds about --tokens tokens (one JSON
 line per docstring). For each size:
-  prepare_np1 / prepare_np2  data.prepare with --num-proc 1 / 2 into a fresh datasets cache, in a fresh
-                             process (TOKENIZERS_PARALLELISM=false, so the processes are the only
-                             parallelism), tokens/s of prepared (packed) tokens;
+  prepare_np1 / prepare_np2  (--prepare-sizes) data.prepare with --num-proc 1 / 2 into a fresh datasets
+                             cache, in a fresh process (TOKENIZERS_PARALLELISM=false, so the processes
+                             are the only parallelism): tokens/s of prepared (packed) tokens, after the
+                             JSON file was loaded into Arrow (load_json_s, one file: sequential);
   dump_first / dump_again    `pikv dump-teacher` killed just before its first forward (PIKV_FAULT=forward:1):
                              its peak RSS (wait4) and wall time, the first time (tokenize + pack, 2
                              processes) and again (the prepared data found in the datasets cache).
@@ -30,14 +31,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PREPARE = """
 import json, sys, time
-from pikv_offline.data import prepare
+from pikv_offline.data import load_records, prepare
 from pikv_offline.modeling import tokenizer_hash
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 t0 = time.perf_counter()
+load_records(sys.argv[2])  # JSON -> Arrow, one file: sequential; prepare below finds it in the cache
+t1 = time.perf_counter()
 p = prepare(data=sys.argv[2], split="train", data_config=None, tokenizer=tok, tokenizer_sha256=tokenizer_hash(tok),
             text_field="text", chat_field=None, seq_len=int(sys.argv[3]), pack=True, num_proc=int(sys.argv[4]))
-print(json.dumps({"seconds": time.perf_counter() - t0, "sequences": p.n}))
+print(json.dumps({"load_s": t1 - t0, "seconds": time.perf_counter() - t1, "sequences": p.n}))
 """
 
 
@@ -61,8 +64,9 @@ def run_child(cmd: list[str], env: dict) -> tuple[int, float, float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="runs/demo")
-    ap.add_argument("--sizes", default="10e6,100e6", help="corpus sizes in tokens")
-    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--sizes", default="10e6,100e6", help="corpus sizes in tokens (dump_first / dump_again)")
+    ap.add_argument("--prepare-sizes", default="10e6", help="the sizes also prepared with 1 and 2 processes")
+    ap.add_argument("--seq-len", type=int, default=512)  # the demo teacher's context
     args = ap.parse_args()
     teacher, src = os.path.join(args.workdir, "teacher"), os.path.join(args.workdir, "corpus.jsonl")
     from transformers import AutoTokenizer
@@ -74,14 +78,15 @@ def main() -> None:
         for size in (float(s) for s in args.sizes.split(",")):
             corpus = os.path.join(tmp, f"corpus-{size:.0e}.jsonl")
             make_corpus(src, corpus, int(size), per_copy)
-            for np_ in (1, 2):
+            for np_ in ((1, 2) if size in [float(x) for x in args.prepare_sizes.split(",")] else ()):
                 env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(tmp, f"hf-{size:.0e}-np{np_}"),
                        "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
                 code, wall, rss, out = run_child([sys.executable, "-c", PREPARE, teacher, corpus, str(args.seq_len),
                                                   str(np_)], env)
                 got = json.loads(out.strip().splitlines()[-1])
                 row = {"bench": "ingest", "what": f"prepare_np{np_}", "tokens_target": int(size),
-                       "prepared_tokens": got["sequences"] * args.seq_len, "seconds": round(got["seconds"], 2),
+                       "prepared_tokens": got["sequences"] * args.seq_len, "load_json_s": round(got["load_s"], 2),
+                       "seconds": round(got["seconds"], 2),
                        "tokens_per_s": round(got["sequences"] * args.seq_len / got["seconds"], 1),
                        "peak_rss_mib": round(rss, 1)}
                 rows[(size, row["what"])] = row
@@ -103,7 +108,8 @@ def main() -> None:
         "rss_big_over_small_dump_rank": round(rows[(big, "dump_first")]["peak_rss_mib"]
                                               / rows[(small, "dump_first")]["peak_rss_mib"], 3),
         "np2_over_np1": {f"{s:.0e}": round(rows[(s, "prepare_np2")]["tokens_per_s"]
-                                           / rows[(s, "prepare_np1")]["tokens_per_s"], 3) for s in sizes},
+                                           / rows[(s, "prepare_np1")]["tokens_per_s"], 3)
+                         for s in sizes if (s, "prepare_np1") in rows},
         "second_run_seconds_to_first_forward": {f"{s:.0e}": rows[(s, "dump_again")]["seconds_to_first_forward"]
                                                 for s in sizes},
     }))

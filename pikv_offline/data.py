@@ -272,7 +272,10 @@ def prepare(*, data: str, split: str, data_config: str | None, tokenizer, tokeni
     if columns and field not in columns:
         flag = "--chat-field" if chat_field else "--text-field"
         raise PikvError(f"{flag} {field!r} is not a column of the data; columns: {', '.join(columns)}")
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # normalizer, pre- and post-processor, vocab
     settings = {"source": source_identity(data, split, data_config, records), "tokenizer": tokenizer_sha256,
+                "tokenizer_pipeline": hashlib.sha256(backend.to_str().encode()).hexdigest() if backend else None,
+                "chat_template": getattr(tokenizer, "chat_template", None) if chat_field else None,
                 "field": field, "chat": bool(chat_field), "version": PREP_VERSION}
     tok_fp = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     pack_settings = {**settings, "seq_len": seq_len, "pack": pack, "pad_id": pad_id, "pack_docs": PACK_DOCS}

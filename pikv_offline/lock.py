@@ -19,7 +19,10 @@ from .errors import PikvError
 
 @contextlib.contextmanager
 def hold(path: str, *, what: str, by: str):
-    f = open(path, "a+")
+    try:  # never through a symlink: a planted one would have us truncate its target
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        raise PikvError(f"{what}: cannot open its lock file {path} ({e.strerror}); remove it if it is a link")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

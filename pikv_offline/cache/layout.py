@@ -134,7 +134,7 @@ class RootAttrs:
         """Checked: every field present with its type, the version known, the layout's own values."""
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise PikvError(f"{where} has cache format version {version}, this pikv reads version "
+            raise PikvError(f"{where} has cache format version {version!r}, this pikv reads version "
                             f"{FORMAT_VERSION}; re-dump it with this pikv (the data preparation and the "
                             "teacher run again), or use a matching pikv release")
         for key, kind, low in (("seq_len", int, 2), ("unit_seqs", int, 1)):
@@ -194,7 +194,8 @@ class UnitMarker:
     cache_key: str
     sha256: str
     loss_tokens: int
-    block: list  # [start, stop) rows of the unit's shuffle block when it was written
+    block: list
+    arrays_sha256: str  # of every stored array's bytes of the unit, in format.present_arrays order  # [start, stop) rows of the unit's shuffle block when it was written
     encoding_errors: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -203,7 +204,7 @@ class UnitMarker:
             raise _damaged(where, "the unit marker is not a JSON object")
         for key in ("unit", "start", "stop", "loss_tokens"):
             _need(d, key, int, where, 0)
-        for key in ("cache_key", "sha256"):
+        for key in ("cache_key", "sha256", "arrays_sha256"):
             _need(d, key, str, where)
         errors = d.get("encoding_errors") or {}
         if not isinstance(errors, dict) or not all(isinstance(e, dict) for e in errors.values()):
@@ -211,7 +212,8 @@ class UnitMarker:
         block = d.get("block")
         if not (isinstance(block, list) and len(block) == 2 and all(isinstance(x, int) for x in block)):
             raise _damaged(where, f"attribute block is {block!r}, expected [start, stop]")
-        return cls(**{k: d[k] for k in ("unit", "start", "stop", "cache_key", "sha256", "loss_tokens", "block")},
+        return cls(**{k: d[k] for k in ("unit", "start", "stop", "cache_key", "sha256", "loss_tokens", "block",
+                                        "arrays_sha256")},
                    encoding_errors=dict(errors))
 
     def to_dict(self) -> dict:
@@ -232,6 +234,8 @@ def read_marker(cache_path: str, unit: int) -> UnitMarker | None:
             text = f.read()
     except FileNotFoundError:
         return None
+    except OSError as e:  # a directory, unreadable, ...
+        raise _damaged(path, f"the unit marker cannot be read ({e.strerror})")
     try:
         d = json.loads(text)
     except ValueError:
@@ -257,7 +261,19 @@ def committed_units(cache_path: str) -> set[int]:
         names = os.listdir(os.path.join(cache_path, UNITS_DIR))
     except FileNotFoundError:
         return set()
+    except OSError as e:
+        raise _damaged(os.path.join(cache_path, UNITS_DIR), f"the units folder cannot be listed ({e.strerror})")
     return {int(n[2:-5]) for n in names if n.startswith("u-") and n.endswith(".json") and n[2:-5].isdigit()}
+
+
+def arrays_sha256(arrays: dict, names) -> str:
+    """The hash of a unit's stored arrays (as written, after encoding), in ``names`` order."""
+    h = hashlib.sha256()
+    for name in names:
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def content_sha256(unit_hashes: list[str]) -> str:

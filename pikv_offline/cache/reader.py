@@ -109,6 +109,21 @@ class Cache:
         """The stored log-probs' relative rounding error (their encoding's)."""
         return F.ENCODINGS[self.encoding].relative_error
 
+    def check_tokenizer(self) -> None:
+        """The saved tokenizer is the one the cache was written with (its hash), so checkpoints copy the right one."""
+        from transformers import AutoTokenizer
+
+        from ..modeling import tokenizer_hash
+
+        try:
+            tok = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        except Exception as e:
+            raise PikvError(f"{self.tokenizer_path}: the cache's tokenizer does not load ({brief(e)}); the cache is "
+                            "damaged, re-dump it")
+        if tokenizer_hash(tok) != self.attrs.tokenizer_sha256:
+            raise PikvError(f"{self.tokenizer_path}: the cache's tokenizer is not the one it was written with (hash "
+                            "differs); the cache is damaged, re-dump it")
+
     def committed_units(self) -> list[int]:
         """The units with a marker, of those the cache covers, in order."""
         return sorted(u for u in Y.committed_units(self.path) if u < self.attrs.n_units)
@@ -170,9 +185,15 @@ def _check_open(cache: Cache) -> None:
     for name, arr in cache.arrays.items():
         if arr.shape != specs[name].shape or (arr.shards or arr.chunks)[0] != a.unit_seqs:
             raise PikvError(f"{cache.path}/{name} has shape {arr.shape} in shards of {(arr.shards or arr.chunks)[0]}, "
-                            f"the root says {specs[name].shape} in units of {a.unit_seqs}; the cache is damaged, "
-                            "re-dump it")
+                            f"the root says {specs[name].shape} in units of {a.unit_seqs}; the cache is damaged (or a "
+                            "dump extended it while this ran: start again), re-dump it")
     units = cache.committed_units()
+    if a.complete:  # a few markers, spread over the cache: they must commit it as it is (verify reads all)
+        for u in sorted({0, a.n_units - 1, *range(0, a.n_units, max(1, a.n_units // 8))} & set(units)):
+            m = Y.read_marker(cache.path, u)
+            if m is None or not m.holds(u, a.n_sequences, a.unit_seqs, a.cache_key):
+                raise PikvError(f"{cache.path}: the marker of unit {u} does not commit this cache ({m}); the cache "
+                                "is damaged, or its attributes were changed: re-dump it")
     if a.complete and len(units) != a.n_units:
         missing = sorted(set(range(a.n_units)) - set(units))
         raise PikvError(f"{cache.path}: {len(missing)} of its {a.n_units} units are not committed (first: unit "
@@ -181,7 +202,8 @@ def _check_open(cache: Cache) -> None:
     for name, arr in cache.arrays.items():
         for u in units:
             key = arr.metadata.encode_chunk_key((u,) + (0,) * (arr.ndim - 1))
-            if not os.path.isfile(os.path.join(cache.path, name, key)):
+            f = os.path.join(cache.path, name, key)
+            if not os.path.isfile(f) or os.path.getsize(f) == 0:  # an empty file reads back as zeros too
                 start, stop = Y.unit_range(u, a.n_sequences, a.unit_seqs)
                 raise PikvError(f"{cache.path}/{name}: the data of unit {u} (sequences [{start}, {stop})) is "
                                 f"missing (no file {key}); the cache is damaged, re-dump it")

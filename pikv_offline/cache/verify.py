@@ -23,6 +23,7 @@ from .reader import decode, open_cache
 
 def check_integrity(path: str) -> dict:
     cache = open_cache(path)  # refuses a non-cache, an unknown version, an incomplete cache, missing files
+    cache.check_tokenizer()
     attrs = cache.attrs
     key, n, unit_seqs, vocab = attrs.cache_key, attrs.n_sequences, attrs.unit_seqs, attrs.teacher["vocab_size"]
     loss_tokens, hashes = 0, []
@@ -46,6 +47,9 @@ def check_integrity(path: str) -> dict:
             raise PikvError(f"{where}: {problem}; the cache is damaged, re-dump it")
         got = fingerprint(raw[F.INPUT_IDS], raw[F.LOSS_MASK])
         tokens = int(raw[F.LOSS_MASK][:, 1:].sum())
+        if Y.arrays_sha256(raw, cache.names) != marker.arrays_sha256:
+            raise PikvError(f"{where}: its stored arrays do not hash to its marker's (another unit's data, or "
+                            "edited); the cache is damaged, re-dump it")
         if got != marker.sha256 or tokens != marker.loss_tokens:
             raise PikvError(f"{where}: the stored input ids do not match its marker's hash and token count; the "
                             "cache is damaged, re-dump it")

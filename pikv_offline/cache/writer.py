@@ -10,6 +10,7 @@ teacher's next forward.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 
@@ -98,11 +99,18 @@ class UnitWriter:
         with zarr.config.set({"array.write_empty_chunks": True}):
             for name in self.names:
                 self.group[name][start:stop] = arrays[name]
+        for name in self.names:  # on disk before the marker says so, even if the node goes down
+            arr = self.group[name]
+            fd = os.open(os.path.join(self.root, name, arr.metadata.encode_chunk_key((unit,) + (0,) * (arr.ndim - 1))),
+                         os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
         self.written += 1
         fault("write", self.written)
         Y.write_marker(self.root, Y.UnitMarker(
             unit=unit, start=start, stop=stop, cache_key=self.cache_key,
             sha256=fingerprint(arrays[F.INPUT_IDS], arrays[F.LOSS_MASK]),
             loss_tokens=int(arrays[F.LOSS_MASK][:, 1:].sum()),
-            block=list(Y.block_range(unit, self.n_seqs, self.unit_seqs)), encoding_errors=errors))
+            block=list(Y.block_range(unit, self.n_seqs, self.unit_seqs)),
+            arrays_sha256=Y.arrays_sha256(arrays, self.names), encoding_errors=errors))
         fault("commit", self.written)

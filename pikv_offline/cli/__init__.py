@@ -215,8 +215,8 @@ def main() -> None:
 
         for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open: the error starts on its own line
             bar.close()
-        if env_rank() == 0:
-            click.echo(f"error: {e}", err=True)
+        # Every rank says it: an error only rank 1 met (its disk, its shard) must not vanish with rank 0's.
+        click.echo(f"error: {e}" if env_rank() == 0 else f"error (rank {env_rank()}): {e}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

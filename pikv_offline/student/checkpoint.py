@@ -80,17 +80,25 @@ def save(path: str, student, tokenizer_dir: str, state: dict | None) -> None:
     os.replace(tmp, path)
 
 
-def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str) -> dict:
+def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str, cache_sequences: int) -> dict:
     """The trainer state of ``ckpt``; refuses one of another world size, data order or cache."""
     try:  # tensors and plain containers only: a crafted pickle must not run code
         state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True)
     except Exception as e:
         raise PikvError(f"--resume: {os.path.join(ckpt, STATE_FILE)} is not a trainer state this pikv can load safely "
                         f"({brief(e)}); it was not written by this pikv, or is damaged: use a new --out")
+    if not isinstance(state, dict):
+        state = {}
+    missing = [k for k in ("world_size", "data_order", "cache_key", "optimizer", "scheduler", "scaler", "rng",
+                           "projections", *(f.name for f in dataclasses.fields(Progress))) if k not in state]
+    if missing:
+        raise PikvError(f"--resume: {os.path.join(ckpt, STATE_FILE)} lacks {missing[:3]}; it is damaged or not a "
+                        "trainer state of this pikv: remove that checkpoint or use a new --out")
     if state["world_size"] != world_size:
         raise PikvError(f"--resume: the checkpoint was written by {state['world_size']} ranks, this run has "
                         f"{world_size}; resume with the same number of ranks")
-    if state["data_order"] != data_order or state["cache_key"] != cache_key:
+    if state["data_order"] != data_order or state["cache_key"] != cache_key or state.get("cache_sequences") not in (
+            None, cache_sequences):
         raise PikvError("--resume: the cache or a setting that fixes the data order (seed, batch size, "
                         "grad accum, eval fraction) changed since the checkpoint; use a new --out")
     return state
@@ -108,7 +116,7 @@ def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distille
             **dataclasses.asdict(progress), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "rng": rngs, "world_size": d.world_size, "data_order": cfg.data_order(),
             "cache_key": cache.attrs.cache_key, "config": cfg.to_dict(), "projections": distiller.proj.state_dict(),
-            "total_steps": total}
+            "total_steps": total, "cache_sequences": cache.n}
         save(path, model, cache.tokenizer_path, state)
     dist.barrier()
 
@@ -126,7 +134,11 @@ def load_student(ckpt: str):
     """The checkpoint's weights, through from_pretrained so tied weights load as saved."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    try:
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    except Exception as e:
+        raise PikvError(f"--resume: the student in {ckpt} does not load ({brief(e)}); remove that checkpoint or "
+                        "use a new --out")
 
 
 def rng_state() -> dict:

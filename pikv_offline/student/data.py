@@ -217,6 +217,13 @@ def to_batch(raw: dict[str, np.ndarray], encoding: str, plan: TargetPlan) -> Bat
                  rich={r.name: t(a[r.name]) for r in plan.rich})
 
 
+@dataclass(frozen=True)
+class StreamError:
+    """What a stream yields instead of a Batch when reading fails (a worker's exception would arrive wrapped
+    in its traceback)."""
+    message: str
+
+
 class TrainStream(torch.utils.data.IterableDataset):
     """Rank ``rank``'s micro-batches of one epoch, starting at global micro-step ``start``.
 
@@ -231,6 +238,12 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.grad_accum = grad_accum
 
     def __iter__(self):
+        try:
+            yield from self._batches()
+        except PikvError as e:  # from a DataLoader worker: passed on as a value, raised by the trainer on one line
+            yield StreamError(str(e))
+
+    def _batches(self):
         cache = open_cache(self.path)  # opened here, in the iterating process
         order = self.index.epoch_order(self.seed, self.epoch, self.window_blocks)
         b, w, a = self.batch_size, self.world, self.grad_accum

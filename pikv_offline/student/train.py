@@ -147,6 +147,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     if not os.path.exists(cfg.cache):
         raise PikvError(f"--cache {cfg.cache} does not exist; create it with `pikv dump-teacher`")
     cache = open_cache(cfg.cache)
+    cache.check_tokenizer()  # checkpoints carry it
     plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence)
     index = D.CacheIndex(cache, cfg.eval_fraction)
     steps_per_epoch = D.micro_steps_per_epoch(len(index.train), cfg.batch_size, d.world_size) // cfg.grad_accum
@@ -166,7 +167,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                         "another --out")
     ckpt = ckpt if cfg.resume != "no" else None
     state = checkpoint.load(ckpt, world_size=d.world_size, data_order=cfg.data_order(),
-                            cache_key=cache.attrs.cache_key) if ckpt else None
+                            cache_key=cache.attrs.cache_key, cache_sequences=cache.n) if ckpt else None
     model, student_tok = load_student(cfg.student, cfg.student_config, cfg.seed)
     check_compatible(model, student_tok, cache.attrs)
     if state:
@@ -235,7 +236,10 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
             if at.micro >= steps_per_epoch * cfg.grad_accum:
                 at.epoch, at.micro = at.epoch + 1, 0
                 it = source(at.epoch, at.micro)
-            batches.append(next(it).to(d.device, non_blocking=True))
+            batch = next(it)
+            if isinstance(batch, D.StreamError):
+                raise PikvError(batch.message)
+            batches.append(batch.to(d.device, non_blocking=True))
             at.micro += 1
         (count,) = dist.all_reduce_sum([sum(b.loss_tokens for b in batches)], d.device)
         sums = forward_backward(net, ddp, batches, weights, names, d.world_size / max(count, 1), scaler, autocast)

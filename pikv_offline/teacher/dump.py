@@ -175,8 +175,9 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
     dtype = resolve_dtype(cfg.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
     teacher_info = {"name": cfg.teacher, "weights_sha256": M.weights_identity(folder),
-                    "config_sha256": hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True,
-                                                               default=str).encode()).hexdigest(),
+                    "config_sha256": hashlib.sha256(json.dumps(  # not its folder: the same teacher anywhere
+                        {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}, sort_keys=True,
+                        default=str).encode()).hexdigest(),
                     "model_type": config.model_type, "vocab_size": vocab,
                     "num_layers": M.layer_count(config), "dtype": dtype_name}
     data_info = {"data": cfg.data, "split": cfg.split, "data_config": cfg.data_config,
@@ -255,6 +256,8 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
             done = _complete(cfg.out, key)
         except PikvError as e:
             done = str(e)
+        except OSError as e:  # e.g. the disk filled at the last write: every unit is committed, re-run to finish
+            done = f"could not mark --out {cfg.out} complete ({e.strerror}); free space and re-run the same command"
     done = dist.broadcast_object(done)
     if isinstance(done, str):
         raise PikvError(done)
