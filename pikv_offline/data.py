@@ -305,14 +305,20 @@ def prepare(*, data: str, split: str, data_config: str | None, tokenizer, tokeni
             raise
         except Exception as e:  # e.g. a record that does not decode, or a field of another type
             raise PikvError(f"could not tokenize --data {data}: {brief(e)}")
-        skipped = int(np.asarray(tokenized.with_format("numpy")["skipped"]).sum())
-    packed = packed.with_format("numpy")
+        skipped = _column_sum(tokenized, "skipped", len(tokenized))
     n = len(packed) if max_sequences is None else min(len(packed), max_sequences)
     if n == 0:
         raise PikvError("the data holds no usable tokens (empty files, empty texts, or every record too short)")
-    if int(packed["targets"][:n].sum()) == 0:
+    if _column_sum(packed, "targets", n) == 0:
         raise PikvError("no token of the data is a training target (chat data without assistant turns?)")
-    return Prepared(dataset=packed, n=n, fingerprint=fp, skipped_records=skipped)
+    return Prepared(dataset=packed.with_format("numpy"), n=n, fingerprint=fp, skipped_records=skipped)
+
+
+def _column_sum(ds, column: str, n: int) -> int:
+    """Sum of a column's first n values, in Arrow (a formatted column read goes row by row in Python)."""
+    import pyarrow.compute as pc
+
+    return int(pc.sum(ds.data.column(column).slice(0, n).cast("int64")).as_py() or 0)
 
 
 def _stream_packed(records, tok_kw: dict, pack_kw: dict, n: int):
