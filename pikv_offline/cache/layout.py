@@ -243,6 +243,12 @@ def read_marker(cache_path: str, unit: int) -> UnitMarker | None:
     return UnitMarker.from_dict(d, path)
 
 
+def is_committed(cache_path: str, unit: int, n_seqs: int, unit_seqs: int, cache_key: str) -> bool:
+    """Whether ``unit`` has a marker that commits it for the cache as it is now (UnitMarker.holds)."""
+    m = read_marker(cache_path, unit)
+    return m is not None and m.holds(unit, n_seqs, unit_seqs, cache_key)
+
+
 def write_marker(cache_path: str, marker: UnitMarker) -> None:
     """Atomically: a crash leaves the old marker or the new one, never a torn file."""
     path = os.path.join(cache_path, marker_name(marker.unit))

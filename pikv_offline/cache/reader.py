@@ -124,6 +124,15 @@ class Cache:
             raise PikvError(f"{self.tokenizer_path}: the cache's tokenizer is not the one it was written with (hash "
                             "differs); the cache is damaged, re-dump it")
 
+    def first_unreadable(self, rows: np.ndarray, names: tuple[str, ...] | None = None) -> str:
+        """The first array (of ``names``, default all) whose ``rows`` do not read: to name it in an error."""
+        for name in names or self.names:
+            try:
+                self.arrays[name].oindex[np.asarray(rows)]
+            except Exception:
+                return name
+        return "an array"
+
     def committed_units(self) -> list[int]:
         """The units with a marker, of those the cache covers, in order."""
         return sorted(u for u in Y.committed_units(self.path) if u < self.attrs.n_units)

@@ -37,7 +37,7 @@ def check_integrity(path: str) -> dict:
         try:
             raw = {a: cache.arrays[a][start:stop] for a in cache.names}
         except Exception as e:
-            bad = _unreadable(cache, start, stop)
+            bad = cache.first_unreadable(np.arange(start, stop))
             raise PikvError(f"{where}: {bad} has an unreadable chunk ({brief(e)}); the cache is corrupt, "
                             "re-dump it")
         problem = _check_values(raw, decode(raw, cache.encoding, rich=tuple(cache.rich)),
@@ -64,16 +64,6 @@ def check_integrity(path: str) -> dict:
     return {"path": path, "ok": True, "format_version": attrs.format_version, "cache_key": key,
             "units": attrs.n_units, "sequences": n, "positions": n * cache.seq_len, "loss_tokens": loss_tokens,
             "arrays": list(cache.names)}
-
-
-def _unreadable(cache, start: int, stop: int) -> str:
-    """The first array whose rows [start, stop) do not read."""
-    for name in cache.names:
-        try:
-            cache.arrays[name][start:stop]
-        except Exception:
-            return name
-    return "an array"
 
 
 def _check_values(raw: dict, a: dict, sample_ids: np.ndarray, vocab: int, draws: int, rich: list = ()) -> str | None:

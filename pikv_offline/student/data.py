@@ -192,18 +192,11 @@ def read_rows(cache: Cache, ids: np.ndarray, names: tuple[str, ...] | None = Non
     try:
         return {name: cache.arrays[name].oindex[uniq][inv] for name in names}
     except Exception as e:  # e.g. a checksum mismatch: name the array and the sequences
-        bad = next((n for n in names if not _reads(cache, n, uniq)), names[0])
+        bad = cache.first_unreadable(uniq, names)
         raise PikvError(f"{cache.path}/{bad}: the stored data of sequences {int(uniq[0])}..{int(uniq[-1])} does not "
                         f"read ({brief(e)}); the cache is damaged: run `pikv verify {cache.path}` to name the "
                         "unit, and re-dump")
 
-
-def _reads(cache: Cache, name: str, ids: np.ndarray) -> bool:
-    try:
-        cache.arrays[name].oindex[ids]
-        return True
-    except Exception:
-        return False
 
 
 def to_batch(raw: dict[str, np.ndarray], encoding: str, plan: TargetPlan) -> Batch:

@@ -223,7 +223,7 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
     unit_seqs = Y.RootAttrs.from_dict(read_root_attrs(cfg.out), cfg.out).unit_seqs  # a resume keeps its units
 
     todo = [u for u in Y.rank_units(n_seqs, unit_seqs, d.rank, d.world_size)
-            if not ((m := Y.read_marker(cfg.out, u)) and m.holds(u, n_seqs, unit_seqs, key))]
+            if not Y.is_committed(cfg.out, u, n_seqs, unit_seqs, key)]
     model = M.load_model(folder, cfg.teacher, dtype, device, cfg.device_map)
     cap = M.open_capture(model, targets, cfg.seq_len)
     writer = UnitWriter(cfg.out, n_seqs=n_seqs, unit_seqs=unit_seqs, targets=targets, cache_key=key)
@@ -353,7 +353,7 @@ def _disk_full(e: BaseException) -> bool:
 
 def _disk_full_message(cfg: DumpConfig, targets: dict, vocab: int, n_seqs: int, unit_seqs: int, key: str) -> str:
     units = Y.n_units(n_seqs, unit_seqs)
-    left = [u for u in range(units) if not ((m := Y.read_marker(cfg.out, u)) and m.holds(u, n_seqs, unit_seqs, key))]
+    left = [u for u in range(units) if not Y.is_committed(cfg.out, u, n_seqs, unit_seqs, key)]
     per_unit = sum(int(np.prod(s.shape[1:])) * s.dtype.itemsize * unit_seqs
                    for s in F.array_specs(n_seqs, cfg.seq_len, targets, vocab, unit_seqs).values())
     free = shutil.disk_usage(cfg.out).free
