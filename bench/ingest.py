@@ -10,7 +10,9 @@ line per docstring). For each size:
                              are the only parallelism): tokens/s of prepared (packed) tokens, after the
                              JSON file was loaded into Arrow (load_json_s, one file: sequential);
   dump_first / dump_again    `pikv dump-teacher` killed just before its first forward (PIKV_FAULT=forward:1):
-                             its peak RSS (wait4) and wall time, the first time (tokenize + pack, 2
+                             its peak RSS (wait4: the process and its map workers, heap and resident
+                             file pages together), the sampled peaks of the dump process's heap
+                             (RssAnon) and resident file pages (RssFile), and wall time, the first time (tokenize + pack, 2
                              processes) and again (the prepared data found in the datasets cache).
 Prints one JSON line per measurement and a summary line with the issue's ratios.
 """
@@ -23,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,14 +54,44 @@ def make_corpus(src: str, out: str, tokens: int, tokens_per_copy: int) -> None:
             f.write("\n".join(lines) + "\n")
 
 
-def run_child(cmd: list[str], env: dict) -> tuple[int, float, float, str]:
-    """(return code, wall seconds, peak RSS MiB, stdout) of a child process, its RSS from wait4."""
+def _rss_kib(pid: int) -> tuple[int, int]:
+    """(RssAnon, RssFile) of a process in KiB: its heap and stacks vs its resident file pages (the
+    memory-mapped Arrow files, the shared libraries), which the kernel may drop and re-read."""
+    try:
+        fields = dict(ln.split(":", 1) for ln in open(f"/proc/{pid}/status") if ln.startswith(("RssAnon", "RssFile")))
+        return int(fields["RssAnon"].split()[0]), int(fields["RssFile"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+class RssSampler(threading.Thread):
+    """Peak RssAnon and RssFile of one process, sampled every 10 ms (Linux keeps no peak per kind)."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.anon, self.file, self.done = pid, 0, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.01):
+            anon, file = _rss_kib(self.pid)
+            self.anon, self.file = max(self.anon, anon), max(self.file, file)
+
+
+def run_child(cmd: list[str], env: dict) -> tuple[int, float, dict, str]:
+    """(return code, wall seconds, peak RSS MiB, stdout) of a child process: its peak RSS from wait4
+    (heap and resident file pages together) and the sampled peaks of each kind."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    sampler = RssSampler(p.pid)
+    sampler.start()
     out = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
+    sampler.done.set()
+    sampler.join()
     p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024, out
+    rss = {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "peak_anon_mib": round(sampler.anon / 1024, 1),
+           "peak_file_mib": round(sampler.file / 1024, 1)}
+    return p.returncode, time.perf_counter() - t0, rss, out
 
 
 def main() -> None:
@@ -87,8 +120,7 @@ def main() -> None:
                 row = {"bench": "ingest", "what": f"prepare_np{np_}", "tokens_target": int(size),
                        "prepared_tokens": got["sequences"] * args.seq_len, "load_json_s": round(got["load_s"], 2),
                        "seconds": round(got["seconds"], 2),
-                       "tokens_per_s": round(got["sequences"] * args.seq_len / got["seconds"], 1),
-                       "peak_rss_mib": round(rss, 1)}
+                       "tokens_per_s": round(got["sequences"] * args.seq_len / got["seconds"], 1), **rss}
                 rows[(size, row["what"])] = row
                 print(json.dumps(row), flush=True)
             env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(tmp, f"hf-{size:.0e}-dump"),
@@ -98,7 +130,7 @@ def main() -> None:
             for what in ("dump_first", "dump_again"):
                 code, wall, rss, _ = run_child(cmd, env)
                 row = {"bench": "ingest", "what": what, "tokens_target": int(size), "killed_at_first_forward": code == -9,
-                       "seconds_to_first_forward": round(wall, 2), "peak_rss_mib": round(rss, 1)}
+                       "seconds_to_first_forward": round(wall, 2), **rss}
                 rows[(size, what)] = row
                 print(json.dumps(row), flush=True)
     sizes = sorted({s for s, _ in rows})
@@ -107,6 +139,8 @@ def main() -> None:
         "bench": "ingest-summary",
         "rss_big_over_small_dump_rank": round(rows[(big, "dump_first")]["peak_rss_mib"]
                                               / rows[(small, "dump_first")]["peak_rss_mib"], 3),
+        "anon_big_over_small_dump_rank": round(rows[(big, "dump_first")]["peak_anon_mib"]
+                                               / rows[(small, "dump_first")]["peak_anon_mib"], 3),
         "np2_over_np1": {f"{s:.0e}": round(rows[(s, "prepare_np2")]["tokens_per_s"]
                                            / rows[(s, "prepare_np1")]["tokens_per_s"], 3)
                          for s in sizes if (s, "prepare_np1") in rows},

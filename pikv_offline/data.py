@@ -2,13 +2,17 @@
 
     prepare(data=..., tokenizer=..., seq_len=1024, ...) -> Prepared (a memory-mapped Arrow dataset)
 
-Tokenizing and packing run as two `datasets` maps (batched, ``num_proc`` worker processes) into the
-library's own on-disk cache, each named by a fingerprint of what it depends on (the source files,
-the tokenizer, the fields and the packing settings; not ``max_sequences``), so a re-run, a resume
-or another rank of the same node finds the work done and opens the result. Documents are packed
-in batches of PACK_DOCS (the `group_texts` pattern): concatenated with EOS between them and cut
-every ``seq_len`` tokens; a batch's last partial sequence is padded, never dropped. A sequence's
+Tokenizing and packing run as two batched `datasets` maps into the library's own on-disk cache, each
+named by a fingerprint of what it depends on (the source files, the tokenizer, the fields and the
+packing settings; not ``max_sequences``, not the process count). Tokenizing runs in ``num_proc``
+worker processes; packing, vectorized, in one (a worker's shard would start inside a packing
+batch, and the rows must not depend on the cores of the machine that prepared them). Documents are
+packed in batches of PACK_DOCS (the `group_texts` pattern): concatenated with EOS between them and
+cut every ``seq_len`` tokens; a batch's last partial sequence is padded, never dropped. A sequence's
 global id is its row in the packed dataset, so the first N rows do not depend on how many are used.
+A small index in the datasets cache (pikv-prepared/FP.json) names the packed files of local data, so
+a re-run, a resume or another rank of the node opens only those: neither the records nor the
+tokenized documents (opening an Arrow file touches every record batch's header).
 
 ``loss_mask[t]`` is aligned with the tokens: True when token t is one the student is trained to
 predict (every real token of plain text, only assistant tokens of chat data, never padding).
@@ -25,7 +29,7 @@ import numpy as np
 
 from .errors import PikvError, brief
 
-PREP_VERSION = 1  # bump when tokenizing or packing changes what a source becomes
+PREP_VERSION = 2  # bump when tokenizing or packing changes what a source becomes
 PACK_DOCS = 1000  # documents packed together (one map batch)
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text",
@@ -209,31 +213,46 @@ def _tokenize_batch(batch: dict, *, tokenizer, field: str, chat: bool) -> dict:
     return {"ids": ids, "mask": masks, "skipped": skipped}
 
 
-def _pack_batch(batch: dict, *, seq_len: int, pad_id: int, pack: bool) -> dict:
-    """A map over tokenized documents: fixed-length sequences (the `group_texts` pattern over one batch)."""
-    out_ids, out_mask = [], []
+def _pack(ids, mask, *, seq_len: int, pad_id: int, pack: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenized documents (pyarrow list arrays of ids and masks) -> fixed-length sequences [P, seq_len]:
+    the `group_texts` pattern over one batch of PACK_DOCS documents, vectorized. Packed, the documents
+    are one stream cut every ``seq_len`` tokens; unpacked, each is cut on its own. A piece shorter than
+    ``seq_len`` is padded (mask False); a piece of fewer than 2 tokens predicts nothing and is dropped."""
+    import pyarrow.compute as pc
 
-    def emit(ids, mask):
-        n = len(ids)
-        if n < seq_len:
-            ids = np.concatenate([ids, np.full(seq_len - n, pad_id, np.int32)])
-            mask = np.concatenate([mask, np.zeros(seq_len - n, bool)])
-        out_ids.append(ids)
-        out_mask.append(mask)
+    flat_ids = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    flat_mask = mask.flatten().to_numpy(zero_copy_only=False).astype(bool, copy=False)
+    if pack:
+        total = len(flat_ids)
+        starts = np.arange(0, total, seq_len, dtype=np.int64)
+        lengths = np.minimum(seq_len, total - starts)
+    else:
+        doc_len = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+        doc_start = np.cumsum(doc_len) - doc_len
+        pieces = -(-doc_len // seq_len)
+        j = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # piece index within its doc
+        starts = np.repeat(doc_start, pieces) + j * seq_len
+        lengths = np.minimum(seq_len, np.repeat(doc_len, pieces) - j * seq_len)
+    keep = lengths >= 2
+    starts, lengths = starts[keep], lengths[keep]
+    pos = np.arange(seq_len)
+    valid = pos[None, :] < lengths[:, None]
+    take = (starts[:, None] + pos[None, :])[valid]
+    out_ids = np.full((len(starts), seq_len), pad_id, np.int32)
+    out_mask = np.zeros((len(starts), seq_len), bool)
+    out_ids[valid], out_mask[valid] = flat_ids[take], flat_mask[take]
+    return out_ids, out_mask
 
-    docs = [(np.asarray(i, np.int32), np.asarray(m, bool)) for i, m in zip(batch["ids"], batch["mask"]) if len(i)]
-    if pack and docs:
-        ids, mask = np.concatenate([d[0] for d in docs]), np.concatenate([d[1] for d in docs])
-        for s in range(0, len(ids), seq_len):
-            if len(ids) - s >= 2:
-                emit(ids[s:s + seq_len], mask[s:s + seq_len])
-    elif not pack:
-        for ids, mask in docs:
-            for s in range(0, len(ids), seq_len):
-                if len(ids) - s >= 2:
-                    emit(ids[s:s + seq_len], mask[s:s + seq_len])
-    return {"input_ids": out_ids, "loss_mask": out_mask,
-            "targets": [int(m[1:].sum()) for m in out_mask]}
+
+def _pack_table(table, *, seq_len: int, pad_id: int, pack: bool):
+    """The pack map (batches as pyarrow tables): the packed rows of a batch of tokenized documents."""
+    import pyarrow as pa
+
+    ids, mask = _pack(table.column("ids").combine_chunks(), table.column("mask").combine_chunks(), seq_len=seq_len,
+                      pad_id=pad_id, pack=pack)
+    return pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq_len),
+                     "loss_mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), seq_len),
+                     "targets": pa.array(mask[:, 1:].sum(1), pa.int32())})
 
 
 @dataclass
@@ -267,11 +286,8 @@ def prepare(*, data: str, split: str, data_config: str | None, tokenizer, tokeni
     if chat_field and not tokenizer.is_fast:
         raise PikvError("chat data needs a fast tokenizer (character offsets locate assistant tokens)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    records = load_records(data, split, data_config, streaming=streaming)
-    columns = list(records.column_names or [])
-    if columns and field not in columns:
-        flag = "--chat-field" if chat_field else "--text-field"
-        raise PikvError(f"{flag} {field!r} is not a column of the data; columns: {', '.join(columns)}")
+    local = os.path.exists(os.path.expanduser(data)) and not streaming  # its identity needs no loading
+    records = None if local else load_records(data, split, data_config, streaming=streaming)
     backend = getattr(tokenizer, "backend_tokenizer", None)  # normalizer, pre- and post-processor, vocab
     settings = {"source": source_identity(data, split, data_config, records), "tokenizer": tokenizer_sha256,
                 "tokenizer_pipeline": hashlib.sha256(backend.to_str().encode()).hexdigest() if backend else None,
@@ -285,7 +301,11 @@ def prepare(*, data: str, split: str, data_config: str | None, tokenizer, tokeni
                                   "targets": datasets.Value("int32")})
     tok_kw = {"tokenizer": tokenizer, "field": field, "chat": bool(chat_field)}
     pack_kw = {"seq_len": seq_len, "pad_id": pad_id, "pack": pack}
-    if streaming:
+    found = _find_prepared(fp) if local else None
+    if found:  # prepared before: neither the records nor the tokenized documents are opened again
+        packed, skipped = found
+    elif streaming:
+        _check_field(records, field, chat_field)
         if not max_sequences:
             raise PikvError("--streaming reads a hub dataset only as far as needed: give --max-sequences N")
         packed = datasets.Dataset.from_generator(
@@ -293,25 +313,87 @@ def prepare(*, data: str, split: str, data_config: str | None, tokenizer, tokeni
             gen_kwargs={"records": records, "tok_kw": tok_kw, "pack_kw": pack_kw, "n": max_sequences})
         skipped = 0
     else:
+        records = records if records is not None else load_records(data, split, data_config)
+        _check_field(records, field, chat_field)
         procs = max(1, min(num_proc or len(os.sched_getaffinity(0)), len(records) // PACK_DOCS))
         try:
             tokenized = records.map(_tokenize_batch, batched=True, batch_size=PACK_DOCS, fn_kwargs=tok_kw,
-                                    remove_columns=columns, num_proc=procs if procs > 1 else None,
+                                    remove_columns=records.column_names, num_proc=procs if procs > 1 else None,
                                     new_fingerprint=tok_fp, desc="tokenize")
-            packed = tokenized.map(_pack_batch, batched=True, batch_size=PACK_DOCS, fn_kwargs=pack_kw,
-                                   remove_columns=tokenized.column_names, features=features,
-                                   num_proc=procs if procs > 1 else None, new_fingerprint=fp, desc="pack")
+            # One process: a batch is documents [i*PACK_DOCS, (i+1)*PACK_DOCS) only if no worker's shard
+            # starts inside one (datasets cuts shards at len/num_proc), and the packed rows must not depend
+            # on the cores of the machine that prepares them. Vectorized, it is a small share of the time.
+            packed = tokenized.with_format("arrow").map(
+                _pack_table, batched=True, batch_size=PACK_DOCS, fn_kwargs=pack_kw,
+                remove_columns=tokenized.column_names, features=features, new_fingerprint=fp, desc="pack")
         except PikvError:
             raise
         except Exception as e:  # e.g. a record that does not decode, or a field of another type
             raise PikvError(f"could not tokenize --data {data}: {brief(e)}")
         skipped = _column_sum(tokenized, "skipped", len(tokenized))
+        if local:
+            _record_prepared(fp, packed, skipped)
     n = len(packed) if max_sequences is None else min(len(packed), max_sequences)
     if n == 0:
         raise PikvError("the data holds no usable tokens (empty files, empty texts, or every record too short)")
     if _column_sum(packed, "targets", n) == 0:
         raise PikvError("no token of the data is a training target (chat data without assistant turns?)")
     return Prepared(dataset=packed.with_format("numpy"), n=n, fingerprint=fp, skipped_records=skipped)
+
+
+def _check_field(records, field: str, chat_field: str | None) -> None:
+    columns = list(records.column_names or [])
+    if columns and field not in columns:
+        flag = "--chat-field" if chat_field else "--text-field"
+        raise PikvError(f"{flag} {field!r} is not a column of the data; columns: {', '.join(columns)}")
+
+
+def _index_path(fp: str) -> tuple[str, str]:
+    """(the datasets cache, the file naming the packed dataset of preparation ``fp`` in it)."""
+    import datasets
+
+    root = os.path.realpath(str(datasets.config.HF_DATASETS_CACHE))
+    return root, os.path.join(root, "pikv-prepared", f"{fp}.json")
+
+
+def _record_prepared(fp: str, packed, skipped: int) -> None:
+    """Name the packed dataset's files (relative to the datasets cache) for the next run's _find_prepared."""
+    root, index = _index_path(fp)
+    files = [os.path.realpath(f["filename"]) for f in packed.cache_files]
+    if not files or not all(f.startswith(root + os.sep) for f in files):
+        return  # e.g. caching disabled: nothing lasting to name
+    entry = {"files": [os.path.relpath(f, root) for f in files], "sizes": [os.path.getsize(f) for f in files],
+             "rows": len(packed), "skipped": skipped}
+    try:
+        os.makedirs(os.path.dirname(index), exist_ok=True)
+        tmp = f"{index}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(entry, f)
+        os.replace(tmp, index)
+    except OSError:
+        pass  # a read-only cache: the next run prepares through the maps' own cache lookups
+
+
+def _find_prepared(fp: str):
+    """(packed dataset, skipped records) of preparation ``fp`` when _record_prepared named it and its files
+    are there as named (sizes), else None. Only files inside the datasets cache are opened."""
+    import datasets
+
+    root, index = _index_path(fp)
+    try:
+        with open(index) as f:
+            entry = json.load(f)
+        files = [os.path.realpath(os.path.join(root, rel)) for rel in entry["files"]]
+        if not files or not all(f.startswith(root + os.sep) and os.path.getsize(f) == size
+                                for f, size in zip(files, entry["sizes"], strict=True)):
+            return None
+        parts = [datasets.Dataset.from_file(f) for f in files]
+        packed = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        if len(packed) != entry["rows"] or not isinstance(entry["skipped"], int):
+            return None
+        return packed, entry["skipped"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _column_sum(ds, column: str, n: int) -> int:
@@ -327,14 +409,14 @@ def _stream_packed(records, tok_kw: dict, pack_kw: dict, n: int):
     for r in records:
         batch.append(r)
         if len(batch) == PACK_DOCS:
-            for row in _rows(_pack_batch(_tokenize_batch(_columns(batch), **tok_kw), **pack_kw)):
+            for row in _packed_rows(_tokenize_batch(_columns(batch), **tok_kw), pack_kw):
                 yield row
                 made += 1
                 if made >= n:
                     return
             batch = []
     if batch:
-        for row in _rows(_pack_batch(_tokenize_batch(_columns(batch), **tok_kw), **pack_kw))[:n - made]:
+        for row in _packed_rows(_tokenize_batch(_columns(batch), **tok_kw), pack_kw)[:n - made]:
             yield row
 
 
@@ -342,8 +424,12 @@ def _columns(records: list[dict]) -> dict:
     return {k: [r.get(k) for r in records] for k in records[0]}
 
 
-def _rows(columns: dict) -> list[dict]:
-    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+def _packed_rows(tokenized: dict, pack_kw: dict) -> list[dict]:
+    import pyarrow as pa
+
+    ids, mask = _pack(pa.array(tokenized["ids"], pa.list_(pa.int32())), pa.array(tokenized["mask"], pa.list_(pa.bool_())),
+                      **pack_kw)
+    return [{"input_ids": i, "loss_mask": m, "targets": int(m[1:].sum())} for i, m in zip(ids, mask)]
 
 
 def fingerprint(input_ids: np.ndarray, loss_mask: np.ndarray) -> str:

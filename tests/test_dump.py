@@ -213,8 +213,12 @@ def test_prepared_data_is_reused(llama_teacher, corpus, workdir, monkeypatch):
     data = write_jsonl(workdir / "reuse.jsonl", [{"text": f"record {i}: " + "words " * (i % 7 + 3)} for i in range(50)])
     dump(llama_teacher, data, workdir / "reuse-a", max_sequences=3)
     assert sum(calls) == 50
+    loads = []
+    real_load = data_mod.load_records
+    monkeypatch.setattr(data_mod, "load_records", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     dump(llama_teacher, data, workdir / "reuse-b", max_sequences=5, top_k=4)
     assert sum(calls) == 50, "the second dump tokenized again"
+    assert loads == [], "the second dump opened the records (the index names the packed files)"
 
 
 def test_cache_hit_skips_teacher_and_key_mismatch_is_refused(llama_teacher, corpus, workdir, monkeypatch,
@@ -255,7 +259,7 @@ def test_corrupted_chunk_is_detected(llama_teacher, corpus, workdir):
         open_cache(str(out)).read_all()
     from pikv_offline.cache.verify import check_integrity
 
-    with pytest.raises(PikvError, match="unit 0 \\(sequences \\[0, 4\\)\\): logits/id_gaps has an unreadable chunk"):
+    with pytest.raises(PikvError, match="unit 0 \\(sequences \\[0, 4\\)\\) has an unreadable chunk in logits/id_gaps"):
         check_integrity(str(out))
 
 
