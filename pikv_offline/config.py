@@ -105,6 +105,11 @@ class DumpConfig:
     device_map: str | None = opt(None, "Spread a teacher too large for one GPU over all visible GPUs (one process, "
                                  "accelerate).", choices=("auto",))
     overwrite: bool = opt(False, "Replace an existing cache of different inputs.")
+    repair: bool = opt(False, "Check every unit of the cache this command wrote at --out and recompute only the "
+                       "damaged ones (the root, array metadata and tokenizer rebuilt when damaged); ends with "
+                       "`pikv verify`'s check.")
+    trust_remote_code: bool = opt(False, "Run the model code a teacher's folder or hub repo ships (its auto_map); "
+                                  "off: such a model is refused.")
     shard_seqs: int = opt(64, "Sequences per unit: one zarr shard file per array, the unit of writing, resume and "
                           "extension.", flag="--shard-size")
     sampled_tail: int = opt(0, "Also draw N ids per position from the teacher outside the top-k (an unbiased tail "
@@ -122,6 +127,8 @@ class DumpConfig:
     def __post_init__(self):
         if self.chat_field and self.text_field:
             raise PikvError("give either --text-field or --chat-field, not both")
+        if self.repair and self.overwrite:
+            raise PikvError("--repair keeps the cache at --out and --overwrite replaces it: give one of them")
         if not self.chat_field and not self.text_field:
             object.__setattr__(self, "text_field", "text")
         if self.seq_len < 2:
@@ -203,6 +210,8 @@ class TrainConfig:
     out: str = opt(help="Run folder: checkpoints, final/, metrics.jsonl.")
     student: str | None = opt(None, "Student: a HF model folder or hub id (fine-tuned from its weights).")
     student_config: str | None = opt(None, "Student: a config json (fresh init with AutoConfig.for_model).")
+    trust_remote_code: bool = opt(False, "Run the model code a --student folder or hub repo ships (its auto_map); "
+                                  "off: such a model is refused.")
     kd_weight: float = opt(1.0)
     ce_weight: float = opt(0.0)
     temperature: float = opt(1.0)
@@ -354,6 +363,8 @@ class VerifyConfig:
                          "mode and T.")
     teacher: str | None = opt(None, "The teacher that wrote the cache (for --recompute).")
     student: str | None = opt(None, "A student folder: adds the gradient angle of each mode vs full KD.")
+    trust_remote_code: bool = opt(False, "Run the model code the teacher's folder or hub repo ships (its auto_map); "
+                                  "off: such a model is refused.")
     device: str = opt("auto", choices=DEVICES)
     batch_size: int = opt(8)
     as_json: bool = opt(False, "Print one JSON object.", flag="--json")
@@ -375,6 +386,9 @@ class MakeStudentConfig:
     keep_layers: str = opt(help="Teacher layers to copy, in order, e.g. 0,2,4,6.")  # negative ones count from the end
     out: str = opt(help="Folder for the student (weights, config, tokenizer).")
     overwrite: bool = opt(False, "Replace a non-empty --out.")
+    trust_remote_code: bool = opt(False, "Run the model code a teacher's folder or hub repo ships (its auto_map); "
+                                  "off: such a model is refused.")
+
 
 
 NOT_SWEEPABLE = {"cache", "out", "student", "student_config", "resume", "layer_map", "freeze"}

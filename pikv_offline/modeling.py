@@ -36,6 +36,17 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def load_error(e: Exception, flag: str, name: str, what: str) -> str:
+    """The one line for a model, config or tokenizer that did not load from ``name`` (given as ``flag``):
+    one that ships its own code names --trust-remote-code instead of transformers' long refusal."""
+    if "trust_remote_code" in str(e):
+        return (f"{flag} {name} ships its own model code (auto_map in its config), which pikv runs only with "
+                "--trust-remote-code: read that code first, then pass the flag")
+    from .errors import brief
+
+    return f"{flag} {name}: {what} ({brief(e)})"
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """--dtype to a torch dtype: auto is bf16 on a GPU that has it (else fp16), fp32 on CPU (exact,
     and faster there than emulated bf16)."""

@@ -47,7 +47,7 @@ def test_another_units_logits_are_caught_by_verify(cache, workdir):
         dst = bad / name / "c" / "2" / src.relative_to(bad / name / "c" / "1")
         shutil.copyfile(src, dst)
     open_cache(str(bad))  # every file present: only the hashes tell
-    with pytest.raises(PikvError, match="unit 2 .* its stored arrays do not hash to its marker's"):
+    with pytest.raises(PikvError, match="unit 2 .* stored arrays that do not hash to its marker's"):
         check_integrity(str(bad))
 
 
@@ -106,3 +106,35 @@ def test_the_chat_template_is_part_of_the_preparation(tokenizer, workdir):
     other.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     b = prepare(tokenizer=other, **kw)
     assert a.fingerprint != b.fingerprint and tokenizer_hash(other) == tokenizer_hash(tokenizer)
+
+
+def test_a_teachers_own_model_code_runs_only_with_trust_remote_code(llama_teacher, corpus, workdir):
+    folder = workdir / "remote-code-teacher"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(llama_teacher, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="shipped", architectures=["ShippedForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_shipped.ShippedConfig",
+                            "AutoModelForCausalLM": "modeling_shipped.ShippedForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_shipped.py").write_text(
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ['PIKV_TEST_RAN']).write_text('ran')  # what a hostile file would do\n"
+        "from transformers import LlamaConfig\n\n\n"
+        "class ShippedConfig(LlamaConfig):\n    model_type = 'shipped'\n")
+    (folder / "modeling_shipped.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_shipped import ShippedConfig\n\n\n"
+        "class ShippedForCausalLM(LlamaForCausalLM):\n    config_class = ShippedConfig\n")
+    ran = workdir / "remote-code-ran"
+    ran.unlink(missing_ok=True)
+    env = {"PIKV_TEST_RAN": str(ran), "HF_MODULES_CACHE": str(workdir / "hf-modules")}
+    out = workdir / "remote-code-cache"
+    args = ["dump-teacher", "--teacher", str(folder), "--data", corpus, "--out", str(out), "--seq-len", "16",
+            "--top-k", "4", "--max-sequences", "4", "--shard-size", "4"]
+    p = pikv_subprocess(args, env=env)
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error")]
+    assert p.returncode == 2 and len(lines) == 1 and "--trust-remote-code" in lines[0], p.stderr[-2000:]
+    assert not ran.exists() and not out.exists()
+    p = pikv_subprocess([*args, "--trust-remote-code"], env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert ran.read_text() == "ran" and open_cache(str(out)).attrs.teacher["model_type"] == "shipped"

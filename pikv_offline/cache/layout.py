@@ -169,6 +169,13 @@ class RootAttrs:
                                                             for x in t[k]) for k in ("layers", "shape"))
             if not ok or (t.get("group") is not None and not (isinstance(t["group"], int) and t["group"] > 0)):
                 raise _damaged(where, f"targets.{kind} {t} is not a valid rich target description")
+        for key in ("bytes_stored", "encoding_errors", "dump_config"):  # shown by inspect: of the kinds it prints
+            if not isinstance(d.get(key, {}), dict):
+                raise _damaged(where, f"attribute {key} is not a dict")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in d.get("bytes_stored", {}).values()) or not all(
+                isinstance(e, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in e.values())
+                for e in d.get("encoding_errors", {}).values()):
+            raise _damaged(where, "attribute bytes_stored or encoding_errors holds values that are not numbers")
         names = {f.name for f in dataclasses.fields(cls)}
         attrs = cls(**{k: v for k, v in d.items() if k in names})
         if attrs.recomputed_key() != attrs.cache_key:

@@ -133,6 +133,16 @@ class Cache:
                 return name
         return "an array"
 
+    def missing_shard(self, u: int) -> tuple[str, str] | None:
+        """(array, shard file key) of the first array whose shard file of unit ``u`` is missing or empty, or
+        None: such a shard reads back as the fill value (zeros), not as an error."""
+        for name, arr in self.arrays.items():
+            key = arr.metadata.encode_chunk_key((u,) + (0,) * (arr.ndim - 1))
+            f = os.path.join(self.path, name, key)
+            if not os.path.isfile(f) or os.path.getsize(f) == 0:
+                return name, key
+        return None
+
     def committed_units(self) -> list[int]:
         """The units with a marker, of those the cache covers, in order."""
         return sorted(u for u in Y.committed_units(self.path) if u < self.attrs.n_units)
@@ -159,7 +169,9 @@ class Cache:
         return {name: int(self.arrays[name].nbytes_stored()) for name in self.names}
 
 
-def open_cache(path: str, allow_incomplete: bool = False) -> Cache:
+def open_cache(path: str, allow_incomplete: bool = False, check: bool = True) -> Cache:
+    """The cache at ``path``, its root attributes validated; with ``check`` (not for a repair, which
+    looks at every unit itself) also the cheap checks of _check_open."""
     raw = read_root_attrs(path)
     if raw is None:
         raise PikvError(f"{path} is not a pikv teacher cache (no zarr.json with '{Y.ROOT_ATTR}' attributes); "
@@ -181,7 +193,8 @@ def open_cache(path: str, allow_incomplete: bool = False) -> Cache:
             raise PikvError(f"{path}: holds {name}, which its root attributes do not declare; the cache is damaged, "
                             "re-dump it")
     cache = Cache(path=path, attrs=attrs, arrays=arrays)
-    _check_open(cache)
+    if check:
+        _check_open(cache)
     return cache
 
 
@@ -208,14 +221,13 @@ def _check_open(cache: Cache) -> None:
         raise PikvError(f"{cache.path}: {len(missing)} of its {a.n_units} units are not committed (first: unit "
                         f"{missing[0]}, sequences {Y.unit_range(missing[0], a.n_sequences, a.unit_seqs)}), yet the "
                         "cache is marked complete; it is damaged (or was copied while a dump ran): re-run the dump")
-    for name, arr in cache.arrays.items():
-        for u in units:
-            key = arr.metadata.encode_chunk_key((u,) + (0,) * (arr.ndim - 1))
-            f = os.path.join(cache.path, name, key)
-            if not os.path.isfile(f) or os.path.getsize(f) == 0:  # an empty file reads back as zeros too
-                start, stop = Y.unit_range(u, a.n_sequences, a.unit_seqs)
-                raise PikvError(f"{cache.path}/{name}: the data of unit {u} (sequences [{start}, {stop})) is "
-                                f"missing (no file {key}); the cache is damaged, re-dump it")
+    for u in units:
+        missing = cache.missing_shard(u)
+        if missing:
+            start, stop = Y.unit_range(u, a.n_sequences, a.unit_seqs)
+            raise PikvError(f"{cache.path}/{missing[0]}: the data of unit {u} (sequences [{start}, {stop})) is missing "
+                            f"(no file {missing[1]}); the cache is damaged: re-dump it, or repair it (the same "
+                            "`pikv dump-teacher` command with --repair)")
 
 
 def describe(path: str) -> dict:

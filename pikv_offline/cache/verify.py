@@ -7,7 +7,8 @@ committed by its marker for this cache, its input ids hash to the marker's hash 
 the root's content hash, the counts agree, each row holds its sample id, the stored values are well
 formed (ids in the vocabulary, head ids distinct, tail draws outside the head and summing to the
 draw count, log-probs <= 0, normalizers >= 0). The first problem stops the check with an error
-naming the unit and its sequences.
+naming the unit and its sequences; `pikv dump-teacher ... --repair` uses the same per-unit check
+(unit_problem) to find the units to recompute.
 """
 
 from __future__ import annotations
@@ -18,52 +19,70 @@ from ..data import fingerprint
 from ..errors import PikvError, brief
 from . import format as F
 from . import layout as Y
-from .reader import decode, open_cache
+from .reader import Cache, decode, open_cache
+
+
+REMEDY = ("re-run the `pikv dump-teacher` command that wrote it with --repair (it recomputes only the damaged "
+          "units), or re-dump it")
 
 
 def check_integrity(path: str) -> dict:
     cache = open_cache(path)  # refuses a non-cache, an unknown version, an incomplete cache, missing files
     cache.check_tokenizer()
     attrs = cache.attrs
-    key, n, unit_seqs, vocab = attrs.cache_key, attrs.n_sequences, attrs.unit_seqs, attrs.teacher["vocab_size"]
     loss_tokens, hashes = 0, []
     for u in range(attrs.n_units):
-        start, stop = Y.unit_range(u, n, unit_seqs)
-        where = f"{path}: unit {u} (sequences [{start}, {stop}))"
-        marker = Y.read_marker(path, u)
-        if marker is None or not marker.holds(u, n, unit_seqs, key):
-            raise PikvError(f"{where} is not committed for this cache (marker {marker}); re-run the dump to "
-                            "complete it")
-        try:
-            raw = {a: cache.arrays[a][start:stop] for a in cache.names}
-        except Exception as e:
-            bad = cache.first_unreadable(np.arange(start, stop))
-            raise PikvError(f"{where}: {bad} has an unreadable chunk ({brief(e)}); the cache is corrupt, "
-                            "re-dump it")
-        problem = _check_values(raw, decode(raw, cache.encoding, rich=tuple(cache.rich)),
-                                Y.unit_sample_ids(u, n, unit_seqs, Y.order_seed(attrs.data["fingerprint"])), vocab,
-                                cache.draws, cache.rich)
+        marker, problem = unit_problem(cache, u)
         if problem:
-            raise PikvError(f"{where}: {problem}; the cache is damaged, re-dump it")
-        got = fingerprint(raw[F.INPUT_IDS], raw[F.LOSS_MASK])
-        tokens = int(raw[F.LOSS_MASK][:, 1:].sum())
-        if Y.arrays_sha256(raw, cache.names) != marker.arrays_sha256:
-            raise PikvError(f"{where}: its stored arrays do not hash to its marker's (another unit's data, or "
-                            "edited); the cache is damaged, re-dump it")
-        if got != marker.sha256 or tokens != marker.loss_tokens:
-            raise PikvError(f"{where}: the stored input ids do not match its marker's hash and token count; the "
-                            "cache is damaged, re-dump it")
-        loss_tokens += tokens
-        hashes.append(got)
+            start, stop = Y.unit_range(u, attrs.n_sequences, attrs.unit_seqs)
+            raise PikvError(f"{path}: unit {u} (sequences [{start}, {stop})) {problem}; {REMEDY}")
+        loss_tokens += marker.loss_tokens
+        hashes.append(marker.sha256)
     if Y.content_sha256(hashes) != attrs.content_sha256:
-        raise PikvError(f"{path}: the stored input ids do not match the cache's content hash; the cache is "
-                        "damaged, re-dump it")
+        raise PikvError(f"{path}: the stored input ids do not match the cache's content hash; {REMEDY}")
     if loss_tokens != attrs.counts.get("loss_tokens"):
         raise PikvError(f"{path}: {loss_tokens} loss tokens stored, the root attributes say "
-                        f"{attrs.counts.get('loss_tokens')}; the cache is damaged, re-dump it")
-    return {"path": path, "ok": True, "format_version": attrs.format_version, "cache_key": key,
-            "units": attrs.n_units, "sequences": n, "positions": n * cache.seq_len, "loss_tokens": loss_tokens,
-            "arrays": list(cache.names)}
+                        f"{attrs.counts.get('loss_tokens')}; {REMEDY}")
+    return {"path": path, "ok": True, "format_version": attrs.format_version, "cache_key": attrs.cache_key,
+            "units": attrs.n_units, "sequences": attrs.n_sequences, "positions": attrs.n_sequences * cache.seq_len,
+            "loss_tokens": loss_tokens, "arrays": list(cache.names)}
+
+
+def unit_problem(cache: Cache, u: int, inputs: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[Y.UnitMarker | None, str | None]:
+    """(its marker, what is wrong with unit ``u`` or None): the marker commits it for this cache, every
+    array's shard file is there, every chunk reads (crc32c), the values are well formed, and the arrays
+    and input ids hash to the marker's. With ``inputs`` (the prepared rows of its sample ids, as a
+    repair has them) the stored input ids must also be those rows."""
+    a = cache.attrs
+    start, stop = Y.unit_range(u, a.n_sequences, a.unit_seqs)
+    try:
+        marker = Y.read_marker(cache.path, u)
+    except PikvError:  # a torn or edited marker is damage of this unit
+        return None, f"has a damaged marker ({Y.marker_name(u)} is not a valid marker)"
+    if marker is None or not marker.holds(u, a.n_sequences, a.unit_seqs, a.cache_key):
+        return marker, f"is not committed for this cache (marker {marker})"
+    missing = cache.missing_shard(u)
+    if missing:
+        return marker, f"has no data in {missing[0]} (no file {missing[1]})"
+    try:
+        raw = {name: cache.arrays[name][start:stop] for name in cache.names}
+    except Exception as e:
+        return marker, f"has an unreadable chunk in {cache.first_unreadable(np.arange(start, stop))} ({brief(e)})"
+    sample_ids = Y.unit_sample_ids(u, a.n_sequences, a.unit_seqs, Y.order_seed(a.data["fingerprint"]))
+    problem = _check_values(raw, decode(raw, cache.encoding, rich=tuple(cache.rich)), sample_ids,
+                            a.teacher["vocab_size"], cache.draws, cache.rich)
+    if problem:
+        return marker, f"holds bad values: {problem}"
+    if Y.arrays_sha256(raw, cache.names) != marker.arrays_sha256:
+        return marker, "has stored arrays that do not hash to its marker's (another unit's data, or edited)"
+    if fingerprint(raw[F.INPUT_IDS], raw[F.LOSS_MASK]) != marker.sha256 \
+            or int(raw[F.LOSS_MASK][:, 1:].sum()) != marker.loss_tokens:
+        return marker, "has input ids that do not match its marker's hash and token count"
+    if inputs is not None and not (np.array_equal(raw[F.INPUT_IDS], inputs[0])
+                                   and np.array_equal(raw[F.LOSS_MASK], inputs[1])):
+        return marker, "has input ids that are not the data's rows of its sample ids"
+    return marker, None
 
 
 def _check_values(raw: dict, a: dict, sample_ids: np.ndarray, vocab: int, draws: int, rich: list = ()) -> str | None:

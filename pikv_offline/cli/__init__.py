@@ -105,6 +105,10 @@ def dump_teacher(**kw):
     run(build(C.DumpConfig, kw))
 
 
+ERROR_LABELS = {"max_abs_error": "max abs error", "max_error_over_absmax": "max error / absmax",
+                "relative_rms_error": "relative RMS error"}
+
+
 @cli.command("inspect")
 @options(C.InspectConfig)
 def inspect_cmd(**kw):
@@ -116,12 +120,13 @@ def inspect_cmd(**kw):
     if cfg.as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    t, lg = info["teacher"], info["targets"]["logits"]
+    t, lg, data = info["teacher"], info["targets"]["logits"], info["data"]
+    t = {k: t.get(k, "?") for k in ("name", "model_type", "num_layers", "vocab_size", "dtype")}  # display only
     click.echo(f"cache        {info['path']}  (format v{info['format_version']}, "
                f"{'complete' if info['complete'] else 'INCOMPLETE'}, key {info['cache_key']})")
     click.echo(f"teacher      {t['name']}  ({t['model_type']}, {t['num_layers']} layers, vocab {t['vocab_size']}, {t['dtype']})")
-    click.echo(f"data         {info['data']['data']}  (seq_len {info['seq_len']}, "
-               f"{'packed' if info['data']['pack'] else 'unpacked'})")
+    click.echo(f"data         {data.get('data', '?')}  (seq_len {info['seq_len']}, "
+               f"{'packed' if data.get('pack', True) else 'unpacked'})")
     click.echo(f"logits       top-k {lg['top_k']}, sampled tail {lg.get('sampled_tail', 0)}, temperatures "
                f"{lg['temperatures']}, encoding {lg['encoding']}, ids {lg['id_dtype']}")
     c = info["counts"]
@@ -136,8 +141,7 @@ def inspect_cmd(**kw):
     click.echo("bytes/token  " + ", ".join(f"{k} {v}" for k, v in info["bytes_per_token_by_target"].items())
                + f"  (total {info['bytes_per_token_total']})")
     for name, e in info["encoding_errors"].items():
-        click.echo(f"  {name:26} max abs error {e['max_abs_error']:.3g}, max error / absmax "
-                   f"{e['max_error_over_absmax']:.3g}, relative RMS error {e['relative_rms_error']:.3g}")
+        click.echo(f"  {name:26} " + ", ".join(f"{ERROR_LABELS.get(k, k)} {v:.3g}" for k, v in e.items()))
 
 
 @cli.command("verify")

@@ -130,12 +130,12 @@ def restore(state: dict, *, rank: int, opt, sched, scaler) -> Progress:
     return Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
 
 
-def load_student(ckpt: str):
+def load_student(ckpt: str, trust_remote_code: bool = False):
     """The checkpoint's weights, through from_pretrained so tied weights load as saved."""
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise PikvError(f"--resume: the student in {ckpt} does not load ({brief(e)}); remove that checkpoint or "
                         "use a new --out")

@@ -8,10 +8,10 @@ import os
 import torch
 
 from ..errors import PikvError, brief
-from ..modeling import decoder_layers, mlp_block, tokenizer_hash
+from ..modeling import decoder_layers, load_error, mlp_block, tokenizer_hash
 
 
-def load_student(student: str | None, student_config: str | None, seed: int):
+def load_student(student: str | None, student_config: str | None, seed: int, trust_remote_code: bool = False):
     """(model, its tokenizer or None): a fresh model from ``student_config`` (seeded) or ``student``'s weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -27,16 +27,16 @@ def load_student(student: str | None, student_config: str | None, seed: int):
         return AutoModelForCausalLM.from_config(config), None
     path = os.path.expanduser(student)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise PikvError(f"--student {student}: cannot load it as a causal LM ({brief(e)})")
+        raise PikvError(load_error(e, "--student", student, "cannot load it as a causal LM"))
     tok = None
     if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
                                    for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         from transformers import AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception:
             tok = None
     return model, tok

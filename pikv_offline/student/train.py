@@ -168,10 +168,10 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     ckpt = ckpt if cfg.resume != "no" else None
     state = checkpoint.load(ckpt, world_size=d.world_size, data_order=cfg.data_order(),
                             cache_key=cache.attrs.cache_key, cache_sequences=cache.n) if ckpt else None
-    model, student_tok = load_student(cfg.student, cfg.student_config, cfg.seed)
+    model, student_tok = load_student(cfg.student, cfg.student_config, cfg.seed, cfg.trust_remote_code)
     check_compatible(model, student_tok, cache.attrs)
     if state:
-        model = checkpoint.load_student(ckpt)
+        model = checkpoint.load_student(ckpt, cfg.trust_remote_code)
     model.config.use_cache = False
     model.to(d.device).train()
     weights = cfg.loss_weights()

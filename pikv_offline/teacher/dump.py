@@ -30,6 +30,7 @@ from .. import __version__, dist, lock
 from ..cache import format as F
 from ..cache import layout as Y
 from ..cache.reader import open_cache, read_root_attrs
+from ..cache.verify import check_integrity
 from ..cache.writer import UnitWriter, create_arrays, resize_arrays
 from ..config import DumpConfig
 from ..data import Prepared, prepare
@@ -37,6 +38,7 @@ from ..errors import PikvError
 from ..faults import fault
 from ..modeling import resolve_dtype, text_config, tokenizer_hash
 from . import model as M
+from . import repair as R
 
 def size_check(cfg: DumpConfig, specs: dict) -> str | None:
     """An error message when the cache's estimated size exceeds --max-cache-gb (default: the free disk).
@@ -68,10 +70,17 @@ def size_check(cfg: DumpConfig, specs: dict) -> str | None:
 
 
 def _decide(cfg: DumpConfig, key: str, n_seqs: int) -> tuple[str, str]:
-    """Rank 0's view of --out: ('new'|'resume'|'extend'|'hit', message) or ('error', message)."""
+    """Rank 0's view of --out: ('new'|'resume'|'extend'|'hit'|'repair', message) or ('error', message)."""
     out = cfg.out
     if not os.path.exists(out) or (os.path.isdir(out) and not set(os.listdir(out)) - {Y.LOCK_FILE}):
+        if cfg.repair:
+            return "error", f"--repair: --out {out} holds no cache to repair; run the command without --repair to dump"
         return "new", ""
+    if cfg.repair:  # whatever state its skeleton is in (repair.fix_skeleton), if it is this command's cache
+        if not os.path.isdir(out):
+            return "error", f"--repair: --out {out} is not a folder"
+        R.check_ours(out, key)
+        return "repair", f"repairing the cache at {out}"
     attrs = read_root_attrs(out) if os.path.isdir(out) else None
     if attrs is None:
         return "error", (f"--out {out} exists and is not a pikv cache; choose a new or empty folder "
@@ -150,8 +159,8 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
         raise PikvError("--device-map auto spreads one teacher over the visible GPUs in one process; "
                         "run it without torchrun")
     folder = M.resolve_teacher(cfg.teacher)
-    config = M.load_config(folder, cfg.teacher)
-    tokenizer = M.load_tokenizer(folder, cfg.teacher)
+    config = M.load_config(folder, cfg.teacher, cfg.trust_remote_code)
+    tokenizer = M.load_tokenizer(folder, cfg.teacher, cfg.trust_remote_code)
     vocab = int(text_config(config).vocab_size)
     ctx = M.context_length(config)
     if ctx is not None and cfg.seq_len > ctx:
@@ -185,7 +194,7 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
                  "max_sequences": cfg.max_sequences, "fingerprint": prep.fingerprint}
     targets = {"logits": {"top_k": cfg.top_k, "temperatures": list(cfg.temperatures), "encoding": cfg.encoding,
                           "id_dtype": F.id_dtype(vocab).name, "sampled_tail": cfg.sampled_tail},
-               **M.plan_targets(config, cfg.targets, cfg.teacher)}
+               **M.plan_targets(config, cfg.targets, cfg.teacher, cfg.trust_remote_code)}
     key = Y.cache_key(teacher=teacher_info, tokenizer_sha256=tok_hash, data=prep.fingerprint, seq_len=cfg.seq_len,
                       targets=targets)
 
@@ -196,19 +205,23 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
             if decision in ("new", "extend"):  # a hit or a resume writes no more than asked before
                 too_big = size_check(cfg, F.array_specs(n_seqs, cfg.seq_len, targets, vocab, unit_seqs))
                 decision, message = ("error", too_big) if too_big else (decision, message)
-            if decision in ("new", "resume", "extend"):  # writing: only one dump at a time, decided again
+            if decision in ("new", "resume", "extend", "repair"):  # writing: one dump at a time, decided again
                 os.makedirs(cfg.out, exist_ok=True)
                 held.enter_context(lock.hold(os.path.join(cfg.out, Y.LOCK_FILE), what=f"--out {cfg.out}",
                                              by="dump"))
                 decision, message = _decide(cfg, key, n_seqs)
+            fresh = Y.RootAttrs(
+                format_version=F.FORMAT_VERSION, complete=False, cache_key=key, teacher=teacher_info,
+                tokenizer_sha256=tok_hash, tokenizer_dir=Y.TOKENIZER_DIR, data=data_info, seq_len=cfg.seq_len,
+                targets=targets, unit_seqs=unit_seqs, counts={"sequences": n_seqs}, package_version=__version__,
+                dump_config=cfg.to_dict())
             if decision == "new":
-                _create_root(cfg, Y.RootAttrs(
-                    format_version=F.FORMAT_VERSION, complete=False, cache_key=key, teacher=teacher_info,
-                    tokenizer_sha256=tok_hash, tokenizer_dir=Y.TOKENIZER_DIR, data=data_info, seq_len=cfg.seq_len,
-                    targets=targets, unit_seqs=unit_seqs, counts={"sequences": n_seqs},
-                    package_version=__version__, dump_config=cfg.to_dict()), tokenizer, vocab)
+                _create_root(cfg, fresh, tokenizer, vocab)
             elif decision in ("extend", "resume"):
                 _regrow(cfg, n_seqs, data_info)
+            elif decision == "repair":
+                message = "\n".join([message, *(f"repair: {n}" for n in R.fix_skeleton(cfg.out, fresh, tokenizer,
+                                                                                          vocab))])
         except PikvError as e:
             decision, message = "error", str(e)
         except OSError as e:  # a read-only or full --out
@@ -220,11 +233,16 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
         dist.print0(message)
     if decision == "hit":
         return {"cache_hit": True, "cache_key": key, "out": cfg.out}
+    if decision == "repair" and not _repair_units(cfg, d, prep):
+        return _verified(cfg, d, {"cache_hit": True, "cache_key": key, "out": cfg.out, "units_repaired": 0})
     unit_seqs = Y.RootAttrs.from_dict(read_root_attrs(cfg.out), cfg.out).unit_seqs  # a resume keeps its units
+    if unit_seqs != cfg.shard_seqs:
+        dist.print0(f"--shard-size {cfg.shard_seqs} does not apply: the cache at --out keeps its units of {unit_seqs} "
+                    "sequences")
 
     todo = [u for u in Y.rank_units(n_seqs, unit_seqs, d.rank, d.world_size)
-            if not Y.is_committed(cfg.out, u, n_seqs, unit_seqs, key)]
-    model = M.load_model(folder, cfg.teacher, dtype, device, cfg.device_map)
+            if not _committed(cfg.out, u, n_seqs, unit_seqs, key)]
+    model = M.load_model(folder, cfg.teacher, dtype, device, cfg.device_map, cfg.trust_remote_code)
     cap = M.open_capture(model, targets, cfg.seq_len)
     writer = UnitWriter(cfg.out, n_seqs=n_seqs, unit_seqs=unit_seqs, targets=targets, cache_key=key)
     first_device = next(model.parameters()).device
@@ -276,6 +294,51 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
                     "bytes/token: " + ", ".join(f"{k} {v}" for k, v in bpt.items())
                     + f", total {sum(bpt.values()):.1f}")
     dist.barrier()
+    return _verified(cfg, d, result) if decision == "repair" else result
+
+
+def _repair_units(cfg: DumpConfig, d: dist.Dist, prep: Prepared) -> bool:
+    """Every rank checks its share of the units; rank 0 un-commits the damaged ones. Whether any unit
+    is left to write (damaged, or never committed)."""
+    try:
+        bad, error = R.find_damaged(cfg.out, prep, d.rank, d.world_size), None
+    except PikvError as e:
+        bad, error = {}, str(e)
+    got = dist.all_gather_object((bad, error))
+    errors = [e for _, e in got if e]
+    if errors:
+        raise PikvError(errors[0])
+    bad = {u: why for b, _ in got for u, why in b.items()}
+    left = None
+    if d.is_main:
+        try:
+            attrs = Y.RootAttrs.from_dict(read_root_attrs(cfg.out), cfg.out)
+            if bad:
+                dist.print0(f"repair: {R.describe_damage(attrs, bad)}; recomputing them")
+                R.uncommit(cfg.out, sorted(bad))
+            left = bool(bad) or not attrs.complete
+        except (PikvError, OSError) as e:
+            left = f"--repair: {e}"
+    left = dist.broadcast_object(left)
+    if isinstance(left, str):
+        raise PikvError(left)
+    if not left:
+        dist.print0("repair: every unit checks out; nothing to recompute")
+    return left
+
+
+def _verified(cfg: DumpConfig, d: dist.Dist, result: dict) -> dict:
+    """A repair ends with verify's full check (rank 0)."""
+    error = None
+    if d.is_main:
+        try:
+            result["verify"] = check_integrity(cfg.out)
+            dist.print0(f"repair: verify passed ({result['verify']['units']} units)")
+        except PikvError as e:
+            error = f"--repair finished but verify fails: {e}"
+    error = dist.broadcast_object(error)
+    if error:
+        raise PikvError(error)
     return result
 
 
@@ -343,6 +406,17 @@ def _dump_units(cfg: DumpConfig, todo: list[int], prep: Prepared, model, cap, wr
     return forward_s
 
 
+def _committed(out: str, u: int, n_seqs: int, unit_seqs: int, key: str) -> bool:
+    """Whether unit ``u`` is committed; a damaged marker (markers are written atomically, so not by a crash)
+    is said and the unit written again."""
+    try:
+        return Y.is_committed(out, u, n_seqs, unit_seqs, key)
+    except PikvError:
+        print(f"the marker of unit {u} is damaged ({os.path.join(out, Y.marker_name(u))}): writing the unit again",
+              flush=True)
+        return False
+
+
 def _disk_full(e: BaseException) -> bool:
     while e is not None:
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -353,7 +427,7 @@ def _disk_full(e: BaseException) -> bool:
 
 def _disk_full_message(cfg: DumpConfig, targets: dict, vocab: int, n_seqs: int, unit_seqs: int, key: str) -> str:
     units = Y.n_units(n_seqs, unit_seqs)
-    left = [u for u in range(units) if not Y.is_committed(cfg.out, u, n_seqs, unit_seqs, key)]
+    left = [u for u in range(units) if not _committed(cfg.out, u, n_seqs, unit_seqs, key)]
     per_unit = sum(int(np.prod(s.shape[1:])) * s.dtype.itemsize * unit_seqs
                    for s in F.array_specs(n_seqs, cfg.seq_len, targets, vocab, unit_seqs).values())
     free = shutil.disk_usage(cfg.out).free

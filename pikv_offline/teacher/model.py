@@ -9,8 +9,8 @@ import torch
 
 from ..errors import PikvError, brief
 from ..cache import format as F
-from ..modeling import (Capture, hidden_width, kv_shape, layer_count, lm_logits, moe_layers, router_experts,
-                        text_config)
+from ..modeling import (Capture, hidden_width, kv_shape, layer_count, lm_logits, load_error, moe_layers,
+                        router_experts, text_config)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PROBE = 4 << 20  # bytes hashed at each end of a weight file
@@ -55,23 +55,25 @@ def weights_identity(folder: str) -> str:
     return h.hexdigest()
 
 
-def load_tokenizer(folder: str, teacher: str):
+def load_tokenizer(folder: str, teacher: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:
+        if "trust_remote_code" in str(e):
+            raise PikvError(load_error(e, "--teacher", teacher, ""))
         raise PikvError(f"--teacher {teacher} has no usable tokenizer ({brief(e)}); save one beside the weights "
                         "with tokenizer.save_pretrained")
 
 
-def load_config(folder: str, teacher: str):
+def load_config(folder: str, teacher: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise PikvError(f"--teacher {teacher}: cannot read its config.json ({brief(e)})")
+        raise PikvError(load_error(e, "--teacher", teacher, "cannot read its config.json"))
 
 
 def context_length(config) -> int | None:
@@ -83,7 +85,8 @@ def context_length(config) -> int | None:
     return None
 
 
-def load_model(folder: str, teacher: str, dtype: torch.dtype, device: torch.device, device_map: str | None):
+def load_model(folder: str, teacher: str, dtype: torch.dtype, device: torch.device, device_map: str | None,
+               trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -91,9 +94,9 @@ def load_model(folder: str, teacher: str, dtype: torch.dtype, device: torch.devi
 
     try:
         kwargs = {"device_map": device_map} if device_map else {}
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:
-        raise PikvError(f"--teacher {teacher}: cannot load it as a causal LM ({brief(e)})")
+        raise PikvError(load_error(e, "--teacher", teacher, "cannot load it as a causal LM"))
     if not device_map:
         model.to(device)
     return model.eval()
@@ -160,20 +163,20 @@ def _sample_tail(e: torch.Tensor, head: torch.Tensor, u: torch.Tensor) -> torch.
     return draws.masked_fill_(total <= 0, -1)
 
 
-def skeleton(config):
+def skeleton(config, trust_remote_code: bool = False):
     """The model's module tree on the meta device: where its layers and routers are, without weights."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def plan_targets(config, requests, teacher: str) -> dict:
+def plan_targets(config, requests, teacher: str, trust_remote_code: bool = False) -> dict:
     """--targets requests (config.parse_targets) -> the ``targets`` root-attribute entries of the rich
     targets: layers resolved and checked against the teacher, shapes, encoding, int8 group."""
     if not requests:
         return {}
-    model = skeleton(config)
+    model = skeleton(config, trust_remote_code)
     n = layer_count(config)
     moe = moe_layers(model)
     width = hidden_width(config)

@@ -29,7 +29,8 @@ from ..cache import format as F
 from ..cache.reader import open_cache
 from ..cache.verify import check_integrity
 from ..config import VerifyConfig
-from ..errors import PikvError, brief
+from ..errors import PikvError
+from ..modeling import load_error
 from ..student.losses import kd_rows, rounding_floor, tail_mass, tail_weights
 from ..teacher import model as M
 
@@ -51,7 +52,7 @@ def recompute(cfg: VerifyConfig) -> dict:
                           ("cpu" if cfg.device == "auto" else cfg.device))
     n = min(cfg.recompute, int(cache.attrs.counts["sequences"]))
     a = cache.read_all(first=n)
-    teacher = M.load_model(folder, cfg.teacher, torch.float32, device, None)
+    teacher = M.load_model(folder, cfg.teacher, torch.float32, device, None, cfg.trust_remote_code)
     x = torch.from_numpy(a[F.INPUT_IDS].astype(np.int64)).to(device)
     rich = _recompute_rich(teacher, cache, a, x, cfg.batch_size)
     with torch.inference_mode():
@@ -74,7 +75,7 @@ def recompute(cfg: VerifyConfig) -> dict:
         try:
             student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(device)
         except Exception as e:
-            raise PikvError(f"--student {cfg.student}: cannot load it as a causal LM ({brief(e)})")
+            raise PikvError(load_error(e, "--student", cfg.student, "cannot load it as a causal LM"))
         if student.get_output_embeddings().weight.shape[0] < live.shape[1]:
             raise PikvError("--student's vocabulary does not cover the teacher's")
         s_logits = student(x).logits.float()[:, :-1][valid]  # its whole vocabulary, as in training

@@ -51,12 +51,12 @@ def student_config(teacher, keep: list[int]):
     return config
 
 
-def make(teacher, keep: list[int]):
+def make(teacher, keep: list[int], trust_remote_code: bool = False):
     """A new model with the teacher's weights for the kept layers and everything outside the layers."""
     from transformers import AutoModelForCausalLM
 
     config = student_config(teacher, keep)
-    student = AutoModelForCausalLM.from_config(config).to(next(teacher.parameters()).dtype)
+    student = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).to(next(teacher.parameters()).dtype)
     t_moe, s_moe = set(moe_layers(teacher)), set(moe_layers(student))
     if s_moe != {j for j, i in enumerate(keep) if i in t_moe}:
         raise PikvError(f"--keep-layers: this {config.model_type} config cannot place the MoE layers of the kept "
@@ -79,11 +79,11 @@ def run(cfg: MakeStudentConfig) -> dict:
     if os.path.exists(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
         raise PikvError(f"--out {cfg.out} exists and is not empty; choose another folder or pass --overwrite")
     folder = M.resolve_teacher(cfg.teacher)
-    tokenizer = M.load_tokenizer(folder, cfg.teacher)
-    config = M.load_config(folder, cfg.teacher)
+    tokenizer = M.load_tokenizer(folder, cfg.teacher, cfg.trust_remote_code)
+    config = M.load_config(folder, cfg.teacher, cfg.trust_remote_code)
     keep = parse_keep(cfg.keep_layers, layer_count(config))
-    teacher = M.load_model(folder, cfg.teacher, torch.float32, torch.device("cpu"), None)
-    student = make(teacher, keep)
+    teacher = M.load_model(folder, cfg.teacher, torch.float32, torch.device("cpu"), None, cfg.trust_remote_code)
+    student = make(teacher, keep, cfg.trust_remote_code)
     tmp = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), f".tmp-{os.path.basename(cfg.out)}")
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)

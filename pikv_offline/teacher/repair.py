@@ -1,0 +1,198 @@
+"""`pikv dump-teacher ... --repair`: recompute only the damaged units of a cache this command wrote.
+
+    pikv dump-teacher --teacher DIR --data corpus.jsonl --out CACHE --repair
+    torchrun --nproc-per-node 2 -m pikv_offline dump-teacher ... --repair      (any world size)
+
+With the teacher and the data at hand nothing of a damaged cache needs trusting: rank 0, holding the
+dump's lock, first makes the skeleton whole again from the command (fix_skeleton): the root attributes
+when they do not validate, the metadata of every array and group that differs from what this command
+creates, the tokenizer when it does not load or hash to the key's. Then every rank checks its share of
+the units with verify's own per-unit check plus the data's rows (find_damaged); rank 0 un-commits the
+damaged ones (uncommit: marker and shard files removed), and the dump recomputes them as it resumes
+any cache. The dump then runs verify's full check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import zarr
+
+from ..cache import format as F
+from ..cache import layout as Y
+from ..cache.reader import open_cache, read_root_attrs
+from ..cache.verify import unit_problem
+from ..cache.writer import create_arrays
+from ..data import Prepared
+from ..errors import PikvError
+
+
+def _root(out: str, key: str) -> tuple[Y.RootAttrs | None, str]:
+    """(the valid root attributes at ``out`` or None, why not); refuses a folder that holds another
+    command's cache, or neither a root nor a unit of this command's."""
+    raw = read_root_attrs(out)
+    attrs, why = None, "no zarr.json with pikv attributes"
+    if raw is not None:
+        try:
+            attrs = Y.RootAttrs.from_dict(raw, out)
+        except PikvError as e:
+            why = str(e)
+    if attrs is not None and attrs.cache_key != key:
+        raise PikvError(f"--repair: --out {out} holds a cache of other inputs (key {attrs.cache_key}, this command's "
+                        f"{key}); repair it with the command that wrote it (see `pikv inspect`)")
+    if attrs is None and _our_unit_seqs(out, key) is None and (raw or {}).get("cache_key") != key:
+        raise PikvError(f"--repair: the root of --out {out} is damaged or missing ({why}) and none of its units were "
+                        "written by this command: nothing to repair from (re-dump it with --overwrite)")
+    return attrs, why
+
+
+def check_ours(out: str, key: str) -> None:
+    """Before anything is written to ``out`` (not even the lock): it holds this command's cache, maybe damaged."""
+    _root(out, key)
+
+
+def fix_skeleton(out: str, fresh: Y.RootAttrs, tokenizer, vocab: int) -> list[str]:
+    """Rank 0: the root attributes, array metadata and tokenizer of the cache at ``out`` as this command
+    (``fresh``: its root attributes for a new cache) makes them; returns what it changed, one line each.
+    Refuses a folder with another command's cache or nothing of this command's in it."""
+    notes = []
+    attrs, why = _root(out, fresh.cache_key)
+    if attrs is None:
+        unit_seqs = _our_unit_seqs(out, fresh.cache_key)
+        attrs = dataclasses.replace(fresh, unit_seqs=unit_seqs or fresh.unit_seqs, complete=False)
+        path = os.path.join(out, "zarr.json")
+        if os.path.lexists(path):
+            os.remove(path)
+        zarr.create_group(out, overwrite=False, attributes={Y.ROOT_ATTR: attrs.to_dict()})
+        notes.append(f"rebuilt the root attributes ({why})")
+    elif attrs.n_sequences != fresh.n_sequences:
+        raise PikvError(f"--repair keeps the cache's {attrs.n_sequences} sequences and this command asks for "
+                        f"{fresh.n_sequences}: give --max-sequences {attrs.n_sequences} to repair it (extend it "
+                        "afterwards with the larger count)")
+    notes += _fix_metadata(out, attrs, vocab)
+    for name in F.ARRAY_NAMES:  # a stored array of a target this cache does not have: not its data
+        path = os.path.join(out, name)
+        if name not in F.present_arrays(attrs.targets) and os.path.lexists(path):
+            _remove(path)
+            notes.append(f"removed {name}, which this cache's targets do not have")
+    units = os.path.join(out, Y.UNITS_DIR)
+    if os.path.lexists(units) and (os.path.islink(units) or not os.path.isdir(units)):
+        _remove(units)
+        notes.append(f"removed {Y.UNITS_DIR}, which was not a folder")
+    cache = open_cache(out, allow_incomplete=True, check=False)
+    try:
+        cache.check_tokenizer()
+    except PikvError:
+        path = cache.tokenizer_path
+        if os.path.lexists(path):
+            _remove(path)
+        tokenizer.save_pretrained(path)
+        notes.append(f"saved the tokenizer again (the one in {Y.TOKENIZER_DIR}/ did not load or was another)")
+    return notes
+
+
+def find_damaged(out: str, prep: Prepared, rank: int, world_size: int) -> dict[int, str]:
+    """This rank's share of the units (layout.rank_units) that hold a marker but fail verify's check, or
+    that a complete cache lacks: {unit: what is wrong}. Units an incomplete cache has not committed
+    yet are not damage; the dump writes them anyway."""
+    cache = open_cache(out, allow_incomplete=True, check=False)
+    a = cache.attrs
+    marked = Y.committed_units(out)
+    bad = {}
+    for u in Y.rank_units(a.n_sequences, a.unit_seqs, rank, world_size):
+        if u not in marked and not a.complete:
+            continue
+        ids = Y.unit_sample_ids(u, a.n_sequences, a.unit_seqs, Y.order_seed(a.data["fingerprint"]))
+        _, problem = unit_problem(cache, u, prep.take(ids))
+        if problem:
+            bad[u] = problem
+    return bad
+
+
+def uncommit(out: str, units: list[int]) -> None:
+    """Rank 0: ``units`` are to be written again: their markers and shard files go (a damaged shard file
+    would be read back to merge a partial write), and the cache is marked incomplete until they are in."""
+    cache = open_cache(out, allow_incomplete=True, check=False)
+    for u in units:
+        marker = os.path.join(out, Y.marker_name(u))
+        if os.path.lexists(marker):
+            _remove(marker)
+        for name, arr in cache.arrays.items():
+            shard = os.path.join(out, name, arr.metadata.encode_chunk_key((u,) + (0,) * (arr.ndim - 1)))
+            if os.path.lexists(shard):
+                _remove(shard)
+    root = zarr.open_group(out, mode="r+")
+    root.attrs[Y.ROOT_ATTR] = dataclasses.replace(cache.attrs, complete=False, content_sha256=None).to_dict()
+
+
+def describe_damage(cache_attrs: Y.RootAttrs, bad: dict[int, str], limit: int = 3) -> str:
+    shown = "; ".join(f"unit {u} (sequences {list(Y.unit_range(u, cache_attrs.n_sequences, cache_attrs.unit_seqs))}) "
+                      f"{why}" for u, why in sorted(bad.items())[:limit])
+    more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
+    return f"{len(bad)} damaged unit{'s' if len(bad) != 1 else ''}: {shown}{more}"
+
+
+def _our_unit_seqs(out: str, key: str) -> int | None:
+    """The unit size of this command's markers at ``out`` (its root lost), or None when it has none."""
+    try:
+        units = sorted(Y.committed_units(out))
+    except PikvError:
+        return None
+    for u in units:
+        try:
+            m = Y.read_marker(out, u)
+        except PikvError:
+            continue
+        if m is not None and m.cache_key == key and m.stop > m.start and m.start % (m.stop - m.start) == 0 \
+                and m.start // (m.stop - m.start) == u:
+            return m.stop - m.start  # a full unit: a last, shorter one would not divide its start
+    return None
+
+
+def _fix_metadata(out: str, attrs: Y.RootAttrs, vocab: int) -> list[str]:
+    """Every array's and group's zarr.json as create_arrays writes it for these attributes (written into
+    a scratch folder and compared), replaced where missing, unreadable or different."""
+    notes = []
+    scratch = tempfile.mkdtemp(prefix="pikv-repair-")
+    try:
+        zarr.open_group(scratch, mode="w")
+        create_arrays(scratch, attrs.n_sequences, seq_len=attrs.seq_len, targets=attrs.targets, vocab_size=vocab,
+                      unit_seqs=attrs.unit_seqs)
+        for folder, _, files in sorted(os.walk(scratch)):
+            if folder == scratch or "zarr.json" not in files:
+                continue
+            rel = os.path.relpath(folder, scratch)
+            with open(os.path.join(folder, "zarr.json")) as f:
+                want = json.load(f)
+            dst = os.path.join(out, rel, "zarr.json")
+            try:
+                with open(dst) as f:
+                    have = json.load(f)
+            except (OSError, ValueError):
+                have = None
+            if have == want:
+                continue
+            if os.path.lexists(os.path.join(out, rel)) and not os.path.isdir(os.path.join(out, rel)):
+                _remove(os.path.join(out, rel))
+            os.makedirs(os.path.join(out, rel), exist_ok=True)
+            if os.path.lexists(dst):
+                _remove(dst)
+            tmp = dst + ".tmp"
+            shutil.copyfile(os.path.join(folder, "zarr.json"), tmp)
+            os.replace(tmp, dst)
+            notes.append(f"rewrote the metadata of {rel} ({'missing or unreadable' if have is None else 'changed'})")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return notes
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
