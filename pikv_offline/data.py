@@ -341,6 +341,43 @@ def prepare(*, data: str, split: str, data_config: str | None, tokenizer, tokeni
     return Prepared(dataset=packed.with_format("numpy"), n=n, fingerprint=fp, skipped_records=skipped)
 
 
+def prepare_in_child(**kw) -> Prepared:
+    """prepare(**kw), the work done in a forked child process, then opened here from the datasets cache.
+
+    Tokenizing and packing read the whole dataset through memory maps and build many small Python
+    objects; in a child, neither the pages it read nor its heap (fragmented by then) stay with the
+    caller, a dump rank that lives for days. A streamed dataset is prepared here (a second pass would
+    stream it again)."""
+    if kw.get("streaming"):
+        return prepare(**kw)
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the tokenizer and settings are inherited, not pickled
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_prepare_child, args=(kw, send), name="pikv-prepare")  # not daemonic: it has workers
+    child.start()
+    send.close()  # the child's end: recv() sees EOF if it dies without a word
+    try:
+        error = recv.recv()
+    except EOFError:
+        child.join()
+        error = f"the data preparation process died (exit code {child.exitcode}); see its output above"
+    child.join()
+    if error:
+        raise PikvError(error)
+    return prepare(**kw)
+
+
+def _prepare_child(kw: dict, send) -> None:
+    try:
+        prepare(**kw)
+        send.send(None)
+    except PikvError as e:
+        send.send(str(e))
+    except BaseException as e:  # noqa: BLE001 - the parent says it on one line
+        send.send(f"preparing the data failed: {brief(e)}")
+
+
 def _check_field(records, field: str, chat_field: str | None) -> None:
     columns = list(records.column_names or [])
     if columns and field not in columns:

@@ -268,3 +268,47 @@ def test_streaming_needs_max_sequences():
 
     with pytest.raises(PikvError, match="--streaming reads a hub dataset only as far as needed: give --max-sequences"):
         DumpConfig(teacher="t", data="some/hub-dataset", out="o", streaming=True)
+
+
+def test_a_config_file_sets_flags_and_the_command_line_wins(capsys, monkeypatch, train_cache, student_config, tmp_path):
+    """--config: YAML keys are the flag names (dashes or underscores, --no-X flags, lists for '1,2' values);
+    a flag on the command line overrides the file; the run saves the resolved config as always."""
+    import json
+
+    run = tmp_path / "from-config"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"cache: {train_cache}\nstudent-config: {student_config}\nout: {run}\nmax_steps: 2\n"
+                   "lr: 1.0e-3\ntemperature: 2\nnum-workers: 0\nschedule: constant\nfreeze: [embeddings]\n")
+    code, _, err = run_main(["train-student", "--config", str(cfg), "--max-steps", "3"], capsys, monkeypatch)
+    assert code == 0, err
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["max_steps"], saved["lr"], saved["temperature"], saved["schedule"]) == (3, 1e-3, 2.0, "constant")
+    assert saved["freeze"] == ["embeddings"] and saved["num_workers"] == 0
+    js = tmp_path / "dump.json"
+    js.write_text(json.dumps({"teacher": "t", "data": "d", "out": "o", "temperatures": [1, 3], "no-pack": True,
+                              "targets": "hidden:1"}))
+    from pikv_offline import cli
+
+    seen = {}
+    monkeypatch.setattr("pikv_offline.teacher.dump.run", lambda c: seen.setdefault("cfg", c))
+    code, _, err = run_main(["dump-teacher", "--config", str(js), "--temperatures", "1,2"], capsys, monkeypatch)
+    assert code == 0 and cli is not None, err
+    c = seen["cfg"]
+    assert (c.teacher, c.temperatures, c.pack, c.targets) == ("t", (1.0, 2.0), False, (("hidden", (1,), "bf16"),))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("lr: [1, 2]\n", "--config CFG: lr takes one value"), ("bogus: 1\n", "'bogus' is not a setting of `pikv train-student`"),
+    ("- a\n- b\n", "expected a mapping of flag names to values, got list"), ("a: [\n", "not valid YAML or JSON"),
+    ("no-pack: 1\n", "'no-pack' is not a setting"), ("lr: fast\n", None)])
+def test_a_bad_config_file_is_one_line(text, expected, capsys, monkeypatch, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    code, stdout, stderr = run_main(["train-student", "--config", str(cfg), "--cache", "c", "--out", "o"], capsys,
+                                    monkeypatch)
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code == 2 and "Traceback" not in stderr + stdout, stderr
+    if expected:
+        assert len(lines) == 1 and expected.replace("CFG", str(cfg)) in lines[0], stderr
+    code, _, stderr = run_main(["inspect", "--config", str(tmp_path / "missing.yaml")], capsys, monkeypatch)
+    assert code == 2 and "cannot read it" in stderr, stderr

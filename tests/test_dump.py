@@ -202,23 +202,33 @@ def test_prepared_data_is_reused(llama_teacher, corpus, workdir, monkeypatch):
     other targets) does not tokenize again."""
     from pikv_offline import data as data_mod
 
-    calls = []
+    tally = workdir / "reuse-tally.txt"  # the preparation runs in a forked child: it counts in a file
+    tally.write_text("")
     real = data_mod._tokenize_batch
 
     def spy(batch, **kw):
-        calls.append(len(next(iter(batch.values()))))
+        with open(tally, "a") as f:
+            f.write(f"{len(next(iter(batch.values())))}\n")
         return real(batch, **kw)
+
+    def calls():
+        return [int(x) for x in tally.read_text().split()]
 
     monkeypatch.setattr(data_mod, "_tokenize_batch", spy)
     data = write_jsonl(workdir / "reuse.jsonl", [{"text": f"record {i}: " + "words " * (i % 7 + 3)} for i in range(50)])
     dump(llama_teacher, data, workdir / "reuse-a", max_sequences=3)
-    assert sum(calls) == 50
-    loads = []
+    assert sum(calls()) == 50
     real_load = data_mod.load_records
-    monkeypatch.setattr(data_mod, "load_records", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+
+    def load_spy(*a, **k):
+        with open(tally, "a") as f:
+            f.write("0\n")  # a load counts as a call of no records
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(data_mod, "load_records", load_spy)
     dump(llama_teacher, data, workdir / "reuse-b", max_sequences=5, top_k=4)
-    assert sum(calls) == 50, "the second dump tokenized again"
-    assert loads == [], "the second dump opened the records (the index names the packed files)"
+    assert sum(calls()) == 50, "the second dump tokenized again"
+    assert len(calls()) == 1, "the second dump opened the records (the index names the packed files)"
 
 
 def test_cache_hit_skips_teacher_and_key_mismatch_is_refused(llama_teacher, corpus, workdir, monkeypatch,

@@ -67,11 +67,67 @@ def _params(cls, skip: tuple[str, ...] = ()) -> list:
 
 
 def options(cls, skip: tuple[str, ...] = ()):
-    """Decorator: the command takes the fields of ``cls`` (but ``skip``) as its parameters."""
+    """Decorator: the command takes the fields of ``cls`` (but ``skip``) as its parameters, and --config FILE."""
     def deco(f):
-        f.__click_params__ = getattr(f, "__click_params__", []) + list(reversed(_params(cls, skip)))
+        config = click.Option(["--config"], metavar="FILE", is_eager=True, expose_value=False, callback=_read_config,
+                              help="A YAML or JSON file of settings: its keys are this command's flag names "
+                                   "(top-k or top_k); flags on the command line override it.")
+        f.__click_params__ = getattr(f, "__click_params__", []) + list(reversed(_params(cls, skip))) + [config]
         return f
     return deco
+
+
+def _read_config(ctx: click.Context, param, path: str | None) -> None:
+    """--config FILE: its settings become the command's defaults (click's default_map), so a flag given on
+    the command line wins. Read before any other option (eager)."""
+    if not path:
+        return
+    import yaml  # YAML 1.2 reads JSON too
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise PikvError(f"--config {path}: cannot read it ({e.strerror})")
+    except yaml.YAMLError as e:
+        raise PikvError(f"--config {path}: not valid YAML or JSON ({' '.join(str(e).split())[:200]})")
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise PikvError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    names = {}  # key as written (flag or field name, dashes or underscores) -> (parameter, value of a --no-X flag)
+    shown = set()  # the keys an error lists: the flags, and the arguments' names
+    for p in ctx.command.params:
+        if p.name == "config" or not p.name:
+            continue
+        names[p.name] = names[p.name.replace("_", "-")] = (p, None)
+        if isinstance(p, click.Argument):
+            shown.add(p.name)
+        for opt in getattr(p, "opts", []):
+            if opt.startswith("--"):
+                shown.add(opt[2:])
+                negated = isinstance(p, click.Option) and p.is_flag and opt.startswith("--no-")
+                names[opt[2:]] = names[opt[2:].replace("-", "_")] = (p, negated or None)
+    defaults = {}
+    for key, value in data.items():
+        found = names.get(str(key).lstrip("-"))
+        if found is None:
+            flags = ", ".join(sorted(shown))
+            raise PikvError(f"--config {path}: {key!r} is not a setting of `pikv {ctx.command.name}`; its keys: {flags}")
+        p, negated = found
+        if negated:
+            if not isinstance(value, bool):
+                raise PikvError(f"--config {path}: {key} takes true or false, got {value!r}")
+            value = not value
+        elif isinstance(value, list) and not getattr(p, "multiple", False) \
+                and isinstance(p.type, click.types.StringParamType):
+            value = ",".join(str(v) for v in value)  # a list given as one text, e.g. temperatures: [1, 2, 4]
+        elif getattr(p, "multiple", False) and not isinstance(value, list):
+            value = [value]
+        if isinstance(value, (dict, list)) and not getattr(p, "multiple", False):
+            raise PikvError(f"--config {path}: {key} takes one value, got {value!r}")
+        defaults[p.name] = value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 
 def given(cls, values: dict) -> dict:

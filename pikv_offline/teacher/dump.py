@@ -33,7 +33,7 @@ from ..cache.reader import open_cache, read_root_attrs
 from ..cache.verify import check_integrity
 from ..cache.writer import UnitWriter, create_arrays, resize_arrays
 from ..config import DumpConfig
-from ..data import Prepared, prepare
+from ..data import Prepared, prepare, prepare_in_child
 from ..errors import PikvError
 from ..faults import fault
 from ..modeling import resolve_dtype, text_config, tokenizer_hash
@@ -135,7 +135,7 @@ def _prepare(cfg: DumpConfig, d: dist.Dist, tokenizer, tok_hash: str) -> Prepare
         error = None
         if (d.local_rank == 0) == (turn == 0):
             try:
-                prep = prepare(**kw)
+                prep = prepare_in_child(**kw) if turn == 0 else prepare(**kw)
             except PikvError as e:
                 error = str(e)
         errors = [e for e in dist.all_gather_object(error) if e]
