@@ -312,3 +312,14 @@ def test_a_bad_config_file_is_one_line(text, expected, capsys, monkeypatch, tmp_
         assert len(lines) == 1 and expected.replace("CFG", str(cfg)) in lines[0], stderr
     code, _, stderr = run_main(["inspect", "--config", str(tmp_path / "missing.yaml")], capsys, monkeypatch)
     assert code == 2 and "cannot read it" in stderr, stderr
+
+
+def test_every_command_has_one_config_option(capsys, monkeypatch):
+    """sweep takes the options of two configs; --config is still one option (click warns of a duplicate)."""
+    import warnings
+
+    for command in ("dump-teacher", "inspect", "verify", "train-student", "sweep", "make-student", "eval"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            code, out, err = run_main([command, "--help"], capsys, monkeypatch)
+        assert code == 0 and out.count("--config FILE") == 1, (command, err)

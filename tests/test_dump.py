@@ -251,6 +251,8 @@ def test_cache_hit_skips_teacher_and_key_mismatch_is_refused(llama_teacher, corp
     dump(llama_teacher, corpus, other, max_sequences=4)
     res = dump(llama_teacher, corpus, other, max_sequences=4, top_k=8, overwrite=True)
     assert not res["cache_hit"] and open_cache(str(other)).top_k == 8
+    res = dump(llama_teacher, corpus, other, max_sequences=4, top_k=8, overwrite=True)  # the same inputs
+    assert res["cache_hit"], "--overwrite replaces a cache of other inputs only"
 
 
 def test_tokenizer_is_saved_in_cache(one_rank_cache, tokenizer):

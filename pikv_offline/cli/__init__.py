@@ -72,7 +72,9 @@ def options(cls, skip: tuple[str, ...] = ()):
         config = click.Option(["--config"], metavar="FILE", is_eager=True, expose_value=False, callback=_read_config,
                               help="A YAML or JSON file of settings: its keys are this command's flag names "
                                    "(top-k or top_k); flags on the command line override it.")
-        f.__click_params__ = getattr(f, "__click_params__", []) + list(reversed(_params(cls, skip))) + [config]
+        have = getattr(f, "__click_params__", [])
+        once = [] if any(p.name == "config" for p in have) else [config]  # a command of two configs (sweep)
+        f.__click_params__ = have + list(reversed(_params(cls, skip))) + once
         return f
     return deco
 

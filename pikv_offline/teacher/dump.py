@@ -85,8 +85,8 @@ def _decide(cfg: DumpConfig, key: str, n_seqs: int) -> tuple[str, str]:
     if attrs is None:
         return "error", (f"--out {out} exists and is not a pikv cache; choose a new or empty folder "
                          "(--overwrite only replaces pikv caches)")
-    if attrs.get("cache_key") != key or attrs.get("format_version") != F.FORMAT_VERSION or cfg.overwrite:
-        if cfg.overwrite:
+    if attrs.get("cache_key") != key or attrs.get("format_version") != F.FORMAT_VERSION:
+        if cfg.overwrite:  # only a cache of other inputs: the same inputs are a hit, a resume or an extension
             return "new", f"replacing the cache at {out} (--overwrite)"
         return "error", (f"--out {out} holds a cache of different inputs (teacher, data or settings "
                          "changed, or an older format); use another --out or pass --overwrite")

@@ -25,7 +25,6 @@ import sys
 import numpy as np
 import torch
 
-from ..cache.format import FORMAT_VERSION
 from ..cache.reader import read_root_attrs
 from .corpus import write_corpus
 from .plot import mean_tokens_per_s, plot_runs, read_metrics
@@ -112,19 +111,18 @@ def main(argv=None) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
                 "-m", "pikv_offline"]
     heldout_cache = os.path.join(args.workdir, "cache-heldout")
-    # Caches of an older format (an earlier pikv's demo) are refused by the dump; they and the students
-    # trained from them are this demo's own outputs, so they are made again.
-    stale = read_root_attrs(cache)
-    if stale is not None and stale.get("format_version") != FORMAT_VERSION:
-        print(f"      {cache} has cache format {stale.get('format_version')}, this pikv writes {FORMAT_VERSION}: "
-              "dumping and training again")
-        for name in ("cache", "cache-heldout", "sweep", "kd-only"):
-            shutil.rmtree(os.path.join(args.workdir, name), ignore_errors=True)
     print(f"[3/4] pikv dump-teacher with {args.nproc} ranks -> {cache} (and {heldout_cache})")
+    before = (read_root_attrs(cache) or {}).get("cache_key")
     for data, out in ((corpus, cache), (held_path, heldout_cache)):
+        # --overwrite: a cache of other inputs (an earlier pikv's demo) is this demo's own output, made again;
+        # the same inputs are a cache hit
         subprocess.run(torchrun + ["dump-teacher", "--teacher", teacher, "--data", data, "--out", out,
                                    "--seq-len", str(SEQ), "--top-k", "64", "--temperatures", "1,2,4",
-                                   "--batch-size", "16"], check=True, env=env)
+                                   "--batch-size", "16", "--overwrite"], check=True, env=env)
+    if before is not None and before != read_root_attrs(cache).get("cache_key"):
+        print("      the cache was made again (other inputs than the last demo's): training the students again")
+        for name in ("sweep", "kd-only"):
+            shutil.rmtree(os.path.join(args.workdir, name), ignore_errors=True)
     subprocess.run([sys.executable, "-m", "pikv_offline", "inspect", cache], check=True)
 
     student_cfg = os.path.join(args.workdir, "student.json")
