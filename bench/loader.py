@@ -8,8 +8,9 @@ decodes per optimizer step (the loader reads a rank's positions of a window of 4
 decoding each inner chunk they touch once; an inner chunk is format.inner_chunk sequences), against
 its share (B x A sequences). "interleaved" is the order before format v4, where rank r took
 the B sequences at offset r*B of each micro-step over a per-sequence shuffle: its decode grows with W.
-With --cache: sequences/s of the real TrainStream (one process, decode included) against sequences/s
-that training consumes (train-student, a few steps, the same cache, kd + ce).
+With --cache: sequences/s of the real TrainStream (one process, decode included; read through zarr-python
+and through TensorStore, --reader) against sequences/s that training consumes (train-student, a few
+steps, the same cache, kd + ce).
 """
 
 from __future__ import annotations
@@ -69,22 +70,24 @@ def speeds(args) -> dict:
     cache = open_cache(args.cache)
     index = D.CacheIndex(cache, 0.0)
     p = D.plan_targets(cache, None, 1.0, "auto")
-    stream = D.TrainStream(args.cache, index, p, seed=0, epoch=0, start=0, batch_size=args.batch_size, rank=0,
-                           world_size=1)
-    t0, n = time.perf_counter(), 0
-    for b in stream:
-        n += len(b.sample_id)
-        if n >= args.loader_seqs:
-            break
-    loader = n / (time.perf_counter() - t0)
+    loader = {}
+    for reader in ("zarr", "tensorstore"):
+        stream = D.TrainStream(args.cache, index, p, seed=0, epoch=0, start=0, batch_size=args.batch_size, rank=0,
+                               world_size=1, reader=reader)
+        t0, n = time.perf_counter(), 0
+        for b in stream:
+            n += len(b.sample_id)
+            if n >= args.loader_seqs:
+                break
+        loader[reader] = n / (time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as out:
         res = run(TrainConfig(cache=args.cache, student_config=args.student_config, out=out, max_steps=args.steps,
                               batch_size=args.batch_size, ce_weight=1.0, eval_fraction=0.0, log_every=10**9,
-                              num_workers=0))
+                              num_workers=0, reader="zarr"))
     hist = res["history"]
     train_seqs = (len(hist) - 1) * args.batch_size / (hist[-1][0] - hist[0][0])
-    return {"loader_seqs_per_s": round(loader, 1), "train_seqs_per_s": round(train_seqs, 1),
-            "loader_over_train": round(loader / train_seqs, 2)}
+    return {"loader_seqs_per_s": {k: round(v, 1) for k, v in loader.items()}, "train_seqs_per_s": round(train_seqs, 1),
+            "loader_over_train": {k: round(v / train_seqs, 2) for k, v in loader.items()}}
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from .errors import PikvError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+READERS = ("auto", "zarr", "tensorstore")  # what reads a cache's rows in training (cache.reader.open_cache)
 
 
 def opt(default=dataclasses.MISSING, help: str = "", *, flag: str | None = None, choices=None, parse=None,
@@ -245,6 +246,9 @@ class TrainConfig:
     zero: bool = opt(False, "Shard optimizer state over ranks (ZeroRedundancyOptimizer).")
     loss_chunk: int = opt(0, "Positions per chunk of the LM head + loss (checkpointed); 0 = whole micro-batch.")
     num_workers: int = opt(1, "DataLoader worker processes (0 or 1).")
+    reader: str = opt("auto", "What reads the cache's rows: TensorStore (~6x zarr-python here, the same values; "
+                      "pip install tensorstore, or pikv-offline[fast]) or zarr-python. auto: TensorStore when "
+                      "installed.", choices=READERS)
     hidden_weight: float = opt(0.0, "Hidden-state loss (cache --targets hidden) after a learned student->teacher "
                                "projection.")
     kv_weight: float = opt(0.0, "Key/value loss (cache --targets kv).")

@@ -65,6 +65,40 @@ def test_order_is_a_permutation_and_splits_disjointly(train_cache):
     assert len(seen[0]) == len(seen[1]) == D.micro_steps_per_epoch(len(o0), 3, 2) * 3
 
 
+def test_tensorstore_reads_the_same_batches_as_zarr(train_cache, workdir):
+    """--reader tensorstore (the default when installed) == --reader zarr, batch by batch, bitwise; and a
+    damaged chunk read through TensorStore is the same one line naming the array."""
+    pytest.importorskip("tensorstore")
+    import shutil
+
+    from pikv_offline.cache.reader import open_cache
+
+    cache = open_cache(train_cache)
+    index = D.CacheIndex(cache, 0.1)
+    plan = D.plan_targets(cache, None, 1.0, "auto")
+    got = {}
+    for reader in ("zarr", "tensorstore"):
+        stream = D.TrainStream(train_cache, index, plan, seed=0, epoch=0, start=0, batch_size=3, rank=0,
+                               world_size=1, reader=reader)
+        got[reader] = [b for b in stream]
+    assert len(got["zarr"]) == len(got["tensorstore"]) > 3
+    for a, b in zip(got["zarr"], got["tensorstore"]):
+        for field in ("input_ids", "loss_mask", "sample_id", "head_ids", "head_logprobs", "tnorm", "tail_ids",
+                      "tail_logprobs", "tail_counts"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+    bad = workdir / "tensorstore-damaged"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(train_cache, bad)
+    for f in (p for p in (bad / "logits" / "logprobs" / "c").rglob("*") if p.is_file()):  # every unit: one is read
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    stream = D.TrainStream(str(bad), D.CacheIndex(open_cache(str(bad)), 0.1), plan, seed=0, epoch=0, start=0,
+                           batch_size=3, rank=0, world_size=1, reader="tensorstore")
+    errors = [b for b in stream if isinstance(b, D.StreamError)]
+    assert errors and "logits/logprobs: the stored data of sequences" in errors[0].message, errors
+
+
 def test_grad_accumulation_2_equals_1(train_cache, student_config, tmp_path):
     train(train_cache, student_config, tmp_path / "a", batch_size=8, grad_accum=1, ce_weight=0.3)
     train(train_cache, student_config, tmp_path / "b", batch_size=4, grad_accum=2, ce_weight=0.3)

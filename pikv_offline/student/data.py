@@ -190,7 +190,7 @@ def read_rows(cache: Cache, ids: np.ndarray, names: tuple[str, ...] | None = Non
     names = cache.logit_names if names is None else names
     uniq, inv = np.unique(np.asarray(ids, np.int64), return_inverse=True)
     try:
-        return {name: cache.arrays[name].oindex[uniq][inv] for name in names}
+        return {name: cache.take(name, uniq)[inv] for name in names}
     except Exception as e:  # e.g. a checksum mismatch: name the array and the sequences
         bad = cache.first_unreadable(uniq, names)
         raise PikvError(f"{cache.path}/{bad}: the stored data of sequences {int(uniq[0])}..{int(uniq[-1])} does not "
@@ -225,8 +225,10 @@ class TrainStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, path: str, index: CacheIndex, plan: TargetPlan, *, seed: int, epoch: int, start: int,
-                 batch_size: int, rank: int, world_size: int, grad_accum: int = 1, window_blocks: int = 4):
+                 batch_size: int, rank: int, world_size: int, grad_accum: int = 1, window_blocks: int = 4,
+                 reader: str = "zarr"):
         self.path, self.index, self.plan, self.seed, self.epoch, self.start = path, index, plan, seed, epoch, start
+        self.reader = reader
         self.batch_size, self.rank, self.world, self.window_blocks = batch_size, rank, world_size, window_blocks
         self.grad_accum = grad_accum
 
@@ -237,7 +239,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield StreamError(str(e))
 
     def _batches(self):
-        cache = open_cache(self.path)  # opened here, in the iterating process
+        cache = open_cache(self.path, reader=self.reader)  # opened here, in the iterating process
         order = self.index.epoch_order(self.seed, self.epoch, self.window_blocks)
         b, w, a = self.batch_size, self.world, self.grad_accum
         n_micro = len(order) // (b * w * a) * a
@@ -259,12 +261,12 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 
 def train_batches(path: str, index: CacheIndex, plan: TargetPlan, *, seed: int, batch_size: int, rank: int,
-                  world_size: int, num_workers: int, pin_memory: bool, grad_accum: int = 1):
+                  world_size: int, num_workers: int, pin_memory: bool, grad_accum: int = 1, reader: str = "zarr"):
     """The default data source of train(): ``source(epoch, start)`` -> this rank's Batches of that epoch from
     global micro-step ``start``, read by ``num_workers`` (0 or 1) background DataLoader workers."""
     def source(epoch: int, start: int):
         stream = TrainStream(path, index, plan, seed=seed, epoch=epoch, start=start, batch_size=batch_size,
-                             rank=rank, world_size=world_size, grad_accum=grad_accum)
+                             rank=rank, world_size=world_size, grad_accum=grad_accum, reader=reader)
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                                 pin_memory=pin_memory, prefetch_factor=4 if num_workers else None))
     return source

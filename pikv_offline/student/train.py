@@ -146,7 +146,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     # ---- cache, student, targets -------------------------------------------------------------------
     if not os.path.exists(cfg.cache):
         raise PikvError(f"--cache {cfg.cache} does not exist; create it with `pikv dump-teacher`")
-    cache = open_cache(cfg.cache)
+    cache = open_cache(cfg.cache, reader=cfg.reader)
     cache.check_tokenizer()  # checkpoints carry it
     plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence)
     index = D.CacheIndex(cache, cfg.eval_fraction)
@@ -215,7 +215,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                   open(os.path.join(cfg.out, "config.json"), "w"), indent=2)
     source = source or D.train_batches(cfg.cache, index, plan, seed=cfg.seed, batch_size=cfg.batch_size,
                                        rank=d.rank, world_size=d.world_size, grad_accum=cfg.grad_accum,
-                                       num_workers=cfg.num_workers, pin_memory=d.device.type == "cuda")
+                                       num_workers=cfg.num_workers, pin_memory=d.device.type == "cuda",
+                                       reader=cfg.reader)
     held_out = lambda: D.eval_batches(cache, index, plan, rank=d.rank, world_size=d.world_size,  # noqa: E731
                                       batch_size=cfg.batch_size)
 
