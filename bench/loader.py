@@ -8,8 +8,8 @@ decodes per optimizer step (the loader reads a rank's positions of a window of 4
 decoding each inner chunk they touch once; an inner chunk is format.inner_chunk sequences), against
 its share (B x A sequences). "interleaved" is the order before format v4, where rank r took
 the B sequences at offset r*B of each micro-step over a per-sequence shuffle: its decode grows with W.
-With --cache: sequences/s of the real TrainStream (one process, decode included; read through zarr-python
-and through TensorStore, --reader) against sequences/s that training consumes (train-student, a few
+With --cache: sequences/s of the real loader (its DataLoader worker, decode included; read through
+zarr-python and through TensorStore, --reader) against sequences/s that training consumes (train-student, a few
 steps, the same cache, kd + ce).
 """
 
@@ -71,9 +71,9 @@ def speeds(args) -> dict:
     index = D.CacheIndex(cache, 0.0)
     p = D.plan_targets(cache, None, 1.0, "auto")
     loader = {}
-    for reader in ("zarr", "tensorstore"):
-        stream = D.TrainStream(args.cache, index, p, seed=0, epoch=0, start=0, batch_size=args.batch_size, rank=0,
-                               world_size=1, reader=reader)
+    for reader in ("zarr", "tensorstore"):  # in a DataLoader worker, as training reads (TensorStore only there)
+        stream = D.train_batches(args.cache, index, p, seed=0, batch_size=args.batch_size, rank=0, world_size=1,
+                                 num_workers=1, pin_memory=False, reader=reader)(0, 0)
         t0, n = time.perf_counter(), 0
         for b in stream:
             n += len(b.sample_id)

@@ -246,9 +246,10 @@ class TrainConfig:
     zero: bool = opt(False, "Shard optimizer state over ranks (ZeroRedundancyOptimizer).")
     loss_chunk: int = opt(0, "Positions per chunk of the LM head + loss (checkpointed); 0 = whole micro-batch.")
     num_workers: int = opt(1, "DataLoader worker processes (0 or 1).")
-    reader: str = opt("auto", "What reads the cache's rows: TensorStore (~6x zarr-python here, the same values; "
-                      "pip install tensorstore, or pikv-offline[fast]) or zarr-python. auto: TensorStore when "
-                      "installed.", choices=READERS)
+    reader: str = opt("auto", "What the loader's worker reads the cache's rows with: TensorStore (~6x zarr-python "
+                      "here, the same values; pip install tensorstore, or pikv-offline[fast]) or zarr-python. auto: "
+                      "TensorStore when installed. With --num-workers 0 rows are read by zarr-python.",
+                      choices=READERS)
     hidden_weight: float = opt(0.0, "Hidden-state loss (cache --targets hidden) after a learned student->teacher "
                                "projection.")
     kv_weight: float = opt(0.0, "Key/value loss (cache --targets kv).")
@@ -262,6 +263,9 @@ class TrainConfig:
     freeze: tuple = opt((), "Freeze mlp, embeddings (with a tied head: the head too) or layers:0,2. Repeatable.")
 
     def __post_init__(self):
+        if self.reader == "tensorstore" and self.num_workers == 0:
+            raise PikvError("--reader tensorstore reads in the loader's worker process: use --num-workers 1 (TensorStore "
+                            "is not fork-safe, so the training process itself reads with zarr-python)")
         if isinstance(self.resume, bool):  # resume=True from Python means --resume
             object.__setattr__(self, "resume", "strict" if self.resume else "no")
         if self.resume not in RESUMES:

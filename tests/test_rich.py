@@ -11,6 +11,8 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -445,7 +447,7 @@ def test_every_array_reads_the_same_through_tensorstore(workdir, moe_teacher, co
     """The cache is a public contract: an independent Zarr v3 implementation (TensorStore, the one
     JAX/Orbax use) opens every array of a cache with a sampled tail and every rich target, through its
     sharding, blosc and crc32c codecs, and reads what zarr-python reads."""
-    ts = pytest.importorskip("tensorstore")  # a dev dependency (pip install -e '.[dev]')
+    pytest.importorskip("tensorstore")  # a dev dependency (pip install -e '.[dev]')
     out = workdir / "tensorstore-cache"
     r = pikv_subprocess(["dump-teacher", "--teacher", moe_teacher, "--data", corpus, "--out", str(out), "--seq-len", "16",
                          "--max-sequences", "10", "--top-k", "8", "--sampled-tail", "4", "--shard-size", "4",
@@ -455,10 +457,17 @@ def test_every_array_reads_the_same_through_tensorstore(workdir, moe_teacher, co
     on_disk = sorted(os.path.relpath(os.path.dirname(p), out) for p in glob.glob(f"{out}/**/zarr.json", recursive=True)
                      if zarr.open(os.path.dirname(p), mode="r").__class__.__name__ == "Array")
     assert on_disk == sorted(cache.names) and len(on_disk) >= 15, on_disk
-    for name in cache.names:
-        t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / name)}}, read=True).result()
-        mine = cache.arrays[name][:]
-        theirs = t.read().result()
-        assert theirs.dtype == mine.dtype and theirs.shape == mine.shape, name
-        np.testing.assert_array_equal(theirs, mine, err_msg=name)
-        assert mine.any() or name == F.LOSS_MASK, name  # real data, not fill values
+    # In a child process: TensorStore is not fork-safe, and this test process forks DataLoader workers later.
+    check = (
+        "import sys, numpy as np, tensorstore as ts, zarr\n"
+        "out, names = sys.argv[1], sys.argv[2:]\n"
+        "for name in names:\n"
+        "    theirs = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': f'{out}/{name}'}},\n"
+        "                     read=True).result().read().result()\n"
+        "    mine = zarr.open_array(f'{out}/{name}', mode='r')[:]\n"
+        "    assert theirs.dtype == mine.dtype and theirs.shape == mine.shape, name\n"
+        "    np.testing.assert_array_equal(theirs, mine, err_msg=name)\n"
+        "    assert mine.any() or name == 'loss_mask', name  # real data, not fill values\n"
+        "print('ok', len(names))\n")
+    r = subprocess.run([sys.executable, "-c", check, str(out), *cache.names], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == f"ok {len(cache.names)}", r.stderr[-3000:]

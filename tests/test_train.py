@@ -67,7 +67,8 @@ def test_order_is_a_permutation_and_splits_disjointly(train_cache):
 
 def test_tensorstore_reads_the_same_batches_as_zarr(train_cache, workdir):
     """--reader tensorstore (the default when installed) == --reader zarr, batch by batch, bitwise; and a
-    damaged chunk read through TensorStore is the same one line naming the array."""
+    damaged chunk read through TensorStore is the same one line naming the array. TensorStore runs in the
+    DataLoader worker only (it is not fork-safe: this test process must not use it)."""
     pytest.importorskip("tensorstore")
     import shutil
 
@@ -78,9 +79,9 @@ def test_tensorstore_reads_the_same_batches_as_zarr(train_cache, workdir):
     plan = D.plan_targets(cache, None, 1.0, "auto")
     got = {}
     for reader in ("zarr", "tensorstore"):
-        stream = D.TrainStream(train_cache, index, plan, seed=0, epoch=0, start=0, batch_size=3, rank=0,
-                               world_size=1, reader=reader)
-        got[reader] = [b for b in stream]
+        source = D.train_batches(train_cache, index, plan, seed=0, batch_size=3, rank=0, world_size=1, num_workers=1,
+                                 pin_memory=False, reader=reader)
+        got[reader] = list(source(0, 0))
     assert len(got["zarr"]) == len(got["tensorstore"]) > 3
     for a, b in zip(got["zarr"], got["tensorstore"]):
         for field in ("input_ids", "loss_mask", "sample_id", "head_ids", "head_logprobs", "tnorm", "tail_ids",
@@ -93,9 +94,9 @@ def test_tensorstore_reads_the_same_batches_as_zarr(train_cache, workdir):
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 0xFF
         f.write_bytes(bytes(data))
-    stream = D.TrainStream(str(bad), D.CacheIndex(open_cache(str(bad)), 0.1), plan, seed=0, epoch=0, start=0,
-                           batch_size=3, rank=0, world_size=1, reader="tensorstore")
-    errors = [b for b in stream if isinstance(b, D.StreamError)]
+    source = D.train_batches(str(bad), D.CacheIndex(open_cache(str(bad)), 0.1), plan, seed=0, batch_size=3, rank=0,
+                             world_size=1, num_workers=1, pin_memory=False, reader="tensorstore")
+    errors = [b for b in source(0, 0) if isinstance(b, D.StreamError)]
     assert errors and "logits/logprobs: the stored data of sequences" in errors[0].message, errors
 
 

@@ -211,7 +211,8 @@ def open_cache(path: str, allow_incomplete: bool = False, check: bool = True, re
 
 def _tensorstore(path: str, arrays: dict, required: bool) -> dict | None:
     """TensorStore handles of the arrays (an independent Zarr v3 reader; checksums verified as zarr-python
-    does), or None when it is not installed and not ``required``."""
+    does), or None when it is not installed and not ``required``. A process that used TensorStore must
+    not fork a child that uses it (the child aborts): open it in the process that reads."""
     try:
         import tensorstore as ts
     except ImportError:

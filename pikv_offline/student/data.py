@@ -239,7 +239,10 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield StreamError(str(e))
 
     def _batches(self):
-        cache = open_cache(self.path, reader=self.reader)  # opened here, in the iterating process
+        # Opened here, in the iterating process. TensorStore only in a DataLoader worker: a process that used
+        # it cannot fork a child that uses it (the child aborts), and the trainer forks a worker each epoch.
+        in_worker = torch.utils.data.get_worker_info() is not None
+        cache = open_cache(self.path, reader=self.reader if in_worker else "zarr")
         order = self.index.epoch_order(self.seed, self.epoch, self.window_blocks)
         b, w, a = self.batch_size, self.world, self.grad_accum
         n_micro = len(order) // (b * w * a) * a

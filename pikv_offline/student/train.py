@@ -146,7 +146,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     # ---- cache, student, targets -------------------------------------------------------------------
     if not os.path.exists(cfg.cache):
         raise PikvError(f"--cache {cfg.cache} does not exist; create it with `pikv dump-teacher`")
-    cache = open_cache(cfg.cache, reader=cfg.reader)
+    cache = open_cache(cfg.cache)  # zarr-python here: TensorStore is not fork-safe, and the loader's worker is forked
     cache.check_tokenizer()  # checkpoints carry it
     plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence)
     index = D.CacheIndex(cache, cfg.eval_fraction)
