@@ -211,8 +211,8 @@ class TrainConfig:
     out: str = opt(help="Run folder: checkpoints, final/, metrics.jsonl.")
     student: str | None = opt(None, "Student: a HF model folder or hub id (fine-tuned from its weights).")
     student_config: str | None = opt(None, "Student: a config json (fresh init with AutoConfig.for_model).")
-    trust_remote_code: bool = opt(False, "Run the model code a --student folder or hub repo ships (its auto_map); "
-                                  "off: such a model is refused.")
+    trust_remote_code: bool = opt(False, "Run the code a --student folder or hub repo, or the cache's tokenizer, ships "
+                                  "(an auto_map); off: such a model or tokenizer is refused.")
     kd_weight: float = opt(1.0)
     ce_weight: float = opt(0.0)
     temperature: float = opt(1.0)
@@ -371,8 +371,8 @@ class VerifyConfig:
                          "mode and T.")
     teacher: str | None = opt(None, "The teacher that wrote the cache (for --recompute).")
     student: str | None = opt(None, "A student folder: adds the gradient angle of each mode vs full KD.")
-    trust_remote_code: bool = opt(False, "Run the model code the teacher's folder or hub repo ships (its auto_map); "
-                                  "off: such a model is refused.")
+    trust_remote_code: bool = opt(False, "Run the code the teacher, the --student or the cache's tokenizer ships "
+                                  "(an auto_map); off: such a model or tokenizer is refused.")
     device: str = opt("auto", choices=DEVICES)
     batch_size: int = opt(8)
     as_json: bool = opt(False, "Print one JSON object.", flag="--json")

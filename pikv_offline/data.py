@@ -23,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import PikvError, brief
+from .faults import fault
 
 PREP_VERSION = 2  # bump when tokenizing or packing changes what a source becomes
 PACK_DOCS = 1000  # documents packed together (one map batch)
@@ -356,19 +358,36 @@ def prepare_in_child(**kw) -> Prepared:
     recv, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_prepare_child, args=(kw, send), name="pikv-prepare")  # not daemonic: it has workers
     child.start()
-    send.close()  # the child's end: recv() sees EOF if it dies without a word
+    send.close()
+    error = None
     try:
-        error = recv.recv()
+        # Polled: when the child dies (the OOM killer), its map workers may hold the pipe open, so no EOF comes.
+        while not recv.poll(1.0):
+            if not child.is_alive():
+                break
+        if recv.poll(0):
+            error = recv.recv()
+        else:
+            child.join()
+            error = f"the data preparation process died (exit code {child.exitcode}); see its output above"
     except EOFError:
         child.join()
         error = f"the data preparation process died (exit code {child.exitcode}); see its output above"
-    child.join()
+    finally:
+        if child.pid is not None:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)  # its workers, orphaned if it died or we were interrupted
+            except (ProcessLookupError, PermissionError):
+                pass
+        child.join()
     if error:
         raise PikvError(error)
     return prepare(**kw)
 
 
 def _prepare_child(kw: dict, send) -> None:
+    os.setpgrp()  # its own process group, with the map workers it starts: killed together
+    fault("prepare", 1)  # test hook (PIKV_FAULT=prepare:1): the preparation process dies
     try:
         prepare(**kw)
         send.send(None)
@@ -421,15 +440,18 @@ def _find_prepared(fp: str):
         with open(index) as f:
             entry = json.load(f)
         files = [os.path.realpath(os.path.join(root, rel)) for rel in entry["files"]]
-        if not files or not all(f.startswith(root + os.sep) and os.path.getsize(f) == size
-                                for f, size in zip(files, entry["sizes"], strict=True)):
+        # the maps name their files by the fingerprint (cache-FP.arrow, cache-FP_00000_of_00002.arrow): files of
+        # another preparation, or one file twice, are not this one's rows
+        if not files or len(set(files)) != len(files) or not all(
+                f.startswith(root + os.sep) and os.path.basename(f).startswith(f"cache-{fp}")
+                and os.path.getsize(f) == size for f, size in zip(files, entry["sizes"], strict=True)):
             return None
         parts = [datasets.Dataset.from_file(f) for f in files]
         packed = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         if len(packed) != entry["rows"] or not isinstance(entry["skipped"], int):
             return None
         return packed, entry["skipped"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 

@@ -3,7 +3,7 @@
     PIKV_FAULT=commit:2 pikv dump-teacher ...        # SIGKILL right after this process's 2nd unit commit
     PIKV_FAULT=step:3@1 torchrun ... train-student   # rank 1 dies after optimizer step 3 (first attempt only)
 
-Points: forward:1 (before the dump's first forward), write:N / commit:N (after the N-th unit's data /
+Points: prepare:1 (the dump's data preparation process, at its start), forward:1 (before the dump's first forward), write:N / commit:N (after the N-th unit's data /
 marker), complete:1 (before the dump's final commit), enospc:N (the N-th unit's write fails as on a
 full disk: raises instead of killing), step:N (after training step N). Under torchrun's restarts a
 fault fires on the first attempt only (TORCHELASTIC_RESTART_COUNT 0), so a restarted run can finish.

@@ -290,15 +290,25 @@ def test_a_config_file_sets_flags_and_the_command_line_wins(capsys, monkeypatch,
     from pikv_offline import cli
 
     seen = {}
-    monkeypatch.setattr("pikv_offline.teacher.dump.run", lambda c: seen.setdefault("cfg", c))
+    monkeypatch.setattr("pikv_offline.teacher.dump.run", lambda c: seen.__setitem__("cfg", c))
     code, _, err = run_main(["dump-teacher", "--config", str(js), "--temperatures", "1,2"], capsys, monkeypatch)
     assert code == 0 and cli is not None, err
     c = seen["cfg"]
     assert (c.teacher, c.temperatures, c.pack, c.targets) == ("t", (1.0, 2.0), False, (("hidden", (1,), "bf16"),))
+    later = tmp_path / "later.yaml"
+    later.write_text("teacher: t2\ntop_k: 5\n")
+    code, _, err = run_main(["dump-teacher", "--config", str(js), "--config", str(later)], capsys, monkeypatch)
+    assert code == 0, err
+    c = seen["cfg"]
+    assert (c.teacher, c.top_k, c.temperatures, c.pack) == ("t2", 5, (1.0, 3.0), False)  # the later file wins
+
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("lr: [1, 2]\n", "--config CFG: lr takes one value"), ("bogus: 1\n", "'bogus' is not a setting of `pikv train-student`"),
+    ("lr: [1, 2]\n", "--config CFG: lr takes a number"), ("bogus: 1\n", "'bogus' is not a setting of `pikv train-student`"),
+    ("max-steps: .inf\n", "max-steps takes an integer"), ("max-steps: 2.5\n", "max-steps takes an integer"),
+    ("max-steps: true\n", "max-steps takes an integer"), ("out: null\n", "out takes a value"),
+    ("out: [a, b]\n", "out takes one text value"), ("tensorboard: 1\n", "tensorboard takes true or false"),
     ("- a\n- b\n", "expected a mapping of flag names to values, got list"), ("a: [\n", "not valid YAML or JSON"),
     ("no-pack: 1\n", "'no-pack' is not a setting"), ("lr: fast\n", None)])
 def test_a_bad_config_file_is_one_line(text, expected, capsys, monkeypatch, tmp_path):
@@ -312,6 +322,10 @@ def test_a_bad_config_file_is_one_line(text, expected, capsys, monkeypatch, tmp_
         assert len(lines) == 1 and expected.replace("CFG", str(cfg)) in lines[0], stderr
     code, _, stderr = run_main(["inspect", "--config", str(tmp_path / "missing.yaml")], capsys, monkeypatch)
     assert code == 2 and "cannot read it" in stderr, stderr
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    code, _, stderr = run_main(["inspect", "--config", str(binary)], capsys, monkeypatch)
+    assert code == 2 and "not UTF-8 text" in stderr and "Traceback" not in stderr, stderr
 
 
 def test_every_command_has_one_config_option(capsys, monkeypatch):

@@ -138,3 +138,44 @@ def test_a_teachers_own_model_code_runs_only_with_trust_remote_code(llama_teache
     p = pikv_subprocess([*args, "--trust-remote-code"], env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert ran.read_text() == "ran" and open_cache(str(out)).attrs.teacher["model_type"] == "shipped"
+    # the same code as a --student of verify, and as the cache's own tokenizer: refused, never prompted for
+    import subprocess
+    import sys
+
+    ran.unlink()
+    env_all = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    p = subprocess.run([sys.executable, "-m", "pikv_offline", "verify", str(out), "--recompute", "2", "--teacher",
+                        str(folder), "--trust-remote-code", "--student", str(folder)], input="y\n", capture_output=True,
+                       text=True, env=env_all, timeout=300)
+    assert p.returncode == 0 and ran.exists(), p.stderr[-2000:]  # trusted: the teacher's and the student's code
+    ran.unlink()
+    stranger = workdir / "remote-code-stranger-cache"
+    shutil.rmtree(stranger, ignore_errors=True)
+    shutil.copytree(out, stranger)
+    tok_dir = stranger / Y.TOKENIZER_DIR
+    shutil.copy(folder / "configuration_shipped.py", tok_dir / "tokenization_shipped.py")
+    tc = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    tc["auto_map"] = {"AutoTokenizer": [None, "tokenization_shipped.ShippedTokenizer"]}
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(tc))
+    p = subprocess.run([sys.executable, "-m", "pikv_offline", "verify", str(stranger)], input="y\n",
+                       capture_output=True, text=True, env=env_all, timeout=300)
+    assert p.returncode == 0 and not ran.exists(), p.stderr[-2000:]  # its own fast tokenizer class, no code run
+    p = subprocess.run([sys.executable, "-m", "pikv_offline", "verify", str(out), "--recompute", "2", "--teacher",
+                        str(folder), "--student", str(folder)], input="y\n", capture_output=True, text=True,
+                       env=env_all, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error")]
+    assert p.returncode == 2 and len(lines) == 1 and "--trust-remote-code" in lines[0], p.stderr[-2000:]
+    assert not ran.exists()
+
+
+def test_shipped_code_of_a_known_model_type_is_said_not_run(llama_teacher, corpus, workdir):
+    """transformers uses its own class for a known model type whose config has an auto_map: said on one line."""
+    folder = workdir / "known-type-auto-map"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(llama_teacher, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    p = pikv_subprocess(["dump-teacher", "--teacher", str(folder), "--data", corpus, "--out", str(workdir / "known-type"),
+                         "--seq-len", "16", "--top-k", "4", "--max-sequences", "4", "--shard-size", "4"])
+    assert p.returncode == 0 and "ships model code (auto_map) that is not run" in p.stdout, p.stdout + p.stderr[-2000:]

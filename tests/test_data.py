@@ -80,7 +80,10 @@ def test_a_damaged_or_hostile_index_is_not_followed(tokenizer, workdir):
     assert D._find_prepared(first.fingerprint) is not None
     outside = workdir / "outside.arrow"
     outside.write_bytes(b"x" * 10)
-    for bad in ({**entry, "files": [os.path.relpath(outside, root)], "sizes": [10]},
+    other = write_jsonl(workdir / "index-other.jsonl", [{"text": f"another corpus {i}"} for i in range(30)])
+    theirs = json.load(open(D._index_path(D.prepare(**{**kw, "data": other}).fingerprint)[1]))
+    for bad in ({**entry, "files": [os.path.relpath(outside, root)], "sizes": [10]}, theirs,
+                {**entry, "files": entry["files"] * 2, "sizes": entry["sizes"] * 2, "rows": entry["rows"] * 2},
                 {**entry, "sizes": [s + 1 for s in entry["sizes"]]}, {**entry, "rows": "many"}, "not json"):
         with open(index, "w") as f:
             f.write(bad if isinstance(bad, str) else json.dumps(bad))

@@ -113,3 +113,48 @@ def test_repair_refuses_what_it_cannot_repair(good, llama_teacher, corpus, workd
     assert _one_error_line(p) and "none of its units were written by this command" in p.stderr, p.stderr
     assert sorted(os.listdir(stranger)) == ["notes.txt"]
     assert zarr.open_group(str(good), mode="r").attrs[Y.ROOT_ATTR]["complete"]
+
+
+def test_repair_never_writes_or_deletes_outside_the_cache(good, llama_teacher, corpus, workdir):
+    """A planted zarr.json.tmp link is not written through; a chunk folder that is a link out of the cache
+    is refused on one line with nothing outside deleted; a chunk folder replaced by a file is repaired."""
+    outside = workdir / "repair-outside"
+    shutil.rmtree(outside, ignore_errors=True)
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_text("precious")
+    bad = workdir / "repair-tmp-link"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(good, bad)
+    (bad / F.HEAD_LOGPROBS / "zarr.json.tmp").symlink_to(victim)
+    (bad / F.HEAD_LOGPROBS / "zarr.json").write_text("{bad")
+    p = pikv_subprocess(_args(llama_teacher, corpus, bad, "--repair"))
+    assert p.returncode == 0 and f"rewrote the metadata of {F.HEAD_LOGPROBS}" in p.stdout, p.stderr[-2000:]
+    assert victim.read_text() == "precious" and not (bad / F.HEAD_LOGPROBS / "zarr.json").is_symlink()
+    _same_content(good, bad)
+
+    linked = workdir / "repair-dir-link"
+    shutil.rmtree(linked, ignore_errors=True)
+    shutil.copytree(good, linked)
+    shutil.move(linked / F.TNORM / "c", outside / "tnorm-c")
+    (linked / F.TNORM / "c").symlink_to(outside / "tnorm-c")
+    next(p for p in (outside / "tnorm-c" / "3").rglob("*") if p.is_file()).unlink()  # unit 3 damaged behind the link
+    before = sorted(p.name for p in (outside / "tnorm-c").rglob("*"))
+    p = pikv_subprocess(_args(llama_teacher, corpus, linked, "--repair"))
+    assert _one_error_line(p) and "is a symbolic link" in p.stderr, p.stderr[-2000:]
+    assert sorted(p.name for p in (outside / "tnorm-c").rglob("*")) == before and victim.read_text() == "precious"
+
+    filed = workdir / "repair-file-for-folder"
+    shutil.rmtree(filed, ignore_errors=True)
+    shutil.copytree(good, filed)
+    shutil.rmtree(filed / F.TNORM / "c")
+    (filed / F.TNORM / "c").write_text("x")
+    p = pikv_subprocess(_args(llama_teacher, corpus, filed, "--repair"))
+    assert p.returncode == 0 and "verify passed" in p.stdout, p.stderr[-2000:]
+    _same_content(good, filed)
+
+
+def test_a_dead_preparation_is_one_line(llama_teacher, corpus, workdir):
+    p = pikv_subprocess(_args(llama_teacher, corpus, workdir / "repair-prep-died"),
+                        env={"PIKV_FAULT": "prepare:1", "HF_DATASETS_CACHE": str(workdir / "hf-prep-died")})
+    assert _one_error_line(p) and "the data preparation process died (exit code -9)" in p.stderr, p.stderr[-2000:]

@@ -110,15 +110,19 @@ class Cache:
         """The stored log-probs' relative rounding error (their encoding's)."""
         return F.ENCODINGS[self.encoding].relative_error
 
-    def check_tokenizer(self) -> None:
-        """The saved tokenizer is the one the cache was written with (its hash), so checkpoints copy the right one."""
+    def check_tokenizer(self, trust_remote_code: bool = False) -> None:
+        """The saved tokenizer is the one the cache was written with (its hash), so checkpoints copy the right one.
+        Code it ships (an auto_map) runs only with ``trust_remote_code`` (never a prompt: False, not None)."""
         from transformers import AutoTokenizer
 
         from ..modeling import tokenizer_hash
 
         try:
-            tok = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            tok = AutoTokenizer.from_pretrained(self.tokenizer_path, trust_remote_code=trust_remote_code)
         except Exception as e:
+            if "trust_remote_code" in str(e):
+                raise PikvError(f"{self.tokenizer_path}: the cache's tokenizer ships its own code (auto_map), which "
+                                "runs only with --trust-remote-code: read that code first, then pass the flag")
             raise PikvError(f"{self.tokenizer_path}: the cache's tokenizer does not load ({brief(e)}); the cache is "
                             "damaged, re-dump it")
         if tokenizer_hash(tok) != self.attrs.tokenizer_sha256:

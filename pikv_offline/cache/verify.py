@@ -26,9 +26,9 @@ REMEDY = ("re-run the `pikv dump-teacher` command that wrote it with --repair (i
           "units), or re-dump it")
 
 
-def check_integrity(path: str) -> dict:
+def check_integrity(path: str, trust_remote_code: bool = False) -> dict:
     cache = open_cache(path)  # refuses a non-cache, an unknown version, an incomplete cache, missing files
-    cache.check_tokenizer()
+    cache.check_tokenizer(trust_remote_code)
     attrs = cache.attrs
     loss_tokens, hashes = 0, []
     for u in range(attrs.n_units):
@@ -61,7 +61,8 @@ def unit_problem(cache: Cache, u: int, inputs: tuple[np.ndarray, np.ndarray] | N
     except PikvError:  # a torn or edited marker is damage of this unit
         return None, f"has a damaged marker ({Y.marker_name(u)} is not a valid marker)"
     if marker is None or not marker.holds(u, a.n_sequences, a.unit_seqs, a.cache_key):
-        return marker, f"is not committed for this cache (marker {marker})"
+        return marker, ("is not committed (no marker)" if marker is None else
+                        "is not committed for this cache (its marker is of another cache, unit or range)")
     missing = cache.missing_shard(u)
     if missing:
         return marker, f"has no data in {missing[0]} (no file {missing[1]})"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -62,16 +63,20 @@ def _params(cls, skip: tuple[str, ...] = ()) -> list:
                 kw.update(is_flag=False, flag_value=m["flag_value"])
             if not required:  # click >= 8.3 takes an explicit default=None as given: a required one has none
                 kw.update(default=f.default, show_default=f.default is not None)
-        params.append(click.Option([flag, f.name], **kw))
+        option = click.Option([flag, f.name], **kw)
+        option.pikv_joined = m.get("parse") is not None and kind is not tuple  # one text such as '1,2,4'
+        option.pikv_flag_value = m.get("flag_value")  # the value of the option given alone (--resume)
+        params.append(option)
     return params
 
 
 def options(cls, skip: tuple[str, ...] = ()):
     """Decorator: the command takes the fields of ``cls`` (but ``skip``) as its parameters, and --config FILE."""
     def deco(f):
-        config = click.Option(["--config"], metavar="FILE", is_eager=True, expose_value=False, callback=_read_config,
-                              help="A YAML or JSON file of settings: its keys are this command's flag names "
-                                   "(top-k or top_k); flags on the command line override it.")
+        config = click.Option(["--config"], metavar="FILE", is_eager=True, expose_value=False, callback=_read_configs,
+                              multiple=True, help="A YAML or JSON file of settings: its keys are this command's flag "
+                                                  "names (top-k or top_k); flags on the command line override it, a "
+                                                  "later --config an earlier one.")
         have = getattr(f, "__click_params__", [])
         once = [] if any(p.name == "config" for p in have) else [config]  # a command of two configs (sweep)
         f.__click_params__ = have + list(reversed(_params(cls, skip))) + once
@@ -79,19 +84,29 @@ def options(cls, skip: tuple[str, ...] = ()):
     return deco
 
 
-def _read_config(ctx: click.Context, param, path: str | None) -> None:
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_configs(ctx: click.Context, param, paths: tuple[str, ...]) -> None:
+    for path in paths:
+        _read_config(ctx, path)
+
+
+def _read_config(ctx: click.Context, path: str) -> None:
     """--config FILE: its settings become the command's defaults (click's default_map), so a flag given on
-    the command line wins. Read before any other option (eager)."""
-    if not path:
-        return
+    the command line wins. Read before any other option (eager). Each value must be of its flag's kind."""
     import yaml  # YAML 1.2 reads JSON too
 
     try:
-        with open(path) as f:
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise PikvError(f"--config {path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a settings file is a few lines")
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as e:
         raise PikvError(f"--config {path}: cannot read it ({e.strerror})")
-    except yaml.YAMLError as e:
+    except UnicodeDecodeError as e:
+        raise PikvError(f"--config {path}: not UTF-8 text (byte {e.start}); give a YAML or JSON file")
+    except (yaml.YAMLError, RecursionError) as e:
         raise PikvError(f"--config {path}: not valid YAML or JSON ({' '.join(str(e).split())[:200]})")
     if data is None:
         return
@@ -117,18 +132,7 @@ def _read_config(ctx: click.Context, param, path: str | None) -> None:
             flags = ", ".join(sorted(shown))
             raise PikvError(f"--config {path}: {key!r} is not a setting of `pikv {ctx.command.name}`; its keys: {flags}")
         p, negated = found
-        if negated:
-            if not isinstance(value, bool):
-                raise PikvError(f"--config {path}: {key} takes true or false, got {value!r}")
-            value = not value
-        elif isinstance(value, list) and not getattr(p, "multiple", False) \
-                and isinstance(p.type, click.types.StringParamType):
-            value = ",".join(str(v) for v in value)  # a list given as one text, e.g. temperatures: [1, 2, 4]
-        elif getattr(p, "multiple", False) and not isinstance(value, list):
-            value = [value]
-        if isinstance(value, (dict, list)) and not getattr(p, "multiple", False):
-            raise PikvError(f"--config {path}: {key} takes one value, got {value!r}")
-        defaults[p.name] = value
+        defaults[p.name] = _config_value(path, key, value, p, negated)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 
@@ -147,6 +151,43 @@ def given(cls, values: dict) -> dict:
 
 def build(cls, values: dict):
     return cls(**given(cls, values))
+
+
+def _config_value(path: str, key, value, p, negated):
+    """A --config value as click takes it for parameter ``p``, or one line saying what is wrong."""
+    def bad(what: str) -> PikvError:
+        return PikvError(f"--config {path}: {key} takes {what}, got {value!r}")
+
+    def scalar(v) -> bool:
+        return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+
+    if value is None:
+        raise bad("a value (leave the key out for the default)")
+    if negated or (isinstance(p, click.Option) and p.is_flag):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return not value if negated else value
+    if value is True and getattr(p, "pikv_flag_value", None) is not None:
+        return p.pikv_flag_value  # e.g. resume: true, as --resume alone
+    if getattr(p, "multiple", False):
+        values = value if isinstance(value, list) else [value]
+        if not all(scalar(v) for v in values):
+            raise bad("a value or a list of values")
+        return [str(v) for v in values]
+    if isinstance(value, list) and getattr(p, "pikv_joined", False):
+        if not value or not all(scalar(v) for v in value):
+            raise bad("a list of values")
+        return ",".join(str(v) for v in value)  # e.g. temperatures: [1, 2, 4]
+    kind = p.type
+    if isinstance(kind, click.types.IntParamType):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("an integer")
+    elif isinstance(kind, click.types.FloatParamType):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad("a number")
+    elif not isinstance(value, str) and not (scalar(value) and getattr(p, "pikv_joined", False)):
+        raise bad("one text value")
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -147,7 +147,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     if not os.path.exists(cfg.cache):
         raise PikvError(f"--cache {cfg.cache} does not exist; create it with `pikv dump-teacher`")
     cache = open_cache(cfg.cache)  # zarr-python here: TensorStore is not fork-safe, and the loader's worker is forked
-    cache.check_tokenizer()  # checkpoints carry it
+    cache.check_tokenizer(cfg.trust_remote_code)  # checkpoints carry it
     plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence)
     index = D.CacheIndex(cache, cfg.eval_fraction)
     steps_per_epoch = D.micro_steps_per_epoch(len(index.train), cfg.batch_size, d.world_size) // cfg.grad_accum

@@ -221,7 +221,7 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
                 _regrow(cfg, n_seqs, data_info)
             elif decision == "repair":
                 message = "\n".join([message, *(f"repair: {n}" for n in R.fix_skeleton(cfg.out, fresh, tokenizer,
-                                                                                          vocab))])
+                                                                                          vocab, cfg.trust_remote_code))])
         except PikvError as e:
             decision, message = "error", str(e)
         except OSError as e:  # a read-only or full --out
@@ -317,8 +317,10 @@ def _repair_units(cfg: DumpConfig, d: dist.Dist, prep: Prepared) -> bool:
                 dist.print0(f"repair: {R.describe_damage(attrs, bad)}; recomputing them")
                 R.uncommit(cfg.out, sorted(bad))
             left = bool(bad) or not attrs.complete
-        except (PikvError, OSError) as e:
-            left = f"--repair: {e}"
+        except PikvError as e:
+            left = str(e)
+        except OSError as e:
+            left = f"--repair: cannot un-commit the damaged units at --out {cfg.out} ({e})"
     left = dist.broadcast_object(left)
     if isinstance(left, str):
         raise PikvError(left)
@@ -332,7 +334,7 @@ def _verified(cfg: DumpConfig, d: dist.Dist, result: dict) -> dict:
     error = None
     if d.is_main:
         try:
-            result["verify"] = check_integrity(cfg.out)
+            result["verify"] = check_integrity(cfg.out, cfg.trust_remote_code)
             dist.print0(f"repair: verify passed ({result['verify']['units']} units)")
         except PikvError as e:
             error = f"--repair finished but verify fails: {e}"

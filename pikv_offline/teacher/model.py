@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from ..dist import print0
 from ..errors import PikvError, brief
 from ..cache import format as F
 from ..modeling import (Capture, hidden_width, kv_shape, layer_count, lm_logits, load_error, moe_layers,
@@ -71,9 +72,13 @@ def load_config(folder: str, teacher: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise PikvError(load_error(e, "--teacher", teacher, "cannot read its config.json"))
+    if getattr(config, "auto_map", None) and not trust_remote_code:  # transformers falls back to its own class
+        print0(f"note: --teacher {teacher} ships model code (auto_map) that is not run; transformers' own "
+               f"{config.model_type} classes are used (pass --trust-remote-code to run the shipped code)")
+    return config
 
 
 def context_length(config) -> int | None:

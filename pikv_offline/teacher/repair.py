@@ -46,7 +46,7 @@ def _root(out: str, key: str) -> tuple[Y.RootAttrs | None, str]:
                         f"{key}); repair it with the command that wrote it (see `pikv inspect`)")
     if attrs is None and _our_unit_seqs(out, key) is None and (raw or {}).get("cache_key") != key:
         raise PikvError(f"--repair: the root of --out {out} is damaged or missing ({why}) and none of its units were "
-                        "written by this command: nothing to repair from (re-dump it with --overwrite)")
+                        "written by this command: nothing to repair from (dump into a new --out)")
     return attrs, why
 
 
@@ -55,7 +55,7 @@ def check_ours(out: str, key: str) -> None:
     _root(out, key)
 
 
-def fix_skeleton(out: str, fresh: Y.RootAttrs, tokenizer, vocab: int) -> list[str]:
+def fix_skeleton(out: str, fresh: Y.RootAttrs, tokenizer, vocab: int, trust_remote_code: bool = False) -> list[str]:
     """Rank 0: the root attributes, array metadata and tokenizer of the cache at ``out`` as this command
     (``fresh``: its root attributes for a new cache) makes them; returns what it changed, one line each.
     Refuses a folder with another command's cache or nothing of this command's in it."""
@@ -66,7 +66,7 @@ def fix_skeleton(out: str, fresh: Y.RootAttrs, tokenizer, vocab: int) -> list[st
         attrs = dataclasses.replace(fresh, unit_seqs=unit_seqs or fresh.unit_seqs, complete=False)
         path = os.path.join(out, "zarr.json")
         if os.path.lexists(path):
-            os.remove(path)
+            _remove(path)
         zarr.create_group(out, overwrite=False, attributes={Y.ROOT_ATTR: attrs.to_dict()})
         notes.append(f"rebuilt the root attributes ({why})")
     elif attrs.n_sequences != fresh.n_sequences:
@@ -85,7 +85,7 @@ def fix_skeleton(out: str, fresh: Y.RootAttrs, tokenizer, vocab: int) -> list[st
         notes.append(f"removed {Y.UNITS_DIR}, which was not a folder")
     cache = open_cache(out, allow_incomplete=True, check=False)
     try:
-        cache.check_tokenizer()
+        cache.check_tokenizer(trust_remote_code)
     except PikvError:
         path = cache.tokenizer_path
         if os.path.lexists(path):
@@ -117,21 +117,25 @@ def uncommit(out: str, units: list[int]) -> None:
     """Rank 0: ``units`` are to be written again: their markers and shard files go (a damaged shard file
     would be read back to merge a partial write), and the cache is marked incomplete until they are in."""
     cache = open_cache(out, allow_incomplete=True, check=False)
+    root = zarr.open_group(out, mode="r+")  # incomplete first: a repair stopped halfway leaves no complete cache
+    root.attrs[Y.ROOT_ATTR] = dataclasses.replace(cache.attrs, complete=False, content_sha256=None).to_dict()
     for u in units:
         marker = os.path.join(out, Y.marker_name(u))
         if os.path.lexists(marker):
             _remove(marker)
         for name, arr in cache.arrays.items():
-            shard = os.path.join(out, name, arr.metadata.encode_chunk_key((u,) + (0,) * (arr.ndim - 1)))
-            if os.path.lexists(shard):
-                _remove(shard)
-    root = zarr.open_group(out, mode="r+")
-    root.attrs[Y.ROOT_ATTR] = dataclasses.replace(cache.attrs, complete=False, content_sha256=None).to_dict()
+            rel = os.path.join(name, arr.metadata.encode_chunk_key((u,) + (0,) * (arr.ndim - 1)))
+            _clear_way(out, os.path.dirname(rel))
+            if os.path.lexists(os.path.join(out, rel)):
+                _remove(os.path.join(out, rel))
 
 
 def describe_damage(cache_attrs: Y.RootAttrs, bad: dict[int, str], limit: int = 3) -> str:
-    shown = "; ".join(f"unit {u} (sequences {list(Y.unit_range(u, cache_attrs.n_sequences, cache_attrs.unit_seqs))}) "
-                      f"{why}" for u, why in sorted(bad.items())[:limit])
+    def where(u):
+        start, stop = Y.unit_range(u, cache_attrs.n_sequences, cache_attrs.unit_seqs)
+        return f"unit {u} (sequences [{start}, {stop}))"
+
+    shown = "; ".join(f"{where(u)} {why}" for u, why in sorted(bad.items())[:limit])
     more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
     return f"{len(bad)} damaged unit{'s' if len(bad) != 1 else ''}: {shown}{more}"
 
@@ -176,18 +180,35 @@ def _fix_metadata(out: str, attrs: Y.RootAttrs, vocab: int) -> list[str]:
                 have = None
             if have == want:
                 continue
-            if os.path.lexists(os.path.join(out, rel)) and not os.path.isdir(os.path.join(out, rel)):
-                _remove(os.path.join(out, rel))
+            _clear_way(out, rel)
             os.makedirs(os.path.join(out, rel), exist_ok=True)
             if os.path.lexists(dst):
                 _remove(dst)
-            tmp = dst + ".tmp"
-            shutil.copyfile(os.path.join(folder, "zarr.json"), tmp)
+            fd, tmp = tempfile.mkstemp(dir=os.path.join(out, rel), prefix=".zarr.json.")  # a new file: no planted link
+            with os.fdopen(fd, "wb") as f, open(os.path.join(folder, "zarr.json"), "rb") as src:
+                f.write(src.read())
             os.replace(tmp, dst)
             notes.append(f"rewrote the metadata of {rel} ({'missing or unreadable' if have is None else 'changed'})")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return notes
+
+
+def _clear_way(out: str, rel: str) -> None:
+    """Make folder ``out/rel`` one a repair may write in: a part of it that is a symbolic link is refused (a
+    repair writes and deletes only inside the cache's folder); a part that is a file, where a folder
+    belongs, is removed."""
+    path = out
+    for part in [p for p in rel.split(os.sep) if p]:
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise PikvError(f"--repair: {path} is a symbolic link, and a repair writes only inside the cache's folder; "
+                            "replace the link by a folder with its contents (or re-dump the cache)")
+        if not os.path.lexists(path):
+            return
+        if not os.path.isdir(path):
+            os.remove(path)
+            return
 
 
 def _remove(path: str) -> None:

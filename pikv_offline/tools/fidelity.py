@@ -36,7 +36,7 @@ from ..teacher import model as M
 
 
 def run(cfg: VerifyConfig) -> dict:
-    result = check_integrity(cfg.cache)
+    result = check_integrity(cfg.cache, cfg.trust_remote_code)
     if cfg.recompute:
         result["recompute"] = recompute(cfg)
     return result
@@ -73,7 +73,8 @@ def recompute(cfg: VerifyConfig) -> dict:
         from transformers import AutoModelForCausalLM
 
         try:
-            student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(device)
+            student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32,
+                                                           trust_remote_code=cfg.trust_remote_code).to(device)
         except Exception as e:
             raise PikvError(load_error(e, "--student", cfg.student, "cannot load it as a causal LM"))
         if student.get_output_embeddings().weight.shape[0] < live.shape[1]:
