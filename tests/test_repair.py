@@ -82,7 +82,7 @@ def test_repair_rebuilds_a_damaged_skeleton(good, llama_teacher, corpus, workdir
     p = pikv_subprocess(_args(llama_teacher, corpus, bad, "--repair"))
     assert p.returncode == 0, p.stderr[-3000:]
     for said in ("rebuilt the root attributes", f"rewrote the metadata of {F.TAIL_IDS}", "saved the tokenizer again",
-                 "1 damaged unit: unit 1 (sequences [4, 8]) has a damaged marker", "verify passed"):
+                 "1 damaged unit: unit 1 (sequences [4, 8)) has a damaged marker", "verify passed"):
         assert said in p.stdout, (said, p.stdout)
     _same_content(good, bad)
 
@@ -158,3 +158,27 @@ def test_a_dead_preparation_is_one_line(llama_teacher, corpus, workdir):
     p = pikv_subprocess(_args(llama_teacher, corpus, workdir / "repair-prep-died"),
                         env={"PIKV_FAULT": "prepare:1", "HF_DATASETS_CACHE": str(workdir / "hf-prep-died")})
     assert _one_error_line(p) and "the data preparation process died (exit code -9)" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("edit", ["top_k", "sequences", "unit_seqs"])
+def test_repair_trusts_the_markers_over_an_edited_root(edit, good, llama_teacher, corpus, workdir):
+    """A root edited consistently (k changed and its key recomputed; the count; the unit size): the units'
+    markers still say what the command wrote, so the root is rebuilt and the cache is the undamaged one."""
+    bad = workdir / f"repair-edited-{edit}"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(good, bad)
+    root = zarr.open_group(str(bad), mode="r+")
+    attrs = dict(root.attrs[Y.ROOT_ATTR])
+    if edit == "top_k":
+        attrs["targets"] = {**attrs["targets"], "logits": {**attrs["targets"]["logits"], "top_k": 4}}
+        attrs["cache_key"] = Y.RootAttrs(**{k: v for k, v in attrs.items()
+                                            if k in Y.RootAttrs.__dataclass_fields__}).recomputed_key()
+    elif edit == "sequences":
+        attrs["counts"] = {**attrs["counts"], "sequences": 20}
+    else:
+        attrs["unit_seqs"] = 2
+    root.attrs[Y.ROOT_ATTR] = attrs
+    p = pikv_subprocess(_args(llama_teacher, corpus, bad, "--repair"))
+    assert p.returncode == 0 and "disagree with its units' markers" in p.stdout, p.stdout + p.stderr[-2000:]
+    assert "verify passed" in p.stdout
+    _same_content(good, bad)

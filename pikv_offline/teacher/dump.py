@@ -79,7 +79,7 @@ def _decide(cfg: DumpConfig, key: str, n_seqs: int) -> tuple[str, str]:
     if cfg.repair:  # whatever state its skeleton is in (repair.fix_skeleton), if it is this command's cache
         if not os.path.isdir(out):
             return "error", f"--repair: --out {out} is not a folder"
-        R.check_ours(out, key)
+        R.check_ours(out, key, n_seqs)
         return "repair", f"repairing the cache at {out}"
     attrs = read_root_attrs(out) if os.path.isdir(out) else None
     if attrs is None:

@@ -31,9 +31,12 @@ from ..data import Prepared
 from ..errors import PikvError
 
 
-def _root(out: str, key: str) -> tuple[Y.RootAttrs | None, str]:
-    """(the valid root attributes at ``out`` or None, why not); refuses a folder that holds another
-    command's cache, or neither a root nor a unit of this command's."""
+def _root(out: str, key: str, n_seqs: int) -> tuple[Y.RootAttrs | None, str, int | None]:
+    """(the root attributes at ``out`` when they are valid and agree with the units' markers, else None;
+    why not; the unit size of this command's markers for ``n_seqs`` sequences, or None). The markers
+    are the evidence: a root edited consistently (another k with its key recomputed, other counts or
+    unit size) that none of them agrees with is rebuilt. Refuses a folder that holds another command's
+    cache, or neither a root nor a unit of this command's."""
     raw = read_root_attrs(out)
     attrs, why = None, "no zarr.json with pikv attributes"
     if raw is not None:
@@ -41,18 +44,22 @@ def _root(out: str, key: str) -> tuple[Y.RootAttrs | None, str]:
             attrs = Y.RootAttrs.from_dict(raw, out)
         except PikvError as e:
             why = str(e)
+    marked = _marker_layout(out, key, n_seqs)
+    if attrs is not None and marked is not None and (
+            attrs.cache_key, attrs.n_sequences, attrs.unit_seqs) != (key, n_seqs, marked):
+        return None, "its root attributes disagree with its units' markers (edited?)", marked
     if attrs is not None and attrs.cache_key != key:
         raise PikvError(f"--repair: --out {out} holds a cache of other inputs (key {attrs.cache_key}, this command's "
                         f"{key}); repair it with the command that wrote it (see `pikv inspect`)")
-    if attrs is None and _our_unit_seqs(out, key) is None and (raw or {}).get("cache_key") != key:
+    if attrs is None and marked is None and _our_unit_seqs(out, key) is None and (raw or {}).get("cache_key") != key:
         raise PikvError(f"--repair: the root of --out {out} is damaged or missing ({why}) and none of its units were "
                         "written by this command: nothing to repair from (dump into a new --out)")
-    return attrs, why
+    return attrs, why, marked
 
 
-def check_ours(out: str, key: str) -> None:
+def check_ours(out: str, key: str, n_seqs: int) -> None:
     """Before anything is written to ``out`` (not even the lock): it holds this command's cache, maybe damaged."""
-    _root(out, key)
+    _root(out, key, n_seqs)
 
 
 def fix_skeleton(out: str, fresh: Y.RootAttrs, tokenizer, vocab: int, trust_remote_code: bool = False) -> list[str]:
@@ -60,9 +67,9 @@ def fix_skeleton(out: str, fresh: Y.RootAttrs, tokenizer, vocab: int, trust_remo
     (``fresh``: its root attributes for a new cache) makes them; returns what it changed, one line each.
     Refuses a folder with another command's cache or nothing of this command's in it."""
     notes = []
-    attrs, why = _root(out, fresh.cache_key)
+    attrs, why, marked = _root(out, fresh.cache_key, fresh.n_sequences)
     if attrs is None:
-        unit_seqs = _our_unit_seqs(out, fresh.cache_key)
+        unit_seqs = marked or _our_unit_seqs(out, fresh.cache_key)
         attrs = dataclasses.replace(fresh, unit_seqs=unit_seqs or fresh.unit_seqs, complete=False)
         path = os.path.join(out, "zarr.json")
         if os.path.lexists(path):
@@ -154,6 +161,22 @@ def _our_unit_seqs(out: str, key: str) -> int | None:
         if m is not None and m.cache_key == key and m.stop > m.start and m.start % (m.stop - m.start) == 0 \
                 and m.start // (m.stop - m.start) == u:
             return m.stop - m.start  # a full unit: a last, shorter one would not divide its start
+    return None
+
+
+def _marker_layout(out: str, key: str, n_seqs: int) -> int | None:
+    """The unit size of a marker at ``out`` that commits its unit for this command's cache of ``n_seqs``
+    sequences (layout.UnitMarker.holds), or None when none does."""
+    unit_seqs = _our_unit_seqs(out, key)
+    if unit_seqs is None:
+        return None
+    for u in sorted(Y.committed_units(out)):  # listable: _our_unit_seqs listed it
+        try:
+            m = Y.read_marker(out, u)
+        except PikvError:
+            continue
+        if m is not None and m.holds(u, n_seqs, unit_seqs, key):
+            return unit_seqs
     return None
 
 
