@@ -359,20 +359,14 @@ def prepare_in_child(**kw) -> Prepared:
     child = ctx.Process(target=_prepare_child, args=(kw, send), name="pikv-prepare")  # not daemonic: it has workers
     child.start()
     send.close()
-    error = None
+    died = object()
     try:
         # Polled: when the child dies (the OOM killer), its map workers may hold the pipe open, so no EOF comes.
-        while not recv.poll(1.0):
-            if not child.is_alive():
-                break
-        if recv.poll(0):
-            error = recv.recv()
-        else:
-            child.join()
-            error = f"the data preparation process died (exit code {child.exitcode}); see its output above"
+        while not recv.poll(1.0) and child.is_alive():
+            pass
+        error = recv.recv() if recv.poll(0) else died
     except EOFError:
-        child.join()
-        error = f"the data preparation process died (exit code {child.exitcode}); see its output above"
+        error = died
     finally:
         if child.pid is not None:
             try:
@@ -380,6 +374,8 @@ def prepare_in_child(**kw) -> Prepared:
             except (ProcessLookupError, PermissionError):
                 pass
         child.join()
+    if error is died:
+        error = f"the data preparation process died (exit code {child.exitcode}); see its output above"
     if error:
         raise PikvError(error)
     return prepare(**kw)

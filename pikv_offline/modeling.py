@@ -36,15 +36,20 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def code_refused(e: Exception, flag: str, name: str) -> str | None:
+    """The one line for transformers' refusal to run the code ``name`` (given as ``flag``) ships, or None
+    when ``e`` is another failure."""
+    if "trust_remote_code" not in str(e):
+        return None
+    return (f"{flag} {name} ships its own code (an auto_map in its config), which pikv runs only with "
+            "--trust-remote-code: read that code first, then pass the flag")
+
+
 def load_error(e: Exception, flag: str, name: str, what: str) -> str:
-    """The one line for a model, config or tokenizer that did not load from ``name`` (given as ``flag``):
-    one that ships its own code names --trust-remote-code instead of transformers' long refusal."""
-    if "trust_remote_code" in str(e):
-        return (f"{flag} {name} ships its own model code (auto_map in its config), which pikv runs only with "
-                "--trust-remote-code: read that code first, then pass the flag")
+    """The one line for a model or config that did not load from ``name`` (given as ``flag``)."""
     from .errors import brief
 
-    return f"{flag} {name}: {what} ({brief(e)})"
+    return code_refused(e, flag, name) or f"{flag} {name}: {what} ({brief(e)})"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -75,6 +75,11 @@ def rank_units(n_seqs: int, unit_seqs: int, rank: int, world_size: int) -> range
     return range(rank, n_units(n_seqs, unit_seqs), world_size)
 
 
+def shard_key(array, unit: int) -> str:
+    """The file of ``unit`` in zarr ``array`` (relative to the array's folder): the unit is one shard of it."""
+    return array.metadata.encode_chunk_key((unit,) + (0,) * (array.ndim - 1))
+
+
 def marker_name(unit: int) -> str:
     return f"{UNITS_DIR}/u-{unit:08d}.json"
 

@@ -115,15 +115,13 @@ class Cache:
         Code it ships (an auto_map) runs only with ``trust_remote_code`` (never a prompt: False, not None)."""
         from transformers import AutoTokenizer
 
-        from ..modeling import tokenizer_hash
+        from ..modeling import code_refused, tokenizer_hash
 
         try:
             tok = AutoTokenizer.from_pretrained(self.tokenizer_path, trust_remote_code=trust_remote_code)
         except Exception as e:
-            if "trust_remote_code" in str(e):
-                raise PikvError(f"{self.tokenizer_path}: the cache's tokenizer ships its own code (auto_map), which "
-                                "runs only with --trust-remote-code: read that code first, then pass the flag")
-            raise PikvError(f"{self.tokenizer_path}: the cache's tokenizer does not load ({brief(e)}); the cache is "
+            raise PikvError(code_refused(e, "the cache's tokenizer", self.tokenizer_path)
+                            or f"{self.tokenizer_path}: the cache's tokenizer does not load ({brief(e)}); the cache is "
                             "damaged, re-dump it")
         if tokenizer_hash(tok) != self.attrs.tokenizer_sha256:
             raise PikvError(f"{self.tokenizer_path}: the cache's tokenizer is not the one it was written with (hash "
@@ -142,7 +140,7 @@ class Cache:
         """(array, shard file key) of the first array whose shard file of unit ``u`` is missing or empty, or
         None: such a shard reads back as the fill value (zeros), not as an error."""
         for name, arr in self.arrays.items():
-            key = arr.metadata.encode_chunk_key((u,) + (0,) * (arr.ndim - 1))
+            key = Y.shard_key(arr, u)
             f = os.path.join(self.path, name, key)
             if not os.path.isfile(f) or os.path.getsize(f) == 0:
                 return name, key

@@ -100,9 +100,7 @@ class UnitWriter:
             for name in self.names:
                 self.group[name][start:stop] = arrays[name]
         for name in self.names:  # on disk before the marker says so, even if the node goes down
-            arr = self.group[name]
-            fd = os.open(os.path.join(self.root, name, arr.metadata.encode_chunk_key((unit,) + (0,) * (arr.ndim - 1))),
-                         os.O_RDONLY)
+            fd = os.open(os.path.join(self.root, name, Y.shard_key(self.group[name], unit)), os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
         self.written += 1

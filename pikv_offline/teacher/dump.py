@@ -234,7 +234,7 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
     if decision == "hit":
         return {"cache_hit": True, "cache_key": key, "out": cfg.out}
     if decision == "repair" and not _repair_units(cfg, d, prep):
-        return _verified(cfg, d, {"cache_hit": True, "cache_key": key, "out": cfg.out, "units_repaired": 0})
+        return _verified(cfg, d, {"cache_hit": True, "cache_key": key, "out": cfg.out, "units_written": 0})
     unit_seqs = Y.RootAttrs.from_dict(read_root_attrs(cfg.out), cfg.out).unit_seqs  # a resume keeps its units
     if unit_seqs != cfg.shard_seqs:
         dist.print0(f"--shard-size {cfg.shard_seqs} does not apply: the cache at --out keeps its units of {unit_seqs} "
@@ -408,14 +408,15 @@ def _dump_units(cfg: DumpConfig, todo: list[int], prep: Prepared, model, cap, wr
     return forward_s
 
 
-def _committed(out: str, u: int, n_seqs: int, unit_seqs: int, key: str) -> bool:
+def _committed(out: str, u: int, n_seqs: int, unit_seqs: int, key: str, say: bool = True) -> bool:
     """Whether unit ``u`` is committed; a damaged marker (markers are written atomically, so not by a crash)
-    is said and the unit written again."""
+    is not, and ``say`` says the unit is written again."""
     try:
         return Y.is_committed(out, u, n_seqs, unit_seqs, key)
     except PikvError:
-        print(f"the marker of unit {u} is damaged ({os.path.join(out, Y.marker_name(u))}): writing the unit again",
-              flush=True)
+        if say:
+            print(f"the marker of unit {u} is damaged ({os.path.join(out, Y.marker_name(u))}): writing the unit "
+                  "again", flush=True)
         return False
 
 
@@ -429,7 +430,7 @@ def _disk_full(e: BaseException) -> bool:
 
 def _disk_full_message(cfg: DumpConfig, targets: dict, vocab: int, n_seqs: int, unit_seqs: int, key: str) -> str:
     units = Y.n_units(n_seqs, unit_seqs)
-    left = [u for u in range(units) if not _committed(cfg.out, u, n_seqs, unit_seqs, key)]
+    left = [u for u in range(units) if not _committed(cfg.out, u, n_seqs, unit_seqs, key, say=False)]
     per_unit = sum(int(np.prod(s.shape[1:])) * s.dtype.itemsize * unit_seqs
                    for s in F.array_specs(n_seqs, cfg.seq_len, targets, vocab, unit_seqs).values())
     free = shutil.disk_usage(cfg.out).free

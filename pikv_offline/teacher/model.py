@@ -10,8 +10,8 @@ import torch
 from ..dist import print0
 from ..errors import PikvError, brief
 from ..cache import format as F
-from ..modeling import (Capture, hidden_width, kv_shape, layer_count, lm_logits, load_error, moe_layers,
-                        router_experts, text_config)
+from ..modeling import (Capture, code_refused, hidden_width, kv_shape, layer_count, lm_logits, load_error,
+                        moe_layers, router_experts, text_config)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PROBE = 4 << 20  # bytes hashed at each end of a weight file
@@ -62,10 +62,8 @@ def load_tokenizer(folder: str, teacher: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:
-        if "trust_remote_code" in str(e):
-            raise PikvError(load_error(e, "--teacher", teacher, ""))
-        raise PikvError(f"--teacher {teacher} has no usable tokenizer ({brief(e)}); save one beside the weights "
-                        "with tokenizer.save_pretrained")
+        raise PikvError(code_refused(e, "--teacher", teacher) or f"--teacher {teacher} has no usable tokenizer "
+                        f"({brief(e)}); save one beside the weights with tokenizer.save_pretrained")
 
 
 def load_config(folder: str, teacher: str, trust_remote_code: bool = False):

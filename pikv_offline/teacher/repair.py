@@ -33,7 +33,7 @@ from ..errors import PikvError
 
 def _root(out: str, key: str, n_seqs: int) -> tuple[Y.RootAttrs | None, str, int | None]:
     """(the root attributes at ``out`` when they are valid and agree with the units' markers, else None;
-    why not; the unit size of this command's markers for ``n_seqs`` sequences, or None). The markers
+    why not; the unit size of this command's markers, or None when it has none). The markers
     are the evidence: a root edited consistently (another k with its key recomputed, other counts or
     unit size) that none of them agrees with is rebuilt. Refuses a folder that holds another command's
     cache, or neither a root nor a unit of this command's."""
@@ -44,17 +44,16 @@ def _root(out: str, key: str, n_seqs: int) -> tuple[Y.RootAttrs | None, str, int
             attrs = Y.RootAttrs.from_dict(raw, out)
         except PikvError as e:
             why = str(e)
-    marked = _marker_layout(out, key, n_seqs)
-    if attrs is not None and marked is not None and (
-            attrs.cache_key, attrs.n_sequences, attrs.unit_seqs) != (key, n_seqs, marked):
-        return None, "its root attributes disagree with its units' markers (edited?)", marked
+    size, holds = _markers(out, key, n_seqs)
+    if attrs is not None and holds and (attrs.cache_key, attrs.n_sequences, attrs.unit_seqs) != (key, n_seqs, size):
+        return None, "its root attributes disagree with its units' markers (edited?)", size
     if attrs is not None and attrs.cache_key != key:
         raise PikvError(f"--repair: --out {out} holds a cache of other inputs (key {attrs.cache_key}, this command's "
                         f"{key}); repair it with the command that wrote it (see `pikv inspect`)")
-    if attrs is None and marked is None and _our_unit_seqs(out, key) is None and (raw or {}).get("cache_key") != key:
+    if attrs is None and size is None and (raw or {}).get("cache_key") != key:
         raise PikvError(f"--repair: the root of --out {out} is damaged or missing ({why}) and none of its units were "
                         "written by this command: nothing to repair from (dump into a new --out)")
-    return attrs, why, marked
+    return attrs, why, size
 
 
 def check_ours(out: str, key: str, n_seqs: int) -> None:
@@ -67,9 +66,8 @@ def fix_skeleton(out: str, fresh: Y.RootAttrs, tokenizer, vocab: int, trust_remo
     (``fresh``: its root attributes for a new cache) makes them; returns what it changed, one line each.
     Refuses a folder with another command's cache or nothing of this command's in it."""
     notes = []
-    attrs, why, marked = _root(out, fresh.cache_key, fresh.n_sequences)
+    attrs, why, unit_seqs = _root(out, fresh.cache_key, fresh.n_sequences)
     if attrs is None:
-        unit_seqs = marked or _our_unit_seqs(out, fresh.cache_key)
         attrs = dataclasses.replace(fresh, unit_seqs=unit_seqs or fresh.unit_seqs, complete=False)
         path = os.path.join(out, "zarr.json")
         if os.path.lexists(path):
@@ -131,7 +129,7 @@ def uncommit(out: str, units: list[int]) -> None:
         if os.path.lexists(marker):
             _remove(marker)
         for name, arr in cache.arrays.items():
-            rel = os.path.join(name, arr.metadata.encode_chunk_key((u,) + (0,) * (arr.ndim - 1)))
+            rel = os.path.join(name, Y.shard_key(arr, u))
             _clear_way(out, os.path.dirname(rel))
             if os.path.lexists(os.path.join(out, rel)):
                 _remove(os.path.join(out, rel))
@@ -147,37 +145,25 @@ def describe_damage(cache_attrs: Y.RootAttrs, bad: dict[int, str], limit: int = 
     return f"{len(bad)} damaged unit{'s' if len(bad) != 1 else ''}: {shown}{more}"
 
 
-def _our_unit_seqs(out: str, key: str) -> int | None:
-    """The unit size of this command's markers at ``out`` (its root lost), or None when it has none."""
+def _markers(out: str, key: str, n_seqs: int) -> tuple[int | None, bool]:
+    """(the unit size of this command's markers at ``out``, or None when it has none; whether one of them
+    commits its unit for this command's cache of ``n_seqs`` sequences, layout.UnitMarker.holds)."""
     try:
         units = sorted(Y.committed_units(out))
     except PikvError:
-        return None
+        return None, False
+    mine = []
     for u in units:
         try:
             m = Y.read_marker(out, u)
         except PikvError:
             continue
-        if m is not None and m.cache_key == key and m.stop > m.start and m.start % (m.stop - m.start) == 0 \
-                and m.start // (m.stop - m.start) == u:
-            return m.stop - m.start  # a full unit: a last, shorter one would not divide its start
-    return None
-
-
-def _marker_layout(out: str, key: str, n_seqs: int) -> int | None:
-    """The unit size of a marker at ``out`` that commits its unit for this command's cache of ``n_seqs``
-    sequences (layout.UnitMarker.holds), or None when none does."""
-    unit_seqs = _our_unit_seqs(out, key)
-    if unit_seqs is None:
-        return None
-    for u in sorted(Y.committed_units(out)):  # listable: _our_unit_seqs listed it
-        try:
-            m = Y.read_marker(out, u)
-        except PikvError:
-            continue
-        if m is not None and m.holds(u, n_seqs, unit_seqs, key):
-            return unit_seqs
-    return None
+        if m is not None and m.cache_key == key:
+            mine.append((u, m))
+    # a full unit's size divides its start (a last, shorter one would not)
+    size = next((m.stop - m.start for u, m in mine
+                 if m.stop > m.start and m.start % (m.stop - m.start) == 0 and m.start // (m.stop - m.start) == u), None)
+    return size, size is not None and any(m.holds(u, n_seqs, size, key) for u, m in mine)
 
 
 def _fix_metadata(out: str, attrs: Y.RootAttrs, vocab: int) -> list[str]:
