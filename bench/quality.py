@@ -26,39 +26,13 @@ import os
 import sys
 import tempfile
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pikv_offline.cache.reader import describe, open_cache  # noqa: E402
 from pikv_offline.config import EvalConfig, TrainConfig  # noqa: E402
-from pikv_offline.student import data as D  # noqa: E402
 from pikv_offline.student.evaluate import run as evaluate  # noqa: E402
 from pikv_offline.student.train import run as train  # noqa: E402
-
-
-def online_source(cfg: TrainConfig, teacher_dir: str):
-    """train()'s data source for online KD: the cache's batches in the same order (one process), with the
-    head recomputed live by the resident teacher at k = V and T."""
-    import dataclasses
-
-    from pikv_offline.teacher.model import logit_targets
-    from transformers import AutoModelForCausalLM
-
-    cache = open_cache(cfg.cache)
-    plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence)
-    cached = D.train_batches(cfg.cache, D.CacheIndex(cache, cfg.eval_fraction), plan, seed=cfg.seed,
-                             batch_size=cfg.batch_size, rank=0, world_size=1, num_workers=0, pin_memory=False)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    vocab = teacher.get_output_embeddings().weight.shape[0]
-    temps = (1.0,) if cfg.temperature == 1.0 else (1.0, cfg.temperature)
-
-    def source(epoch: int, start: int):
-        for batch in cached(epoch, start):
-            got = logit_targets(teacher, batch.input_ids, vocab, temps)
-            yield dataclasses.replace(batch, head_ids=got["ids"], head_logprobs=got["logprobs"],
-                                      tnorm=got["tnorm"][..., -1])
-    return source
+from pikv_offline.tools.online import online_source  # noqa: E402
 
 
 def main() -> None:

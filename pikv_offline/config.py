@@ -13,6 +13,7 @@ import math
 import typing
 from dataclasses import dataclass
 
+from . import storage
 from .cache.format import DEFAULT_TENSOR_ENCODING, ENCODINGS, INT8_KINDS, MAX_TAIL, RICH_KINDS, TENSOR_ENCODINGS
 from .errors import PikvError
 
@@ -88,7 +89,8 @@ def parse_targets(specs) -> tuple[tuple[str, tuple[int, ...] | None, str], ...]:
 class DumpConfig:
     teacher: str = opt(help="Teacher: a local HF folder or a hub id.")
     data: str = opt(help="Local file/folder (jsonl, json, parquet, txt, csv, arrow) or a datasets hub name.")
-    out: str = opt(help="Cache folder to create (or resume).")
+    out: str = opt(help="Cache folder, or object-store URL (s3://, gs://; credentials from the environment), to "
+                   "create (or resume).")
     text_field: str | None = opt(None, "Column holding plain text [default: text].")  # "text" when neither is given
     chat_field: str | None = opt(None, "Column holding chat turns [{role, content}]; loss on assistant tokens only.")
     split: str = opt("train")
@@ -126,6 +128,7 @@ class DumpConfig:
     streaming: bool = opt(False, "Read a hub dataset as a stream, only as far as --max-sequences needs.")
 
     def __post_init__(self):
+        object.__setattr__(self, "out", storage.normalize(self.out))  # file:// is a local folder
         if self.chat_field and self.text_field:
             raise PikvError("give either --text-field or --chat-field, not both")
         if self.repair and self.overwrite:
@@ -207,7 +210,7 @@ def weight_field(kind: str) -> str:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    cache: str = opt(help="Teacher cache written by `pikv dump-teacher`.")
+    cache: str = opt(help="Teacher cache written by `pikv dump-teacher` (a folder or an s3:// gs:// URL).")
     out: str = opt(help="Run folder: checkpoints, final/, metrics.jsonl.")
     student: str | None = opt(None, "Student: a HF model folder or hub id (fine-tuned from its weights).")
     student_config: str | None = opt(None, "Student: a config json (fresh init with AutoConfig.for_model).")

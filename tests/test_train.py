@@ -233,6 +233,32 @@ def test_bucket_kd_from_a_full_vocab_cache_equals_kl_div(llama_teacher, corpus, 
         torch.testing.assert_close(got, F.kl_div(s_lsm, p, reduction="sum") * T * T, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_online_kd_equals_training_from_a_full_vocab_cache(T, llama_teacher, corpus, workdir, student_config, tmp_path):
+    """tools/online.py (the demo's and bench/quality.py's online KD, teacher resident) trains exactly as a
+    cache of k = V does: the same batches, the same targets up to the cache's fp16 rounding."""
+    from conftest import VOCAB
+    from pikv_offline.config import DumpConfig
+    from pikv_offline.teacher.dump import run as dump
+    from pikv_offline.tools.online import online_source
+
+    out = workdir / "fullk-online"
+    dump(DumpConfig(teacher=llama_teacher, data=corpus, out=str(out), seq_len=32, top_k=VOCAB,
+                    temperatures=(1.0, 2.0), shard_seqs=4, max_sequences=16))
+    kw = dict(max_steps=3, temperature=T, tail="bucket", ce_weight=0.5, batch_size=2)
+    train(str(out), student_config, tmp_path / "cached", **kw)
+    cfg = TrainConfig(cache=str(out), student_config=student_config, out=str(tmp_path / "online"), max_steps=3,
+                      batch_size=2, lr=3e-3, eval_fraction=0.1, num_workers=0, log_every=1, warmup_steps=1,
+                      temperature=T, tail="bucket", ce_weight=0.5)
+    run(cfg, online_source(cfg, llama_teacher))
+    cached, online = metrics(tmp_path / "cached"), metrics(tmp_path / "online")
+    steps = [(a, b) for a, b in zip(cached, online) if "kd" in a]
+    assert len(steps) == 3
+    for a, b in steps:
+        assert a["step"] == b["step"] and a["ce"] == pytest.approx(b["ce"], rel=1e-4)
+        assert a["kd"] == pytest.approx(b["kd"], rel=2e-2, abs=1e-4) and a["kd"] > 0
+
+
 def test_non_finite_loss_is_reported_and_skipped(train_cache, student_config, tmp_path, monkeypatch, capsys):
     from pikv_offline.student import distiller as T
 

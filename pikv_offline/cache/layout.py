@@ -20,11 +20,11 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from .. import storage
 from ..errors import PikvError
 from .format import ENCODINGS, FORMAT_VERSION, MAX_TAIL, RICH_KINDS, TENSOR_ENCODINGS
 
@@ -240,16 +240,15 @@ class UnitMarker:
 
 def read_marker(cache_path: str, unit: int) -> UnitMarker | None:
     """The marker of ``unit``, or None when it has none; a marker that is not valid JSON is damage."""
-    path = os.path.join(cache_path, marker_name(unit))
+    path = storage.join(cache_path, marker_name(unit))
     try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
+        data = storage.read_bytes(cache_path, marker_name(unit))
     except OSError as e:  # a directory, unreadable, ...
-        raise _damaged(path, f"the unit marker cannot be read ({e.strerror})")
+        raise _damaged(path, f"the unit marker cannot be read ({e.strerror or e})")
+    if data is None:
+        return None
     try:
-        d = json.loads(text)
+        d = json.loads(data)
     except ValueError:
         raise _damaged(path, "the unit marker is not valid JSON")
     return UnitMarker.from_dict(d, path)
@@ -262,26 +261,21 @@ def is_committed(cache_path: str, unit: int, n_seqs: int, unit_seqs: int, cache_
 
 
 def write_marker(cache_path: str, marker: UnitMarker) -> None:
-    """Atomically: a crash leaves the old marker or the new one, never a torn file."""
-    path = os.path.join(cache_path, marker_name(marker.unit))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(marker.to_dict(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomically (storage.write_bytes): a crash leaves the old marker or the new one, never a torn file."""
+    storage.write_bytes(cache_path, marker_name(marker.unit), json.dumps(marker.to_dict()).encode())
+
+
+def remove_marker(cache_path: str, unit: int) -> None:
+    storage.remove(cache_path, marker_name(unit))
 
 
 def committed_units(cache_path: str) -> set[int]:
     """The units that have a marker file (one listing; the markers' contents are checked where it matters)."""
     try:
-        names = os.listdir(os.path.join(cache_path, UNITS_DIR))
-    except FileNotFoundError:
-        return set()
+        names = storage.names(cache_path, UNITS_DIR)
     except OSError as e:
-        raise _damaged(os.path.join(cache_path, UNITS_DIR), f"the units folder cannot be listed ({e.strerror})")
-    return {int(n[2:-5]) for n in names if n.startswith("u-") and n.endswith(".json") and n[2:-5].isdigit()}
+        raise _damaged(storage.join(cache_path, UNITS_DIR), f"the units folder cannot be listed ({e.strerror or e})")
+    return {int(n[2:-5]) for n in names or () if n.startswith("u-") and n.endswith(".json") and n[2:-5].isdigit()}
 
 
 def arrays_sha256(arrays: dict, names) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
+from .. import storage
 from ..errors import PikvError, brief
 from . import format as F
 from . import layout as Y
@@ -15,10 +16,14 @@ from . import layout as Y
 
 def read_root_attrs(path: str) -> dict | None:
     """The cache's root attributes, or None when ``path`` holds no pikv cache."""
-    if not os.path.isfile(os.path.join(path, "zarr.json")):
-        return None
     try:
-        group = zarr.open_group(path, mode="r")
+        if storage.is_url(path) and storage.read_bytes(path, "zarr.json") is None:
+            return None
+        if not storage.is_url(path) and not os.path.isfile(os.path.join(storage.local(path), "zarr.json")):
+            return None
+        group = zarr.open_group(storage.zarr_store(path, read_only=True), mode="r")
+    except PikvError:
+        raise
     except Exception:
         return None
     attrs = group.attrs.get(Y.ROOT_ATTR)
@@ -57,10 +62,16 @@ class Cache:
     attrs: Y.RootAttrs  # checked when the cache was opened
     arrays: dict  # array name -> zarr array over all sequences
     tensorstore: dict | None = None  # array name -> TensorStore handle, when the rows are read through it
+    _fetched: str | None = None  # the local copy of a URL cache's tokenizer
 
     @property
     def tokenizer_path(self) -> str:
-        return os.path.join(self.path, Y.TOKENIZER_DIR)
+        """A local folder holding the cache's tokenizer (fetched once from an object store)."""
+        if not storage.is_url(self.path):
+            return os.path.join(storage.local(self.path), Y.TOKENIZER_DIR)
+        if self._fetched is None:
+            self._fetched = storage.fetch_folder(self.path, Y.TOKENIZER_DIR)
+        return self._fetched
 
     @property
     def logits(self) -> dict:
@@ -136,15 +147,24 @@ class Cache:
                 return name
         return "an array"
 
-    def missing_shard(self, u: int) -> tuple[str, str] | None:
+    def missing_shard(self, u: int, files: dict | None = None) -> tuple[str, str] | None:
         """(array, shard file key) of the first array whose shard file of unit ``u`` is missing or empty, or
-        None: such a shard reads back as the fill value (zeros), not as an error."""
+        None: such a shard reads back as the fill value (zeros), not as an error. ``files`` (shard_files)
+        answers from one listing per array instead of a look per file (an object store's round trips)."""
         for name, arr in self.arrays.items():
             key = Y.shard_key(arr, u)
-            f = os.path.join(self.path, name, key)
-            if not os.path.isfile(f) or os.path.getsize(f) == 0:
+            if files is not None:
+                size = files[name].get(key)
+            else:
+                size = storage.size(self.path, f"{name}/{key}")
+            if not size:
                 return name, key
         return None
+
+    def shard_files(self) -> dict[str, dict[str, int]] | None:
+        """For a URL cache, array name -> {file key: size} of every object in its folder (one listing per
+        array); None for a local one, whose files are looked at one by one (a stat is cheap)."""
+        return {name: storage.sizes(self.path, name) for name in self.arrays} if storage.is_url(self.path) else None
 
     def take(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` (ascending, distinct) of array ``name``: through TensorStore when opened so
@@ -183,6 +203,7 @@ def open_cache(path: str, allow_incomplete: bool = False, check: bool = True, re
     """The cache at ``path``, its root attributes validated; with ``check`` (not for a repair, which
     looks at every unit itself) also the cheap checks of _check_open. ``reader`` (auto, zarr, tensorstore) is what
     Cache.take reads rows with: auto is TensorStore when it is installed (pip install tensorstore)."""
+    path = storage.normalize(path)
     raw = read_root_attrs(path)
     if raw is None:
         raise PikvError(f"{path} is not a pikv teacher cache (no zarr.json with '{Y.ROOT_ATTR}' attributes); "
@@ -191,7 +212,7 @@ def open_cache(path: str, allow_incomplete: bool = False, check: bool = True, re
     if not attrs.complete and not allow_incomplete:
         raise PikvError(f"{path} is an incomplete cache (the dump did not finish); re-run the same "
                         "`pikv dump-teacher` command to resume it")
-    root = zarr.open_group(path, mode="r")
+    root = zarr.open_group(storage.zarr_store(path, read_only=True), mode="r")
     arrays = {}
     for name in F.present_arrays(attrs.targets):
         try:
@@ -206,8 +227,10 @@ def open_cache(path: str, allow_incomplete: bool = False, check: bool = True, re
     cache = Cache(path=path, attrs=attrs, arrays=arrays)
     if check:
         _check_open(cache)
-    if reader != "zarr":
-        cache.tensorstore = _tensorstore(path, arrays, required=reader == "tensorstore")
+    if reader == "tensorstore" and storage.is_url(path):
+        raise PikvError(f"--reader tensorstore reads local caches; {path} is a URL: use --reader zarr (or auto)")
+    if reader != "zarr" and not storage.is_url(path):
+        cache.tensorstore = _tensorstore(storage.local(path), arrays, required=reader == "tensorstore")
     return cache
 
 
@@ -240,6 +263,7 @@ def _check_open(cache: Cache) -> None:
                             f"the root says {specs[name].shape} in units of {a.unit_seqs}; the cache is damaged (or a "
                             "dump extended it while this ran: start again), re-dump it")
     units = cache.committed_units()
+    files = cache.shard_files() if units else None
     if a.complete:  # a few markers, spread over the cache: they must commit it as it is (verify reads all)
         for u in sorted({0, a.n_units - 1, *range(0, a.n_units, max(1, a.n_units // 8))} & set(units)):
             m = Y.read_marker(cache.path, u)
@@ -252,7 +276,7 @@ def _check_open(cache: Cache) -> None:
                         f"{missing[0]}, sequences {Y.unit_range(missing[0], a.n_sequences, a.unit_seqs)}), yet the "
                         "cache is marked complete; it is damaged (or was copied while a dump ran): re-run the dump")
     for u in units:
-        missing = cache.missing_shard(u)
+        missing = cache.missing_shard(u, files)
         if missing:
             start, stop = Y.unit_range(u, a.n_sequences, a.unit_seqs)
             raise PikvError(f"{cache.path}/{missing[0]}: the data of unit {u} (sequences [{start}, {stop})) is missing "

@@ -10,13 +10,13 @@ teacher's next forward.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 
 import numpy as np
 import zarr
 
+from .. import storage
 from ..data import fingerprint
 from ..faults import fault
 from . import format as F
@@ -25,7 +25,7 @@ from . import layout as Y
 
 def create_arrays(root: str, n_seqs: int, *, seq_len: int, targets: dict, vocab_size: int, unit_seqs: int) -> None:
     """Every array of a new cache, empty (rank 0, before any unit is written)."""
-    group = zarr.open_group(root, mode="r+")
+    group = zarr.open_group(storage.zarr_store(root, read_only=False), mode="r+")
     for name, s in F.array_specs(n_seqs, seq_len, targets, vocab_size, unit_seqs).items():
         group.create_array(name, shape=s.shape, dtype=s.dtype, chunks=s.chunks, shards=s.shards,
                            compressors=list(s.compressors), fill_value=0)
@@ -33,7 +33,7 @@ def create_arrays(root: str, n_seqs: int, *, seq_len: int, targets: dict, vocab_
 
 def resize_arrays(root: str, n_seqs: int, targets: dict) -> None:
     """Every array to ``n_seqs`` sequences (an extension); the files of the units kept stay as they are."""
-    group = zarr.open_group(root, mode="r+")
+    group = zarr.open_group(storage.zarr_store(root, read_only=False), mode="r+")
     for name in F.present_arrays(targets):
         a = group[name]
         a.resize((n_seqs, *a.shape[1:]))
@@ -42,7 +42,7 @@ def resize_arrays(root: str, n_seqs: int, targets: dict) -> None:
 class UnitWriter:
     def __init__(self, root: str, *, n_seqs: int, unit_seqs: int, targets: dict, cache_key: str):
         self.root, self.n_seqs, self.unit_seqs, self.cache_key = root, n_seqs, unit_seqs, cache_key
-        self.group = zarr.open_group(root, mode="r+")
+        self.group = zarr.open_group(storage.zarr_store(root, read_only=False), mode="r+")
         self.names = F.present_arrays(targets)
         self.rich = F.rich_arrays(targets)
         self.written = 0
@@ -100,9 +100,7 @@ class UnitWriter:
             for name in self.names:
                 self.group[name][start:stop] = arrays[name]
         for name in self.names:  # on disk before the marker says so, even if the node goes down
-            fd = os.open(os.path.join(self.root, name, Y.shard_key(self.group[name], unit)), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+            storage.sync(self.root, f"{name}/{Y.shard_key(self.group[name], unit)}")
         self.written += 1
         fault("write", self.written)
         Y.write_marker(self.root, Y.UnitMarker(

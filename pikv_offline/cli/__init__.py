@@ -324,6 +324,14 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except Exception as e:  # an object store that cannot be reached or refuses: one line too; anything else is a bug
+        from ..storage import remote_failure
+
+        said = remote_failure(e)
+        if said is None:
+            raise
+        click.echo(f"error: {said}" if env_rank() == 0 else f"error (rank {env_rank()}): {said}", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

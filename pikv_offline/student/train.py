@@ -23,7 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from .. import dist
+from .. import dist, storage
 from ..cache.reader import open_cache
 from ..config import TrainConfig
 from ..errors import PikvError, brief
@@ -144,7 +144,7 @@ def train(cfg: TrainConfig, d: dist.Dist, source=None) -> dict:
 
 def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     # ---- cache, student, targets -------------------------------------------------------------------
-    if not os.path.exists(cfg.cache):
+    if not storage.exists(cfg.cache):
         raise PikvError(f"--cache {cfg.cache} does not exist; create it with `pikv dump-teacher`")
     cache = open_cache(cfg.cache)  # zarr-python here: TensorStore is not fork-safe, and the loader's worker is forked
     cache.check_tokenizer(cfg.trust_remote_code)  # checkpoints carry it

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from .. import __version__, dist, lock
+from .. import __version__, dist, lock, storage
 from ..cache import format as F
 from ..cache import layout as Y
 from ..cache.reader import open_cache, read_root_attrs
@@ -50,6 +51,8 @@ def size_check(cfg: DumpConfig, specs: dict) -> str | None:
     total = sum(per_array.values())
     if cfg.max_cache_gb is not None:
         limit, what = cfg.max_cache_gb * 1e9, f"--max-cache-gb {cfg.max_cache_gb:g}"
+    elif storage.is_url(cfg.out):  # an object store has no free space to ask about
+        return None
     else:
         probe = os.path.abspath(cfg.out)
         while not os.path.exists(probe):
@@ -72,7 +75,14 @@ def size_check(cfg: DumpConfig, specs: dict) -> str | None:
 def _decide(cfg: DumpConfig, key: str, n_seqs: int) -> tuple[str, str]:
     """Rank 0's view of --out: ('new'|'resume'|'extend'|'hit'|'repair', message) or ('error', message)."""
     out = cfg.out
-    if not os.path.exists(out) or (os.path.isdir(out) and not set(os.listdir(out)) - {Y.LOCK_FILE}):
+    if storage.is_url(out):
+        if cfg.repair:  # repair.py works on a folder's files (links, partial folders); an object store has neither
+            return "error", (f"--repair works on local caches; {out} is a URL: re-run the command without "
+                             "--repair (units without a valid marker are written again), or re-dump it")
+        empty = not set(storage.names(out) or ()) - {Y.LOCK_FILE}
+    else:
+        empty = not os.path.exists(out) or (os.path.isdir(out) and not set(os.listdir(out)) - {Y.LOCK_FILE})
+    if empty:
         if cfg.repair:
             return "error", f"--repair: --out {out} holds no cache to repair; run the command without --repair to dump"
         return "new", ""
@@ -81,7 +91,7 @@ def _decide(cfg: DumpConfig, key: str, n_seqs: int) -> tuple[str, str]:
             return "error", f"--repair: --out {out} is not a folder"
         R.check_ours(out, key, n_seqs)
         return "repair", f"repairing the cache at {out}"
-    attrs = read_root_attrs(out) if os.path.isdir(out) else None
+    attrs = read_root_attrs(out) if storage.is_url(out) or os.path.isdir(out) else None
     if attrs is None:
         return "error", (f"--out {out} exists and is not a pikv cache; choose a new or empty folder "
                          "(--overwrite only replaces pikv caches)")
@@ -101,24 +111,29 @@ def _decide(cfg: DumpConfig, key: str, n_seqs: int) -> tuple[str, str]:
 
 
 def _create_root(cfg: DumpConfig, attrs: Y.RootAttrs, tokenizer, vocab: int) -> None:
-    for name in os.listdir(cfg.out):  # an old cache (--overwrite), not the lock this dump holds
-        path = os.path.join(cfg.out, name)
+    for name in storage.names(cfg.out) or ():  # an old cache (--overwrite), not the lock this dump holds
         if name != Y.LOCK_FILE:
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    zarr.open_group(cfg.out, mode="w", attributes={Y.ROOT_ATTR: attrs.to_dict()})
+            storage.remove(cfg.out, name)
+    zarr.open_group(storage.zarr_store(cfg.out, read_only=False), mode="w",
+                    attributes={Y.ROOT_ATTR: attrs.to_dict()})
     create_arrays(cfg.out, attrs.n_sequences, seq_len=attrs.seq_len, targets=attrs.targets, vocab_size=vocab,
                   unit_seqs=attrs.unit_seqs)
-    tokenizer.save_pretrained(os.path.join(cfg.out, Y.TOKENIZER_DIR))
+    if not storage.is_url(cfg.out):
+        tokenizer.save_pretrained(os.path.join(cfg.out, Y.TOKENIZER_DIR))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        storage.put_folder(tmp, cfg.out, Y.TOKENIZER_DIR)
 
 
 def _regrow(cfg: DumpConfig, n_seqs: int, data_info: dict) -> None:
     """An incomplete or extended cache to ``n_seqs`` sequences, marked incomplete until the new units are in."""
-    root = zarr.open_group(cfg.out, mode="r+")
+    root = zarr.open_group(storage.zarr_store(cfg.out, read_only=False), mode="r+")
     attrs = Y.RootAttrs.from_dict(dict(root.attrs[Y.ROOT_ATTR]), cfg.out)
     if attrs.n_sequences != n_seqs:
         for u in Y.committed_units(cfg.out):  # a shrunk dump's markers beyond the new end would be stale
             if u >= Y.n_units(n_seqs, attrs.unit_seqs):
-                os.remove(os.path.join(cfg.out, Y.marker_name(u)))
+                Y.remove_marker(cfg.out, u)
         resize_arrays(cfg.out, n_seqs, attrs.targets)
     root.attrs[Y.ROOT_ATTR] = dataclasses.replace(attrs, complete=False, counts={"sequences": n_seqs},
                                                   data=data_info, content_sha256=None).to_dict()
@@ -206,9 +221,9 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
                 too_big = size_check(cfg, F.array_specs(n_seqs, cfg.seq_len, targets, vocab, unit_seqs))
                 decision, message = ("error", too_big) if too_big else (decision, message)
             if decision in ("new", "resume", "extend", "repair"):  # writing: one dump at a time, decided again
-                os.makedirs(cfg.out, exist_ok=True)
-                held.enter_context(lock.hold(os.path.join(cfg.out, Y.LOCK_FILE), what=f"--out {cfg.out}",
-                                             by="dump"))
+                if not storage.is_url(cfg.out):
+                    os.makedirs(cfg.out, exist_ok=True)
+                held.enter_context(lock.hold_at(cfg.out, Y.LOCK_FILE, what=f"--out {cfg.out}", by="dump"))
                 decision, message = _decide(cfg, key, n_seqs)
             fresh = Y.RootAttrs(
                 format_version=F.FORMAT_VERSION, complete=False, cache_key=key, teacher=teacher_info,
@@ -366,7 +381,7 @@ def _complete(out: str, key: str) -> dict:
                                 encoding_errors={k: F.error_summary(v) for k, v in sorted(errors.items())},
                                 complete=True)
     fault("complete", 1)
-    zarr.open_group(out, mode="r+").attrs[Y.ROOT_ATTR] = attrs.to_dict()
+    zarr.open_group(storage.zarr_store(out, read_only=False), mode="r+").attrs[Y.ROOT_ATTR] = attrs.to_dict()
     return {"loss_tokens": loss_tokens, "bytes_per_token": {k: round(v / positions, 2) for k, v in stored.items()},
             "encoding_errors": attrs.encoding_errors}
 
@@ -415,7 +430,7 @@ def _committed(out: str, u: int, n_seqs: int, unit_seqs: int, key: str, say: boo
         return Y.is_committed(out, u, n_seqs, unit_seqs, key)
     except PikvError:
         if say:
-            print(f"the marker of unit {u} is damaged ({os.path.join(out, Y.marker_name(u))}): writing the unit "
+            print(f"the marker of unit {u} is damaged ({storage.join(out, Y.marker_name(u))}): writing the unit "
                   "again", flush=True)
         return False
 

@@ -1,0 +1,195 @@
+"""Caches on an object store: an S3-compatible server (moto's) started on localhost for these tests.
+
+Dump to s3://, resume after a kill, commit-last, completeness, cache hit, inspect, verify and training
+from it hold as on a local folder, and the arrays are bitwise those of a local dump.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import pikv_subprocess
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+BUCKET = "pikv-test"
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on a free local port, its endpoint and fake credentials in the environment (as
+    botocore and s3fs read them), and one bucket."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import boto3
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(10)
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _args(teacher, data, out, n=12, extra=()):
+    return ["dump-teacher", "--teacher", teacher, "--data", data, "--out", out, "--seq-len", str(SEQ),
+            "--top-k", "8", "--temperatures", "1,2", "--shard-size", "4", "--batch-size", "4",
+            "--max-sequences", str(n), "--sampled-tail", "4", "--encoding", "bf16", *extra]
+
+
+def _fs():
+    import s3fs
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+@pytest.fixture(scope="module")
+def local_cache(llama_teacher, corpus, workdir):
+    out = str(workdir / "s3-twin-local")
+    p = pikv_subprocess(_args(llama_teacher, corpus, out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def remote_cache(s3, llama_teacher, corpus):
+    url = f"s3://{BUCKET}/plain"
+    p = pikv_subprocess(_args(llama_teacher, corpus, url), env=s3)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return url
+
+
+def test_dump_to_s3_equals_local_and_is_a_hit(s3, remote_cache, llama_teacher, corpus, local_cache):
+    from pikv_offline.cache.reader import describe, open_cache
+    from pikv_offline.cache.verify import check_integrity
+
+    url = remote_cache
+    remote, here = open_cache(url), open_cache(local_cache)
+    assert remote.attrs.cache_key == here.attrs.cache_key and remote.attrs.complete
+    got, want = remote.read_all(), here.read_all()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert remote.attrs.content_sha256 == here.attrs.content_sha256
+    assert describe(url)["bytes_per_token"] == describe(local_cache)["bytes_per_token"]
+    assert check_integrity(url)["units"] == 3
+    assert not _fs().exists(f"{BUCKET}/plain/.pikv-dump.lock")  # the lease is gone with its dump
+    p = pikv_subprocess(_args(llama_teacher, corpus, url), env=s3)
+    assert p.returncode == 0 and "cache hit" in p.stdout, p.stderr[-2000:]
+    p = pikv_subprocess(["inspect", "--json", url], env=s3)
+    assert p.returncode == 0 and json.loads(p.stdout)["complete"] is True, p.stderr[-2000:]
+    p = pikv_subprocess(["verify", url], env=s3)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fault", ["write:2", "commit:1"])
+def test_killed_on_s3_resumes_to_the_same_cache(fault, s3, llama_teacher, corpus, local_cache, student_config,
+                                                tmp_path):
+    """Killed after a unit's data but before its marker (write) or after its marker (commit): the cache is
+    incomplete and refused, the marker is the commit, and the same command finishes it."""
+    from pikv_offline.cache.reader import open_cache
+    from pikv_offline.errors import PikvError
+
+    url = f"s3://{BUCKET}/killed-{fault.replace(':', '-')}"
+    p = pikv_subprocess(_args(llama_teacher, corpus, url), env={**s3, "PIKV_FAULT": fault})
+    assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
+    with pytest.raises(PikvError, match="incomplete"):
+        open_cache(url)
+    assert open_cache(url, allow_incomplete=True).committed_units() == [0]  # unit 1's data without its marker
+    p = pikv_subprocess(["train-student", "--cache", url, "--out", str(tmp_path / "run"), "--student-config",
+                         student_config, "--max-steps", "1"], env=s3)
+    assert p.returncode == 2 and "incomplete" in p.stderr, p.stderr[-2000:]
+    p = pikv_subprocess(_args(llama_teacher, corpus, url), env=s3)  # the dead dump's lease is taken over
+    assert p.returncode == 0 and "resuming" in p.stdout, p.stderr[-3000:]
+    got, want = open_cache(url).read_all(), open_cache(local_cache).read_all()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_deleted_shard_object_is_damage_and_a_live_lease_refuses(s3, llama_teacher, corpus):
+    from pikv_offline.cache.reader import open_cache
+    from pikv_offline.errors import PikvError
+
+    url = f"s3://{BUCKET}/damaged"
+    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=8), env=s3)
+    assert p.returncode == 0, p.stderr[-3000:]
+    fs = _fs()
+    fs.rm(f"{BUCKET}/damaged/logits/tail_id_gaps/c/1/0/0")
+    with pytest.raises(PikvError, match="unit 1 .* is missing"):
+        open_cache(url)
+    p = pikv_subprocess(["verify", url], env=s3)
+    assert p.returncode == 2 and "logits/tail_id_gaps" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=8, extra=["--repair"]), env=s3)
+    assert p.returncode == 2 and "--repair works on local caches" in p.stderr, p.stderr[-2000:]
+    # another host's dump holds the lease, renewed just now: refused, naming it
+    fs.pipe(f"{BUCKET}/damaged/.pikv-dump.lock", json.dumps(
+        {"pid": 1, "host": "elsewhere", "token": "x", "since": "then", "renewed": time.time()}).encode())
+    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=12), env=s3)
+    assert p.returncode == 2 and "in use by another dump" in p.stderr and "elsewhere" in p.stderr, p.stderr[-2000:]
+    # ... and once its lease lapsed, taken over: the extension runs
+    fs.pipe(f"{BUCKET}/damaged/.pikv-dump.lock", json.dumps(
+        {"pid": 1, "host": "elsewhere", "token": "x", "since": "then", "renewed": time.time() - 3600}).encode())
+    fs.rm(f"{BUCKET}/damaged", recursive=True)
+    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=8), env=s3)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_bad_urls_are_one_line(s3, llama_teacher, corpus, student_config, tmp_path):
+    cases = [("s3://no-such-bucket-pikv/c", {}, "no-such-bucket-pikv"), ("nosuchproto://x/y", {}, "nosuchproto"),
+             (f"s3://{BUCKET}/unreachable", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"},
+              "the object store failed (EndpointConnectionError")]
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        cases.append(("gs://bucket/c", {}, "pip install 'pikv-offline[cloud]'"))
+    for url, env, said in cases:
+        p = pikv_subprocess(_args(llama_teacher, corpus, url, n=4), env={**s3, **env})
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and said in lines[-1] and "Traceback" not in p.stderr, (url, p.stderr[-2000:])
+    from pikv_offline.cache.reader import open_cache  # a trailing slash names the same cache
+    p = pikv_subprocess(_args(llama_teacher, corpus, f"s3://{BUCKET}/slash/", n=4), env=s3)
+    assert p.returncode == 0, p.stderr[-2000:]
+    keys = _fs().find(f"{BUCKET}/slash")
+    assert open_cache(f"s3://{BUCKET}/slash").attrs.complete and f"{BUCKET}/slash/zarr.json" in keys
+    assert not any("//" in k for k in keys), keys
+    p = pikv_subprocess(["train-student", "--cache", f"s3://{BUCKET}/nothing-here", "--out", str(tmp_path / "run"),
+                         "--student-config", student_config, "--max-steps", "1"], env=s3)
+    assert p.returncode == 2 and "does not exist" in p.stderr, p.stderr[-2000:]
+
+
+def test_training_from_s3_equals_training_from_local(s3, remote_cache, local_cache, student_config, tmp_path):
+    """The loader's forked worker opens its own connection; the losses are those of the local cache."""
+    url = remote_cache
+    common = ["--student-config", student_config, "--max-steps", "3", "--batch-size", "2", "--seed", "3",
+              "--num-workers", "1", "--eval-fraction", "0.25", "--log-every", "1"]
+    runs = {}
+    for name, cache in (("local", local_cache), ("s3", url)):
+        p = pikv_subprocess(["train-student", "--cache", cache, "--out", str(tmp_path / name), *common], env=s3)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    keys = ("step", "loss", "ce", "grad_norm", "eval_ce", "eval_kd")
+    losses = {name: [tuple(r.get(k) for k in keys) for r in rows] for name, rows in runs.items()}
+    assert sum(r[1] is not None for r in losses["local"]) == 3 and losses["s3"] == losses["local"]
