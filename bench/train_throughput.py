@@ -10,6 +10,12 @@ Each mode runs in its own process (so peak memory is its own):
   kd+ce    the same with ce-weight 0.5.
   kd+ce+rich  (a cache with rich targets) kd+ce plus every rich loss the cache can feed, weight 1 each
            (--hidden-weight / --kv-weight / --router-weight / --experts-weight).
+  ce-fused  `pikv train-student` with kd-weight 0, ce-weight 1: CE through the fused head (student/fused.py),
+           a chunked CE that never holds [N, V] logits: the memory reference for kd+ce.
+  kd+ce-plain  kd+ce through the plain head: the [N, V] float32 log-softmax (--loss-chunk N: checkpointed
+           chunks of N positions instead), what train-student did before the fused head.
+--modes picks them (default ce,kd,kd+ce; for a large vocabulary: ce,ce-fused,kd+ce,kd+ce-plain, and
+bench/shapes.py makes the teacher, the cache and the student).
 Tokens/s counts loss tokens over the timed steps (the first --warmup steps are not timed). Peak
 memory is the process's max RSS on CPU and torch.cuda.max_memory_allocated on GPU. Prints one
 JSON line per mode and a summary line.
@@ -29,6 +35,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+MODES = ("ce", "kd", "kd+ce", "kd+ce+rich", "ce-fused", "kd+ce-plain")
+
+
+def _vocab(student_config: str) -> int:
+    return int(json.load(open(student_config))["vocab_size"])
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -78,17 +91,20 @@ def run_ce(args, device) -> dict:
     return {"tokens_per_s": tokens / (time.perf_counter() - t0), "tokens": tokens}
 
 
-def run_kd(args, device, ce_weight: float, rich: bool = False) -> dict:
+def run_kd(args, device, ce_weight: float, rich: bool = False, kd_weight: float = 1.0, plain: bool = False) -> dict:
     from pikv_offline.cache.format import RICH_KINDS
     from pikv_offline.cache.reader import open_cache
     from pikv_offline.config import TrainConfig, weight_field
     from pikv_offline.student.train import run
 
+    if plain:
+        from pikv_offline.student import distiller
+        distiller.fusable = lambda student: False
     targets = open_cache(args.cache).attrs.targets
     weights = {weight_field(kind): 1.0 for kind in RICH_KINDS if rich and kind in targets}
     with tempfile.TemporaryDirectory() as out:
         res = run(TrainConfig(cache=args.cache, student_config=args.student_config, out=out,
-                              max_steps=args.steps + args.warmup, batch_size=args.batch_size, kd_weight=1.0,
+                              max_steps=args.steps + args.warmup, batch_size=args.batch_size, kd_weight=kd_weight,
                               ce_weight=ce_weight, eval_fraction=0.0, log_every=10**9, seed=args.seed,
                               num_workers=args.num_workers, loss_chunk=args.loss_chunk, **weights))
     hist = res["history"]
@@ -106,23 +122,29 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--loss-chunk", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mode", choices=["ce", "kd", "kd+ce", "kd+ce+rich"], default=None,
-                    help="(internal) run one mode")
+    ap.add_argument("--modes", default=None, help="comma-separated modes [default: ce,kd,kd+ce(,kd+ce+rich)]")
+    ap.add_argument("--mode", choices=MODES, default=None, help="(internal) run one mode")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.mode:
-        res = run_ce(args, device) if args.mode == "ce" else run_kd(args, device, 0.0 if args.mode == "kd" else 0.5,
-                                                                    rich=args.mode == "kd+ce+rich")
+        m = args.mode
+        res = run_ce(args, device) if m == "ce" else \
+            run_kd(args, device, 1.0, kd_weight=0.0) if m == "ce-fused" else \
+            run_kd(args, device, 0.0 if m == "kd" else 0.5, rich=m == "kd+ce+rich", plain=m == "kd+ce-plain")
         print(json.dumps({"bench": "train_throughput", "mode": args.mode, "device": str(device),
                           "threads": torch.get_num_threads(), "batch_size": args.batch_size, "steps": args.steps,
-                          "tokens_per_s": round(res["tokens_per_s"], 1), "timed_tokens": res["tokens"],
+                          "loss_chunk": args.loss_chunk, "tokens_per_s": round(res["tokens_per_s"], 1),
+                          "timed_tokens": res["tokens"], "vocab_size": _vocab(args.student_config),
                           "peak_memory_mb": round(peak_memory_mb(device), 1)}))
         return
     from pikv_offline.cache.reader import open_cache
 
     results = {}
-    modes = ("ce", "kd", "kd+ce") + (("kd+ce+rich",) if open_cache(args.cache).rich else ())
+    modes = tuple(args.modes.split(",")) if args.modes else \
+        ("ce", "kd", "kd+ce") + (("kd+ce+rich",) if open_cache(args.cache).rich else ())
     for mode in modes:
+        if mode not in MODES:
+            sys.exit(f"--modes: unknown mode {mode!r}; modes are {', '.join(MODES)}")
         p = subprocess.run([sys.executable, __file__, "--mode", mode, *sys.argv[1:]], capture_output=True, text=True)
         if p.returncode:
             sys.exit(f"mode {mode} failed:\n{p.stderr[-3000:]}")
@@ -134,7 +156,10 @@ def main() -> None:
                       **{f"{m}_over_ce_tokens_per_s": round(results[m]["tokens_per_s"] / ce["tokens_per_s"], 3)
                          for m in modes[1:]},
                       **{f"{m}_over_ce_peak_memory": round(results[m]["peak_memory_mb"] / ce["peak_memory_mb"], 3)
-                         for m in modes[1:]}}))
+                         for m in modes[1:]},
+                      **({f"{m}_over_ce_fused_peak_memory":
+                          round(results[m]["peak_memory_mb"] / results["ce-fused"]["peak_memory_mb"], 3)
+                          for m in modes if m not in ("ce", "ce-fused")} if "ce-fused" in results else {})}))
 
 
 if __name__ == "__main__":

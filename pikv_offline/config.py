@@ -247,7 +247,9 @@ class TrainConfig:
     tensorboard: bool = opt(False)
     wandb: bool = opt(False)
     zero: bool = opt(False, "Shard optimizer state over ranks (ZeroRedundancyOptimizer).")
-    loss_chunk: int = opt(0, "Positions per chunk of the LM head + loss (checkpointed); 0 = whole micro-batch.")
+    loss_chunk: int = opt(0, "Positions per chunk of the fused LM head + KD + CE (never a [N, V] float32 tensor; "
+                          "0: about 128 MiB of logits per chunk). A head with a logit scale or soft-capping takes "
+                          "the plain path, checkpointed in chunks of this many positions (0: whole micro-batch).")
     num_workers: int = opt(1, "DataLoader worker processes (0 or 1).")
     reader: str = opt("auto", "What the loader's worker reads the cache's rows with: TensorStore (~6x zarr-python "
                       "here, the same values; pip install tensorstore, or pikv-offline[fast]) or zarr-python. auto: "

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import itertools
+import json
 
 import numpy as np
 
@@ -247,3 +248,99 @@ def test_sampled_tail_zero_at_equality_and_descends():
     with torch.no_grad():
         lower, _ = kd_loss(torch.log_softmax(s - 1e-2 * s.grad, -1), ids, top, torch.zeros(rows), **kw)
     assert lower < loss
+
+
+def _fused_case(T, seed=0, n=37, d=16, v=300, k=8, draws=5, bias=True):
+    """A student head (h, W, b) and cached teacher targets with a sampled tail, as the cache stores them."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64).float().requires_grad_()
+    w = (torch.randn(v, d, generator=g) / d ** 0.5).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.1).requires_grad_() if bias else None
+    t_logits = torch.randn(n, v, generator=g) * 3
+    ids, top, tnorm = teacher_targets(t_logits, k, temps=(1.0, T) if T != 1 else (1.0,))
+    lp = torch.log_softmax(t_logits, -1)
+    rest = lp.exp().scatter(1, ids, 0.0)  # the tail distribution the dump draws from
+    tail_ids = torch.multinomial(rest, draws, replacement=False, generator=g).sort(-1).values
+    tail_lp = lp.gather(1, tail_ids)
+    counts = torch.randint(0, 3, (n, draws), generator=g)
+    counts[:, 0] += 1
+    labels = torch.randint(0, v, (n,), generator=g)
+    return h, w, b, labels, ids, top, tnorm[:, -1], tail_ids, tail_lp, counts.float(), int(counts.sum(-1).max())
+
+
+@pytest.mark.parametrize("tail,kind,T,ce,bias", [
+    ("bucket", "forward_kl", 1.0, True, True), ("bucket", "forward_kl", 2.0, True, False),
+    ("bucket", "reverse_kl", 2.0, True, True), ("bucket", "jsd", 1.0, False, True), ("bucket", "jsd", 4.0, True, True),
+    ("renorm", "forward_kl", 2.0, True, True), ("renorm", "reverse_kl", 1.0, False, False),
+    ("sampled", "forward_kl", 1.0, True, True), ("sampled", "forward_kl", 2.0, True, True),
+    ("sampled", "forward_kl", 4.0, False, True), ("bucket", "forward_kl", 1.0, False, True)])
+def test_fused_head_equals_the_plain_log_softmax(tail, kind, T, ce, bias):
+    """fused.fused_kd_ce (chunks of 10 of 37 positions, the gradient computed in the forward pass) gives
+    the KD and CE sums and the gradients of h, W and b of the plain [N, V] log-softmax path, for every
+    tail, divergence, temperature, with CE on and off."""
+    from pikv_offline.student.fused import fused_kd_ce
+    from pikv_offline.student.losses import kd_rows_at
+
+    h, w, b, labels, ids, top, tnorm, tail_ids, tail_lp, counts, draws = _fused_case(T, bias=bias)
+    kw = dict(temperature=T, kind=kind, tail=tail, rel_error=2.0 ** -11, draws=draws)
+    ce_w = 0.7 if ce else 0.0
+
+    z = h @ w.t() + (b if b is not None else 0)
+    plain_kd, _ = kd_loss(torch.log_softmax(z / T, -1), ids, top, tnorm, tail_ids=tail_ids, tail_logprobs=tail_lp,
+                          tail_counts=counts, **kw)
+    plain_ce, _ = ce_loss(torch.log_softmax(z, -1), labels)
+    params = [h, w] + ([b] if b is not None else [])
+    want = torch.autograd.grad(plain_kd + ce_w * plain_ce, params)
+
+    sampled, k = tail == "sampled", ids.shape[1]
+
+    def loss(s_ids, s_label, top_, tnorm_, tail_lp_, counts_):
+        kd = kd_rows_at(s_ids[:, :k], top_, tnorm_, s_tail=s_ids[:, k:] if sampled else None, tail_logprobs=tail_lp_,
+                        tail_counts=counts_, **kw).sum() * T * T
+        return kd, -s_label.sum()
+
+    all_ids = torch.cat([ids, tail_ids], 1) if sampled else ids
+    kd, ce_sum, argmax = fused_kd_ce(h, w, b, all_ids, labels, loss, (top, tnorm, tail_lp, counts), T, (1.0, ce_w),
+                                     chunk=10)
+    got = torch.autograd.grad(kd + ce_w * ce_sum, params)
+    torch.testing.assert_close(kd, plain_kd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce_sum, plain_ce, rtol=1e-5, atol=1e-5)
+    assert torch.equal(argmax, z.argmax(-1))
+    for name, g_got, g_want in zip(("h", "W", "b"), got, want):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(RuntimeError, match="loss weights"):  # the gradient is of the weights it was built for
+        kd, ce_sum, _ = fused_kd_ce(h, w, b, all_ids, labels, loss, (top, tnorm, tail_lp, counts), T, (1.0, 0.3),
+                                    chunk=10)
+        torch.autograd.grad(kd + 0.9 * ce_sum, params)
+
+
+def test_the_distiller_trains_the_same_fused_or_plain(train_cache, student_config):
+    """One step of the Distiller with the fused head equals the plain one (loss and every gradient),
+    at T = 2 with the bucket tail and CE, the eval top-1 too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pikv_offline.cache.reader import open_cache
+    from pikv_offline.student import data as D
+    from pikv_offline.student.distiller import Distiller, fusable
+
+    cache = open_cache(train_cache)
+    plan = D.plan_targets(cache, None, 2.0, "bucket")
+    batch = D.to_batch(D.read_rows(cache, np.arange(8)), cache.encoding, plan)
+    spec = json.load(open(student_config))
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec))
+    assert fusable(student)
+    out = {}
+    for fused in (False, True):
+        dist = Distiller(student, plan, weights={"kd": 1.0, "ce": 0.5}, fused=fused, loss_chunk=100)
+        student.zero_grad()
+        losses, _, n = dist(batch)
+        (losses["kd"] + 0.5 * losses["ce"]).backward()
+        dist.eval()
+        with torch.no_grad():
+            _, top1, _ = dist(batch)
+        out[fused] = (losses["kd"].item(), losses["ce"].item(), int(top1),
+                      {k: p.grad.clone() for k, p in student.named_parameters()})
+    assert out[True][:3] == pytest.approx(out[False][:3], rel=1e-5)
+    for k in out[True][3]:
+        torch.testing.assert_close(out[True][3][k], out[False][3][k], rtol=1e-4, atol=1e-6, msg=k)

@@ -18,9 +18,11 @@ import torch
 from ..cache import format as F
 from ..config import parse_layer_map, weight_field
 from ..errors import PikvError
-from ..modeling import Capture, hidden_width, kv_shape, layer_count, lm_logits, moe_layers, router_experts
+from ..modeling import (Capture, hidden_width, kv_shape, layer_count, lm_logits, moe_layers, router_experts,
+                        text_config)
 from .data import Batch, TargetPlan
-from .losses import ce_loss, feature_loss, kd_loss, router_loss
+from .fused import fused_kd_ce
+from .losses import ce_loss, feature_loss, kd_loss, kd_rows_at, router_loss
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,10 @@ class Distiller(torch.nn.Module):
 
     def __init__(self, student, plan: TargetPlan, *, weights: dict[str, float], loss_chunk: int = 0,
                  divergence: str = "forward_kl", pairs: tuple[Pair, ...] = (), targets: dict | None = None,
-                 feature_loss: str = "mse"):
+                 feature_loss: str = "mse", fused: bool = True):
         super().__init__()
         self.student, self.plan, self.divergence, self.loss_chunk = student, plan, divergence, loss_chunk
+        self.fused = fused and fusable(student)
         self.kd_weight, self.ce_weight = weights.get("kd", 1.0), weights.get("ce", 1.0)
         self.pairs, self.feature_loss = tuple(pairs), feature_loss
         t_shapes = {kind: tuple(t["shape"]) for kind, t in (targets or {}).items() if kind in F.RICH_KINDS}
@@ -73,6 +76,30 @@ class Distiller(torch.nn.Module):
     def loss_names(self) -> list[str]:
         """The keys of forward()'s loss dict, in a fixed order: kd, ce, then each rich kind with pairs."""
         return list(dict.fromkeys(["kd", "ce"] + [p.kind for p in self.pairs]))
+
+    def _fused_losses(self, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts):
+        """_losses without the [N, V] float32 log-softmax (fused.py): the same values and gradients."""
+        head = self.student.get_output_embeddings()
+        T, sampled, k = self.plan.temperature, self.plan.tail == "sampled", head_ids.shape[1]
+        kw = dict(temperature=T, kind=self.divergence, tail=self.plan.tail, rel_error=self.plan.rel_error,
+                  draws=self.plan.draws)
+
+        def loss(s_ids, s_label, head_lp, tn, tail_lp, counts):
+            kd = kd_rows_at(s_ids[:, :k], head_lp, tn, s_tail=s_ids[:, k:] if sampled else None, tail_logprobs=tail_lp,
+                            tail_counts=counts, **kw).sum() * (T * T)
+            return kd, -s_label.sum()
+
+        dev = head.weight.device
+        ids = torch.cat([head_ids, tail_ids], 1) if sampled else head_ids
+        targets = (head_logprobs, tnorm, tail_logprobs if sampled else None, tail_counts if sampled else None)
+        kd, ce, argmax = fused_kd_ce(h.to(dev), head.weight, head.bias, ids.to(dev), labels.to(dev), loss,
+                                     tuple(t.to(dev) if t is not None else None for t in targets), T,
+                                     (self.kd_weight, self.ce_weight), self.loss_chunk or None)
+        top1 = torch.zeros((), dtype=torch.long)
+        if not self.training and k:
+            t_top1 = torch.gather(head_ids, 1, head_logprobs.argmax(-1, keepdim=True))[:, 0]
+            top1 = (argmax.cpu() == t_top1.cpu()).sum()
+        return kd, ce, top1
 
     def _losses(self, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts):
         logits = lm_logits(self.student, h)
@@ -124,7 +151,9 @@ class Distiller(torch.nn.Module):
                                              batch.tail_logprobs, batch.tail_counts)))
         n = args[0].shape[0]
         chunk = self.loss_chunk or n
-        if chunk >= n:
+        if self.fused:
+            kd, ce, top1 = self._fused_losses(*args)
+        elif chunk >= n:
             kd, ce, top1 = self._losses(*args)
         else:
             # Checkpointing each chunk keeps only [chunk, V] logits alive: recomputed in backward.
@@ -137,6 +166,16 @@ class Distiller(torch.nn.Module):
         if self.pairs:
             losses.update(self._rich_losses(valid, batch.input_ids.shape, batch.rich))
         return losses, top1, n
+
+
+def fusable(student) -> bool:
+    """Whether the student's logits are a plain linear head of its last hidden state (fused.py computes
+    exactly those); a logit scale or soft-capping (modeling.lm_logits) takes the plain path."""
+    head = student.get_output_embeddings()
+    c = text_config(student.config)
+    scale = getattr(c, "logit_scale", None)
+    return isinstance(head, torch.nn.Linear) and not getattr(c, "final_logit_softcapping", None) and \
+        not (isinstance(scale, (int, float)) and scale != 1)
 
 
 def resolve_pairs(cache, student, weights: dict[str, float], layer_map: str | None) -> tuple[Pair, ...]:

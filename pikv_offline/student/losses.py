@@ -84,18 +84,27 @@ def teacher_log_probs(logprobs1: torch.Tensor, tnorm: torch.Tensor, temperature:
 
 
 def kd_rows(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor, *,
-            temperature: float = 1.0, kind: str = "forward_kl", tail: str = "bucket", rel_error: float = 2.0 ** -11,
-            tail_ids: torch.Tensor | None = None, tail_logprobs: torch.Tensor | None = None,
-            tail_counts: torch.Tensor | None = None, draws: int = 0) -> torch.Tensor:
+            tail_ids: torch.Tensor | None = None, **kw) -> torch.Tensor:
     """[N] per-position divergence (before the T^2 factor).
 
     s_logprobs [N, V] the student's log-softmax at ``temperature`` (float32); t_ids [N, k] int64 and
     t_logprobs [N, k] the head (T=1 log-probs, any order); t_tnorm [N] tnorm at ``temperature``
     (unused by renorm); rel_error the stored log-probs' relative rounding error. tail="sampled" also
     takes tail_ids / tail_logprobs / tail_counts [N, n] (count 0 = empty slot) of ``draws`` draws.
+    The student enters only at the head and tail ids: kd_rows_at takes those (fused.py computes them
+    without the [N, V] log-softmax).
     """
+    s_tail = torch.gather(s_logprobs, -1, tail_ids) if kw.get("tail") == "sampled" else None
+    return kd_rows_at(torch.gather(s_logprobs, -1, t_ids), t_logprobs, t_tnorm, s_tail=s_tail, **kw)
+
+
+def kd_rows_at(s_top: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor, *, temperature: float = 1.0,
+               kind: str = "forward_kl", tail: str = "bucket", rel_error: float = 2.0 ** -11,
+               s_tail: torch.Tensor | None = None, tail_logprobs: torch.Tensor | None = None,
+               tail_counts: torch.Tensor | None = None, draws: int = 0) -> torch.Tensor:
+    """kd_rows from the student's log-softmax at T gathered at the head ids (s_top [N, k]) and, for the
+    sampled tail, at the tail ids (s_tail [N, n])."""
     T = temperature
-    s_top = torch.gather(s_logprobs, -1, t_ids)
     if tail == "renorm":
         logp = torch.log_softmax(t_logprobs / T, dim=-1)  # tnorm cancels in the softmax
         return divergence(logp, torch.log_softmax(s_top, dim=-1), kind)
@@ -111,7 +120,7 @@ def kd_rows(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Ten
     head = (p_top.exp() * (p_top - s_top)).sum(-1)
     p_tail = teacher_log_probs(tail_logprobs, t_tnorm, T)
     w = tail_weights(t_logprobs, tail_logprobs, tail_counts, t_tnorm, T, draws, rel_error)
-    return head + (w * (p_tail - torch.gather(s_logprobs, -1, tail_ids))).sum(-1)
+    return head + (w * (p_tail - s_tail)).sum(-1)
 
 
 def kd_loss(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
