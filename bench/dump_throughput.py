@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--max-sequences", type=int, default=512)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--sampled-tail", type=int, default=0)
+    ap.add_argument("--encoding", default="fp16")
     args = ap.parse_args()
     temps = tuple(float(t) for t in args.temperatures.split(","))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -71,7 +74,8 @@ def main() -> None:
         res = dump_mod.run(DumpConfig(teacher=args.teacher, data=args.data, out=os.path.join(out, "c"),
                                       seq_len=args.seq_len, top_k=args.top_k, temperatures=temps,
                                       batch_size=args.batch_size, max_sequences=args.max_sequences,
-                                      device=args.device, dtype=args.dtype))
+                                      device=args.device, dtype=args.dtype, sampled_tail=args.sampled_tail,
+                                      encoding=args.encoding))
     fwd = tokens / forward_s
     print(json.dumps({
         "bench": "dump_throughput", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
@@ -86,6 +90,8 @@ def main() -> None:
         "bytes_per_token_logit_targets": round(sum(v for k, v in res["bytes_per_token"].items()
                                                    if k.startswith("logits/")), 2),
         "bytes_per_token_total": round(sum(res["bytes_per_token"].values()), 2),
+        "sampled_tail": args.sampled_tail, "encoding": args.encoding,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # both runs, this process
     }))
 
 

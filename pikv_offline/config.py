@@ -268,6 +268,8 @@ class TrainConfig:
     freeze: tuple = opt((), "Freeze mlp, embeddings (with a tied head: the head too) or layers:0,2. Repeatable.")
 
     def __post_init__(self):
+        storage.refuse_url(self.out, "--out", "a run folder holds checkpoints replaced by rename")
+        object.__setattr__(self, "cache", storage.normalize(self.cache))
         if self.reader == "tensorstore" and self.num_workers == 0:
             raise PikvError("--reader tensorstore reads in the loader's worker process: use --num-workers 1 (TensorStore "
                             "is not fork-safe, so the training process itself reads with zarr-python)")
@@ -402,6 +404,9 @@ class MakeStudentConfig:
     trust_remote_code: bool = opt(False, "Run the model code a teacher's folder or hub repo ships (its auto_map); "
                                   "off: such a model is refused.")
 
+    def __post_init__(self):
+        storage.refuse_url(self.out, "--out", "the student folder is written with rename")
+
 
 
 NOT_SWEEPABLE = {"cache", "out", "student", "student_config", "resume", "layer_map", "freeze"}
@@ -446,6 +451,9 @@ class SweepConfig:
     grid: tuple = opt(help="flag=v1,v2,... over a train-student flag, e.g. --grid temperature=1,2,4; repeat for a "
                       "cross product.", parse=lambda specs: parse_grid(specs))
     base: dict = opt(cli=False)  # the fixed train-student settings (every TrainConfig field but out and resume)
+
+    def __post_init__(self):
+        storage.refuse_url(self.out, "--out", "a sweep folder holds its runs' folders")
 
     def points(self) -> list[dict]:
         names = [g[0] for g in self.grid]

@@ -68,13 +68,15 @@ def hold_at(root: str, key: str, *, what: str, by: str):
         return got if isinstance(got, dict) and isinstance(got.get("renewed"), (int, float)) else None
 
     def refuse(old):
-        raise PikvError(f"{what} is in use by another {by} (pid {old.get('pid')} on {old.get('host')} since "
-                        f"{old.get('since')}, its lease renewed {time.time() - old['renewed']:.0f}s ago); wait for "
-                        f"it to finish, or for its lease to lapse ({LEASE_S:.0f}s after it stopped), or choose "
-                        "another --out")
+        said = lambda k: str(old.get(k))[:60]  # noqa: E731  (a stranger's lease: its fields shown, cut short)
+        raise PikvError(f"{what} is in use by another {by} (pid {said('pid')} on {said('host')} since {said('since')}, "
+                        f"its lease renewed {time.time() - old['renewed']:.0f}s ago); wait for it to finish, or for "
+                        f"its lease to lapse ({LEASE_S:.0f}s after it stopped), or choose another --out; if no dump "
+                        f"runs there, delete {storage.join(root, key)}")
 
     old = read()
-    if old is not None and time.time() - old["renewed"] < LEASE_S and not _gone(old):
+    # a lease renewed in the future by more than any clock skew is not one (edited): taken over
+    if old is not None and -3600 < time.time() - old["renewed"] < LEASE_S and not _gone(old):
         refuse(old)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex,
           "since": time.strftime("%Y-%m-%d %H:%M:%S"), "renewed": time.time()}

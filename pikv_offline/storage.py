@@ -17,6 +17,7 @@ cache by pid), so a forked DataLoader worker opens its own connection.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import tempfile
@@ -24,20 +25,41 @@ import tempfile
 from .errors import PikvError, brief
 
 
+LOCAL_SCHEMES = ("file", "local")  # fsspec's names of the local filesystem: plain folders here
+
+
 def is_url(root: str) -> bool:
     """An object-store URL (not a local folder, not file://)."""
     scheme, sep, _ = root.partition("://")
-    return bool(sep) and scheme.isidentifier() and scheme != "file"
+    return bool(sep) and scheme.isidentifier() and scheme.lower() not in LOCAL_SCHEMES
 
 
 def local(root: str) -> str:
     """A local folder's path (file:// stripped)."""
-    return root[len("file://"):] if root.startswith("file://") else root
+    scheme, sep, rest = root.partition("://")
+    return rest if sep and scheme.lower() in LOCAL_SCHEMES else root
 
 
 def normalize(root: str) -> str:
-    """A local folder's path (file:// stripped), or a URL without trailing slashes (s3://b/p/ is s3://b/p)."""
-    return root.rstrip("/") if is_url(root) and not root.endswith("://") else local(root)
+    """A local folder's path (file:// stripped), or a URL without trailing slashes (s3://b/p/ is s3://b/p).
+    Refuses what cannot hold a cache: an empty path segment (s3://b//p is another key than s3://b/p),
+    memory:// (gone with the process)."""
+    if not is_url(root):
+        return local(root)
+    scheme, _, rest = root.partition("://")
+    if scheme.lower() == "memory":
+        raise PikvError(f"{root}: memory:// keeps a cache only for this process's life; give a folder or an "
+                        "object-store URL")
+    rest = rest.rstrip("/")
+    if "//" in rest:
+        raise PikvError(f"{root}: the URL has an empty path segment (//); write it with single slashes")
+    return f"{scheme}://{rest}"
+
+
+def refuse_url(root: str, flag: str, why: str) -> None:
+    """One line when a flag that takes a local folder gets a URL (it would become a folder named 's3:')."""
+    if "://" in root and is_url(root):
+        raise PikvError(f"{flag} {root}: {why}; give a local folder")
 
 
 def join(root: str, *keys: str) -> str:
@@ -48,7 +70,8 @@ def _fs(root: str):
     """(fsspec filesystem, path inside it) of a URL."""
     try:
         import fsspec
-        return fsspec.core.url_to_fs(root)
+        with remote(root):
+            return fsspec.core.url_to_fs(root)
     except ImportError as e:  # fsspec itself, or the protocol's package (s3fs, gcsfs)
         raise PikvError(f"{root}: this URL needs a filesystem package that is not installed ({brief(e)}); "
                         "pip install 'pikv-offline[cloud]' (s3fs, gcsfs)")
@@ -75,8 +98,9 @@ def read_bytes(root: str, key: str) -> bytes | None:
             return None
     fs, path = _fs(root)
     try:
-        return fs.cat_file(posixpath.join(path, key))
-    except FileNotFoundError:
+        with remote(root):
+            return fs.cat_file(posixpath.join(path, key))
+    except (FileNotFoundError, IsADirectoryError):
         return None
 
 
@@ -84,7 +108,8 @@ def write_bytes(root: str, key: str, data: bytes) -> None:
     """Atomically: a reader (or a crash) sees the old file or the new one, never a torn one."""
     if is_url(root):
         fs, path = _fs(root)
-        fs.pipe_file(posixpath.join(path, key), data)
+        with remote(root):
+            fs.pipe_file(posixpath.join(path, key), data)
         return
     path = join(root, key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -111,7 +136,10 @@ def names(root: str, key: str = "") -> list[str] | None:
     fs, path = _fs(root)
     folder = posixpath.join(path, key).rstrip("/")
     try:
-        got = fs.ls(folder, detail=False, refresh=True)
+        with remote(root):
+            if fs.isfile(folder):
+                return None
+            got = fs.ls(folder, detail=False, refresh=True)
     except FileNotFoundError:
         return None
     return sorted({posixpath.basename(p.rstrip("/")) for p in got if p.rstrip("/") != folder})
@@ -130,7 +158,8 @@ def sizes(root: str, key: str) -> dict[str, int]:
     fs, path = _fs(root)
     base = posixpath.join(path, key).rstrip("/")
     try:
-        found = fs.find(base, detail=True)
+        with remote(root):
+            found = fs.find(base, detail=True)
     except FileNotFoundError:
         return {}
     return {p[len(base) + 1:]: int(info.get("size") or 0) for p, info in found.items()
@@ -144,7 +173,8 @@ def size(root: str, key: str) -> int | None:
         return os.path.getsize(path) if os.path.isfile(path) else None
     fs, path = _fs(root)
     try:
-        info = fs.info(posixpath.join(path, key))
+        with remote(root):
+            info = fs.info(posixpath.join(path, key))
     except FileNotFoundError:
         return None
     return int(info.get("size") or 0) if info.get("type") == "file" else None
@@ -156,7 +186,18 @@ def exists(root: str) -> bool:
         return os.path.lexists(local(root))
     fs, path = _fs(root)
     try:
-        return bool(fs.ls(path, detail=False, refresh=True))
+        with remote(root):
+            return bool(fs.ls(path, detail=False, refresh=True))
+    except FileNotFoundError:
+        return False
+
+
+def is_object(root: str) -> bool:
+    """Whether a URL names an object itself (a file), not a prefix that could hold a cache."""
+    fs, path = _fs(root)
+    try:
+        with remote(root):
+            return fs.isfile(path)
     except FileNotFoundError:
         return False
 
@@ -174,7 +215,8 @@ def remove(root: str, key: str) -> None:
     fs, path = _fs(root)
     target = posixpath.join(path, key).rstrip("/")
     try:
-        fs.rm(target, recursive=True)
+        with remote(root):
+            fs.rm(target, recursive=True)
     except FileNotFoundError:
         pass
     fs.invalidate_cache()
@@ -229,6 +271,33 @@ def fetch_folder(root: str, key: str) -> str:
 REMOTE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "fsspec")
 
 
+@contextlib.contextmanager
+def remote(root: str):
+    """Inside: a URL's store operation. A failure of the store (unreachable, refused, a malformed endpoint:
+    anything but a missing key) becomes one line naming the URL."""
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PikvError, ImportError):
+        raise
+    except Exception as e:
+        said = remote_failure(e) or _failed(e)
+        raise PikvError(f"{root}: {said}") from None
+
+
+def raise_remote(e: BaseException, root: str) -> None:
+    """Raise the one line of an object store's failure when ``e`` (from zarr reading ``root``) is one,
+    so that a store that is down is not reported as a damaged cache."""
+    said = remote_failure(e) if is_url(root) else None
+    if said:
+        raise PikvError(f"{root}: {said}") from None
+
+
+def _failed(e: BaseException) -> str:
+    return (f"the object store failed ({type(e).__name__}: {brief(e)}); check the URL, the endpoint (e.g. "
+            "AWS_ENDPOINT_URL) and the credentials in the environment, then re-run the same command (a dump "
+            "resumes at its committed units)")
+
+
 def remote_failure(e: BaseException) -> str | None:
     """The one line for an object store's failure (unreachable endpoint, refused credentials, a request
     that failed after the library's retries), or None when ``e`` is not one."""
@@ -236,8 +305,6 @@ def remote_failure(e: BaseException) -> str | None:
     while seen is not None:
         module = type(seen).__module__.split(".")[0]
         if module in REMOTE_MODULES:
-            return (f"the object store failed ({type(seen).__name__}: {brief(seen)}); check the URL, the endpoint "
-                    "(e.g. AWS_ENDPOINT_URL) and the credentials in the environment, then re-run the same command "
-                    "(a dump resumes at its committed units)")
+            return _failed(seen)
         seen = seen.__cause__ or seen.__context__
     return None

@@ -610,3 +610,12 @@ def test_streaming_reads_only_what_it_needs_and_packs_the_same(llama_teacher, co
     assert streamed.fingerprint == prepared.fingerprint
     for a, b in zip(streamed.rows(0, 7), prepared.rows(0, 7)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_lock_outlives_the_creation_of_the_cache(llama_teacher, corpus, workdir):
+    """The dump creates the cache while it holds the lock file in it: the file must stay (zarr's mode "w"
+    cleared the folder once, so a second dump locked a new file and ran alongside)."""
+    out = workdir / "lock-kept"
+    p = pikv_subprocess(_cli_args(llama_teacher, corpus, out, n=4), env={"PIKV_FAULT": "forward:1"})
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert (out / Y.LOCK_FILE).is_file() and (out / "zarr.json").is_file()

@@ -134,7 +134,7 @@ def test_a_deleted_shard_object_is_damage_and_a_live_lease_refuses(s3, llama_tea
     from pikv_offline.errors import PikvError
 
     url = f"s3://{BUCKET}/damaged"
-    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=8), env=s3)
+    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=12), env=s3)
     assert p.returncode == 0, p.stderr[-3000:]
     fs = _fs()
     fs.rm(f"{BUCKET}/damaged/logits/tail_id_gaps/c/1/0/0")
@@ -142,23 +142,35 @@ def test_a_deleted_shard_object_is_damage_and_a_live_lease_refuses(s3, llama_tea
         open_cache(url)
     p = pikv_subprocess(["verify", url], env=s3)
     assert p.returncode == 2 and "logits/tail_id_gaps" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
-    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=8, extra=["--repair"]), env=s3)
-    assert p.returncode == 2 and "--repair works on local caches" in p.stderr, p.stderr[-2000:]
+    for cmd in (["inspect", url], ["verify", url]):  # a store that is down is not a damaged cache
+        p = pikv_subprocess(cmd, env={**s3, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"})
+        assert p.returncode == 2 and "the object store failed" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    # --repair on an object store: the damaged unit (and a garbage marker's) recomputed, the rest kept
+    fs.pipe(f"{BUCKET}/damaged/units/u-00000000.json", b"not json")
+    kept = fs.info(f"{BUCKET}/damaged/logits/logprobs/c/2/0/0")["LastModified"]
+    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=12, extra=["--repair"]), env=s3)
+    assert p.returncode == 0 and "2 damaged units" in p.stdout and "verify passed" in p.stdout, p.stdout + p.stderr
+    assert open_cache(url).attrs.complete and fs.info(f"{BUCKET}/damaged/logits/logprobs/c/2/0/0")["LastModified"] == kept
     # another host's dump holds the lease, renewed just now: refused, naming it
     fs.pipe(f"{BUCKET}/damaged/.pikv-dump.lock", json.dumps(
         {"pid": 1, "host": "elsewhere", "token": "x", "since": "then", "renewed": time.time()}).encode())
-    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=12), env=s3)
+    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=16), env=s3)
     assert p.returncode == 2 and "in use by another dump" in p.stderr and "elsewhere" in p.stderr, p.stderr[-2000:]
     # ... and once its lease lapsed, taken over: the extension runs
     fs.pipe(f"{BUCKET}/damaged/.pikv-dump.lock", json.dumps(
         {"pid": 1, "host": "elsewhere", "token": "x", "since": "then", "renewed": time.time() - 3600}).encode())
-    fs.rm(f"{BUCKET}/damaged", recursive=True)
-    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=8), env=s3)
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=16), env=s3)
+    assert p.returncode == 0 and "extending" in p.stdout, p.stderr[-2000:]
+    assert not fs.exists(f"{BUCKET}/damaged/.pikv-dump.lock")
 
 
 def test_bad_urls_are_one_line(s3, llama_teacher, corpus, student_config, tmp_path):
+    fs = _fs()
+    fs.pipe(f"{BUCKET}/results.csv", b"precious")
     cases = [("s3://no-such-bucket-pikv/c", {}, "no-such-bucket-pikv"), ("nosuchproto://x/y", {}, "nosuchproto"),
+             (f"s3://{BUCKET}/results.csv", {}, "names an object"), (f"s3://{BUCKET}//c", {}, "empty path segment"),
+             ("memory://c", {}, "memory://"),
+             (f"s3://{BUCKET}/c", {"AWS_ENDPOINT_URL": "notaurl"}, "the object store failed"),
              (f"s3://{BUCKET}/unreachable", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"},
               "the object store failed (EndpointConnectionError")]
     try:
@@ -169,6 +181,10 @@ def test_bad_urls_are_one_line(s3, llama_teacher, corpus, student_config, tmp_pa
         p = pikv_subprocess(_args(llama_teacher, corpus, url, n=4), env={**s3, **env})
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and said in lines[-1] and "Traceback" not in p.stderr, (url, p.stderr[-2000:])
+    assert fs.cat(f"{BUCKET}/results.csv") == b"precious"
+    p = pikv_subprocess(["train-student", "--cache", f"s3://{BUCKET}/x", "--out", f"s3://{BUCKET}/run",
+                         "--student-config", student_config, "--max-steps", "1"], env=s3)
+    assert p.returncode == 2 and "give a local folder" in p.stderr and not os.path.exists("s3:"), p.stderr
     from pikv_offline.cache.reader import open_cache  # a trailing slash names the same cache
     p = pikv_subprocess(_args(llama_teacher, corpus, f"s3://{BUCKET}/slash/", n=4), env=s3)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -178,6 +194,17 @@ def test_bad_urls_are_one_line(s3, llama_teacher, corpus, student_config, tmp_pa
     p = pikv_subprocess(["train-student", "--cache", f"s3://{BUCKET}/nothing-here", "--out", str(tmp_path / "run"),
                          "--student-config", student_config, "--max-steps", "1"], env=s3)
     assert p.returncode == 2 and "does not exist" in p.stderr, p.stderr[-2000:]
+
+
+def test_the_lease_outlives_the_creation_of_the_cache(s3, llama_teacher, corpus):
+    """Killed before its first forward, after it created the cache: its lease object is there (zarr's
+    mode "w" cleared the store, the lease with it, once), and the next dump takes it over (dead holder)."""
+    url = f"s3://{BUCKET}/leased"
+    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=4), env={**s3, "PIKV_FAULT": "forward:1"})
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert _fs().exists(f"{BUCKET}/leased/.pikv-dump.lock") and _fs().exists(f"{BUCKET}/leased/zarr.json")
+    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=4), env=s3)
+    assert p.returncode == 0 and "resuming" in p.stdout, p.stderr[-2000:]
 
 
 def test_training_from_s3_equals_training_from_local(s3, remote_cache, local_cache, student_config, tmp_path):

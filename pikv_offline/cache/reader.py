@@ -24,7 +24,8 @@ def read_root_attrs(path: str) -> dict | None:
         group = zarr.open_group(storage.zarr_store(path, read_only=True), mode="r")
     except PikvError:
         raise
-    except Exception:
+    except Exception as e:
+        storage.raise_remote(e, path)
         return None
     attrs = group.attrs.get(Y.ROOT_ATTR)
     return dict(attrs) if isinstance(attrs, dict) else None
@@ -128,14 +129,17 @@ class Cache:
 
         from ..modeling import code_refused, tokenizer_hash
 
+        where = storage.join(self.path, Y.TOKENIZER_DIR)  # its place in the cache, not a fetched copy
         try:
             tok = AutoTokenizer.from_pretrained(self.tokenizer_path, trust_remote_code=trust_remote_code)
+        except PikvError:
+            raise
         except Exception as e:
-            raise PikvError(code_refused(e, "the cache's tokenizer", self.tokenizer_path)
-                            or f"{self.tokenizer_path}: the cache's tokenizer does not load ({brief(e)}); the cache is "
+            raise PikvError(code_refused(e, "the cache's tokenizer", where)
+                            or f"{where}: the cache's tokenizer does not load ({brief(e)}); the cache is "
                             "damaged, re-dump it")
         if tokenizer_hash(tok) != self.attrs.tokenizer_sha256:
-            raise PikvError(f"{self.tokenizer_path}: the cache's tokenizer is not the one it was written with (hash "
+            raise PikvError(f"{where}: the cache's tokenizer is not the one it was written with (hash "
                             "differs); the cache is damaged, re-dump it")
 
     def first_unreadable(self, rows: np.ndarray, names: tuple[str, ...] | None = None) -> str:
@@ -143,7 +147,8 @@ class Cache:
         for name in names or self.names:
             try:
                 self.arrays[name].oindex[np.asarray(rows)]
-            except Exception:
+            except Exception as e:
+                storage.raise_remote(e, self.path)
                 return name
         return "an array"
 

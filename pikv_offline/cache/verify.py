@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import storage
 from ..data import fingerprint
 from ..errors import PikvError, brief
 from . import format as F
@@ -69,6 +70,7 @@ def unit_problem(cache: Cache, u: int, inputs: tuple[np.ndarray, np.ndarray] | N
     try:
         raw = {name: cache.arrays[name][start:stop] for name in cache.names}
     except Exception as e:
+        storage.raise_remote(e, cache.path)  # a store that is down is not damage
         return marker, f"has an unreadable chunk in {cache.first_unreadable(np.arange(start, stop))} ({brief(e)})"
     sample_ids = Y.unit_sample_ids(u, a.n_sequences, a.unit_seqs, Y.order_seed(a.data["fingerprint"]))
     problem = _check_values(raw, decode(raw, cache.encoding, rich=tuple(cache.rich)), sample_ids,

@@ -18,6 +18,7 @@ import zarr
 
 from .. import storage
 from ..data import fingerprint
+from ..errors import PikvError
 from ..faults import fault
 from . import format as F
 from . import layout as Y
@@ -34,9 +35,22 @@ def create_arrays(root: str, n_seqs: int, *, seq_len: int, targets: dict, vocab_
 def resize_arrays(root: str, n_seqs: int, targets: dict) -> None:
     """Every array to ``n_seqs`` sequences (an extension); the files of the units kept stay as they are."""
     group = zarr.open_group(storage.zarr_store(root, read_only=False), mode="r+")
-    for name in F.present_arrays(targets):
-        a = group[name]
+    for name, a in _arrays(group, F.present_arrays(targets), root).items():
         a.resize((n_seqs, *a.shape[1:]))
+
+
+def _arrays(group, names, root: str) -> dict:
+    """The cache's arrays, each of which must open (a missing array zarr.json is damage, one line)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = group[name]
+        except KeyError:
+            fix = ("delete the prefix and re-dump" if storage.is_url(root) else
+                   "re-run the same command with --repair")
+            raise PikvError(f"{storage.join(root, name)}: the array's metadata (zarr.json) is missing; the cache is "
+                            f"damaged: {fix}") from None
+    return out
 
 
 class UnitWriter:
@@ -44,6 +58,7 @@ class UnitWriter:
         self.root, self.n_seqs, self.unit_seqs, self.cache_key = root, n_seqs, unit_seqs, cache_key
         self.group = zarr.open_group(storage.zarr_store(root, read_only=False), mode="r+")
         self.names = F.present_arrays(targets)
+        self.arrays = _arrays(self.group, self.names, root)
         self.rich = F.rich_arrays(targets)
         self.written = 0
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -98,9 +113,9 @@ class UnitWriter:
         fault("enospc", self.written + 1)
         with zarr.config.set({"array.write_empty_chunks": True}):
             for name in self.names:
-                self.group[name][start:stop] = arrays[name]
+                self.arrays[name][start:stop] = arrays[name]
         for name in self.names:  # on disk before the marker says so, even if the node goes down
-            storage.sync(self.root, f"{name}/{Y.shard_key(self.group[name], unit)}")
+            storage.sync(self.root, f"{name}/{Y.shard_key(self.arrays[name], unit)}")
         self.written += 1
         fault("write", self.written)
         Y.write_marker(self.root, Y.UnitMarker(

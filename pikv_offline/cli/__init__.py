@@ -314,24 +314,27 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except PikvError as e:
-        from tqdm import tqdm
-
-        for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open: the error starts on its own line
-            bar.close()
-        # Every rank says it: an error only rank 1 met (its disk, its shard) must not vanish with rank 0's.
-        click.echo(f"error: {e}" if env_rank() == 0 else f"error (rank {env_rank()}): {e}", err=True)
-        sys.exit(2)
+        _say(str(e))
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
     except Exception as e:  # an object store that cannot be reached or refuses: one line too; anything else is a bug
         from ..storage import remote_failure
 
         said = remote_failure(e)
         if said is None:
             raise
-        click.echo(f"error: {said}" if env_rank() == 0 else f"error (rank {env_rank()}): {said}", err=True)
-        sys.exit(2)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        _say(said)
+
+
+def _say(error: str) -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open: the error starts on its own line
+        bar.close()
+    # Every rank says it: an error only rank 1 met (its disk, its shard) must not vanish with rank 0's.
+    click.echo(f"error: {error}" if env_rank() == 0 else f"error (rank {env_rank()}): {error}", err=True)
+    sys.exit(2)

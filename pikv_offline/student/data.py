@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import storage
 from ..cache import format as F
 from ..cache.reader import Cache, decode, open_cache
 from ..errors import PikvError, brief
@@ -192,6 +193,7 @@ def read_rows(cache: Cache, ids: np.ndarray, names: tuple[str, ...] | None = Non
     try:
         return {name: cache.take(name, uniq)[inv] for name in names}
     except Exception as e:  # e.g. a checksum mismatch: name the array and the sequences
+        storage.raise_remote(e, cache.path)
         bad = cache.first_unreadable(uniq, names)
         raise PikvError(f"{cache.path}/{bad}: the stored data of sequences {int(uniq[0])}..{int(uniq[-1])} does not "
                         f"read ({brief(e)}); the cache is damaged: run `pikv verify {cache.path}` to name the "

@@ -47,12 +47,20 @@ class _FusedKdCe(torch.autograd.Function):
             hc, ic, yc = h[s:s + chunk], ids[s:s + chunk], labels[s:s + chunk]
             with torch.autocast(h.device.type, enabled=False):
                 z = torch.nn.functional.linear(hc.to(dtype), w, b).float()
-            top1[s:s + chunk] = z.argmax(-1)
-            lse_1 = torch.logsumexp(z, -1)
+            # One max, one exp per temperature; the exponentials are kept as the softmax for the gradient.
+            m, top1[s:s + chunk] = z.max(-1)
+            e_1 = torch.sub(z, m[:, None]).exp_()
+            sum_1 = e_1.sum(-1)
+            lse_1 = m + sum_1.log()
             s_lab = z.gather(1, yc[:, None])[:, 0] - lse_1
-            z_t = z if T == 1.0 else z / T
-            lse_t = lse_1 if T == 1.0 else torch.logsumexp(z_t, -1)
-            s_ids = z_t.gather(1, ic) - lse_t[:, None]
+            if T == 1.0:
+                e_t, sum_t, lse_t = e_1, sum_1, lse_1
+            else:
+                e_t = torch.sub(z, m[:, None]).mul_(1.0 / T).exp_()
+                sum_t = e_t.sum(-1)
+                lse_t = m / T + sum_t.log()
+            s_ids = z.gather(1, ic) / T - lse_t[:, None]
+            del z
             with torch.enable_grad():
                 s_ids, s_lab = s_ids.requires_grad_(need_grad), s_lab.requires_grad_(need_grad)
                 kd, ce = loss(s_ids, s_lab, *(t[s:s + chunk] if t is not None else None for t in targets))
@@ -62,13 +70,12 @@ class _FusedKdCe(torch.autograd.Function):
                     continue
                 g_ids, g_lab = torch.autograd.grad(kd_w * kd + ce_w * ce, (s_ids, s_lab), allow_unused=True,
                                                    materialize_grads=True)
-            # dL/dz, built in the buffer of softmax(z): -softmax(z) g_y - softmax(z/T) sum(g) / T + scatters
-            dz = torch.exp(z - lse_1[:, None])
+            # dL/dz = -softmax(z) g_y - softmax(z/T) sum(g) / T + scatters, in the buffer of exp(z - m)
+            g_sum = g_ids.sum(-1)
             if T == 1.0:
-                dz.mul_(-(g_lab + g_ids.sum(-1))[:, None])
+                dz = e_1.mul_((-(g_lab + g_sum) / sum_1)[:, None])
             else:
-                p_t = z_t.sub_(lse_t[:, None]).exp_()  # z_t is z / T's own buffer here
-                dz.mul_(-g_lab[:, None]).sub_(p_t.mul_((g_ids.sum(-1) / T)[:, None]))
+                dz = e_1.mul_((-g_lab / sum_1)[:, None]).sub_(e_t.mul_((g_sum / (T * sum_t))[:, None]))
             dz.scatter_add_(1, ic, g_ids / T)
             dz.scatter_add_(1, yc[:, None], g_lab[:, None])
             grad_h[s:s + chunk] = (dz.to(dtype) @ w).to(h.dtype)

@@ -76,9 +76,8 @@ def _decide(cfg: DumpConfig, key: str, n_seqs: int) -> tuple[str, str]:
     """Rank 0's view of --out: ('new'|'resume'|'extend'|'hit'|'repair', message) or ('error', message)."""
     out = cfg.out
     if storage.is_url(out):
-        if cfg.repair:  # repair.py works on a folder's files (links, partial folders); an object store has neither
-            return "error", (f"--repair works on local caches; {out} is a URL: re-run the command without "
-                             "--repair (units without a valid marker are written again), or re-dump it")
+        if storage.is_object(out):  # a prefix that is an object would be cleared as if it were an empty cache
+            return "error", f"--out {out} names an object, not a prefix that can hold a cache; choose another URL"
         empty = not set(storage.names(out) or ()) - {Y.LOCK_FILE}
     else:
         empty = not os.path.exists(out) or (os.path.isdir(out) and not set(os.listdir(out)) - {Y.LOCK_FILE})
@@ -86,6 +85,16 @@ def _decide(cfg: DumpConfig, key: str, n_seqs: int) -> tuple[str, str]:
         if cfg.repair:
             return "error", f"--repair: --out {out} holds no cache to repair; run the command without --repair to dump"
         return "new", ""
+    if cfg.repair and storage.is_url(out):  # damaged units only: repair.py rebuilds a skeleton from a folder's files
+        attrs = read_root_attrs(out)
+        try:
+            ok = attrs is not None and Y.RootAttrs.from_dict(attrs, out).cache_key == key
+        except PikvError:
+            ok = False
+        if not ok:
+            return "error", (f"--repair: the root of {out} is damaged, missing or of other inputs; on an object store "
+                             "--repair recomputes damaged units of an intact root only: delete the prefix and re-dump")
+        return "repair", f"repairing the cache at {out} (its units)"
     if cfg.repair:  # whatever state its skeleton is in (repair.fix_skeleton), if it is this command's cache
         if not os.path.isdir(out):
             return "error", f"--repair: --out {out} is not a folder"
@@ -114,8 +123,9 @@ def _create_root(cfg: DumpConfig, attrs: Y.RootAttrs, tokenizer, vocab: int) -> 
     for name in storage.names(cfg.out) or ():  # an old cache (--overwrite), not the lock this dump holds
         if name != Y.LOCK_FILE:
             storage.remove(cfg.out, name)
-    zarr.open_group(storage.zarr_store(cfg.out, read_only=False), mode="w",
-                    attributes={Y.ROOT_ATTR: attrs.to_dict()})
+    # created, not opened with mode "w": that clears the whole store, this dump's lock (or lease) with it
+    zarr.create_group(storage.zarr_store(cfg.out, read_only=False), attributes={Y.ROOT_ATTR: attrs.to_dict()},
+                      overwrite=False)
     create_arrays(cfg.out, attrs.n_sequences, seq_len=attrs.seq_len, targets=attrs.targets, vocab_size=vocab,
                   unit_seqs=attrs.unit_seqs)
     if not storage.is_url(cfg.out):
@@ -234,7 +244,7 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
                 _create_root(cfg, fresh, tokenizer, vocab)
             elif decision in ("extend", "resume"):
                 _regrow(cfg, n_seqs, data_info)
-            elif decision == "repair":
+            elif decision == "repair" and not storage.is_url(cfg.out):
                 message = "\n".join([message, *(f"repair: {n}" for n in R.fix_skeleton(cfg.out, fresh, tokenizer,
                                                                                           vocab, cfg.trust_remote_code))])
         except PikvError as e:

@@ -107,7 +107,7 @@ def load_model(folder: str, teacher: str, dtype: torch.dtype, device: torch.devi
 
 @torch.inference_mode()
 def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tuple[float, ...],
-                  uniforms: torch.Tensor | None = None, chunk_tokens: int = 4096,
+                  uniforms: torch.Tensor | None = None, chunk_tokens: int | None = None,
                   forward_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
     """The teacher's logit targets for input_ids [B, L], all float32 / int64 on the model's device.
 
@@ -119,7 +119,8 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
       sampling, so the caller's uniforms fix the draws on any device and batch split).
 
     The LM head runs on ``chunk_tokens`` positions at a time so a [B, L, V] float32 tensor is
-    never materialized: the peak extra memory is two chunk_tokens x V float32 buffers.
+    never materialized: the peak extra memory is two chunk_tokens x V float32 buffers (default:
+    4096 positions, fewer at a large vocabulary so that a buffer stays near 256 MiB: 441 at V=152k).
     ``forward_kwargs`` go to the base model (a modeling.Capture's, to record rich targets on the way).
     """
     hidden = model.base_model(input_ids=input_ids, **(forward_kwargs or {"use_cache": False})).last_hidden_state
@@ -128,6 +129,8 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
     u = None if uniforms is None else uniforms.reshape(b * length, -1).to(flat.device)
     out: dict[str, list] = {"ids": [], "logprobs": [], "tnorm": [], "tail_ids": [], "tail_logprobs": []}
     buf = None
+    if chunk_tokens is None:
+        chunk_tokens = max(64, min(4096, (256 << 20) // (4 * model.get_output_embeddings().weight.shape[0])))
     for s in range(0, flat.shape[0], chunk_tokens):
         z = lm_logits(model, flat[s:s + chunk_tokens]).float()
         top, idx = torch.topk(z, top_k, dim=-1, sorted=True) if top_k else torch.max(z, -1, keepdim=True)

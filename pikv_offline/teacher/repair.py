@@ -27,6 +27,7 @@ from ..cache import layout as Y
 from ..cache.reader import open_cache, read_root_attrs
 from ..cache.verify import unit_problem
 from ..cache.writer import create_arrays
+from .. import storage
 from ..data import Prepared
 from ..errors import PikvError
 
@@ -122,8 +123,15 @@ def uncommit(out: str, units: list[int]) -> None:
     """Rank 0: ``units`` are to be written again: their markers and shard files go (a damaged shard file
     would be read back to merge a partial write), and the cache is marked incomplete until they are in."""
     cache = open_cache(out, allow_incomplete=True, check=False)
-    root = zarr.open_group(out, mode="r+")  # incomplete first: a repair stopped halfway leaves no complete cache
+    root = zarr.open_group(storage.zarr_store(out, read_only=False), mode="r+")
+    # incomplete first: a repair stopped halfway leaves no complete cache
     root.attrs[Y.ROOT_ATTR] = dataclasses.replace(cache.attrs, complete=False, content_sha256=None).to_dict()
+    if storage.is_url(out):  # no links or partial folders on an object store: the objects go
+        for u in units:
+            Y.remove_marker(out, u)
+            for name, arr in cache.arrays.items():
+                storage.remove(out, f"{name}/{Y.shard_key(arr, u)}")
+        return
     for u in units:
         marker = os.path.join(out, Y.marker_name(u))
         if os.path.lexists(marker):
