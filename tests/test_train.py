@@ -233,7 +233,7 @@ def test_bucket_kd_from_a_full_vocab_cache_equals_kl_div(llama_teacher, corpus, 
         torch.testing.assert_close(got, F.kl_div(s_lsm, p, reduction="sum") * T * T, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("T", [2.0])  # T = 2 carries the normalizer; T = 1 is its special case
 def test_online_kd_equals_training_from_a_full_vocab_cache(T, llama_teacher, corpus, workdir, student_config, tmp_path):
     """tools/online.py (the demo's and bench/quality.py's online KD, teacher resident) trains exactly as a
     cache of k = V does: the same batches, the same targets up to the cache's fp16 rounding."""

@@ -58,7 +58,7 @@ class UnitWriter:
         self.root, self.n_seqs, self.unit_seqs, self.cache_key = root, n_seqs, unit_seqs, cache_key
         self.group = zarr.open_group(storage.zarr_store(root, read_only=False), mode="r+")
         self.names = F.present_arrays(targets)
-        self.arrays = _arrays(self.group, self.names, root)
+        self.arrays = _arrays(self.group, self.names, root)  # each opens (shard keys); written through group[name]
         self.rich = F.rich_arrays(targets)
         self.written = 0
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -113,7 +113,7 @@ class UnitWriter:
         fault("enospc", self.written + 1)
         with zarr.config.set({"array.write_empty_chunks": True}):
             for name in self.names:
-                self.arrays[name][start:stop] = arrays[name]
+                self.group[name][start:stop] = arrays[name]  # opened here: the array takes the setting at open
         for name in self.names:  # on disk before the marker says so, even if the node goes down
             storage.sync(self.root, f"{name}/{Y.shard_key(self.arrays[name], unit)}")
         self.written += 1
