@@ -146,17 +146,20 @@ def test_a_deleted_shard_object_is_damage_and_a_live_lease_refuses(s3, llama_tea
     p = pikv_subprocess(_args(llama_teacher, corpus, url, n=12, extra=["--repair"]), env=s3)
     assert p.returncode == 0 and "2 damaged units" in p.stdout and "verify passed" in p.stdout, p.stdout + p.stderr
     assert open_cache(url).attrs.complete and fs.info(f"{BUCKET}/damaged/logits/logprobs/c/2/0/0")["LastModified"] == kept
-    # another host's dump holds the lease, renewed just now: refused, naming it
-    fs.pipe(f"{BUCKET}/damaged/.pikv-dump.lock", json.dumps(
+    # another host's dump holds the lease, renewed just now: refused, naming it; once lapsed, taken over
+    from pikv_offline import lock
+
+    key = ".pikv-dump.lock"
+    fs.pipe(f"{BUCKET}/damaged/{key}", json.dumps(
         {"pid": 1, "host": "elsewhere", "token": "x", "since": "then", "renewed": time.time()}).encode())
-    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=16), env=s3)
-    assert p.returncode == 2 and "in use by another dump" in p.stderr and "elsewhere" in p.stderr, p.stderr[-2000:]
-    # ... and once its lease lapsed, taken over: the extension runs
-    fs.pipe(f"{BUCKET}/damaged/.pikv-dump.lock", json.dumps(
+    with pytest.raises(PikvError, match="in use by another dump .*elsewhere"):
+        with lock.hold_at(url, key, what=f"--out {url}", by="dump"):
+            pass
+    fs.pipe(f"{BUCKET}/damaged/{key}", json.dumps(
         {"pid": 1, "host": "elsewhere", "token": "x", "since": "then", "renewed": time.time() - 3600}).encode())
-    p = pikv_subprocess(_args(llama_teacher, corpus, url, n=16), env=s3)
-    assert p.returncode == 0 and "extending" in p.stdout, p.stderr[-2000:]
-    assert not fs.exists(f"{BUCKET}/damaged/.pikv-dump.lock")
+    with lock.hold_at(url, key, what=f"--out {url}", by="dump"):
+        assert json.loads(_fs().cat(f"{BUCKET}/damaged/{key}"))["token"] != "x"
+    assert not _fs().exists(f"{BUCKET}/damaged/{key}")
 
 
 def test_bad_urls_are_one_line(s3, llama_teacher, corpus, student_config, tmp_path):
