@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--teacher-steps", type=int, default=400)
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--student-steps", type=int, default=300)
+    ap.add_argument("--student-steps", type=int, default=240)
     args = ap.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     corpus = os.path.join(args.workdir, "corpus.jsonl")
