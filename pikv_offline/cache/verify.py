@@ -32,8 +32,9 @@ def check_integrity(path: str, trust_remote_code: bool = False) -> dict:
     cache.check_tokenizer(trust_remote_code)
     attrs = cache.attrs
     loss_tokens, hashes = 0, []
+    files = cache.shard_files()  # on an object store one listing per array, not a look per unit and array
     for u in range(attrs.n_units):
-        marker, problem = unit_problem(cache, u)
+        marker, problem = unit_problem(cache, u, files=files)
         if problem:
             start, stop = Y.unit_range(u, attrs.n_sequences, attrs.unit_seqs)
             raise PikvError(f"{path}: unit {u} (sequences [{start}, {stop})) {problem}; {REMEDY}")
@@ -49,12 +50,12 @@ def check_integrity(path: str, trust_remote_code: bool = False) -> dict:
             "loss_tokens": loss_tokens, "arrays": list(cache.names)}
 
 
-def unit_problem(cache: Cache, u: int, inputs: tuple[np.ndarray, np.ndarray] | None = None
-                 ) -> tuple[Y.UnitMarker | None, str | None]:
+def unit_problem(cache: Cache, u: int, inputs: tuple[np.ndarray, np.ndarray] | None = None,
+                 files: dict | None = None) -> tuple[Y.UnitMarker | None, str | None]:
     """(its marker, what is wrong with unit ``u`` or None): the marker commits it for this cache, every
     array's shard file is there, every chunk reads (crc32c), the values are well formed, and the arrays
     and input ids hash to the marker's. With ``inputs`` (the prepared rows of its sample ids, as a
-    repair has them) the stored input ids must also be those rows."""
+    repair has them) the stored input ids must also be those rows. ``files``: Cache.shard_files, taken once."""
     a = cache.attrs
     start, stop = Y.unit_range(u, a.n_sequences, a.unit_seqs)
     try:
@@ -64,7 +65,7 @@ def unit_problem(cache: Cache, u: int, inputs: tuple[np.ndarray, np.ndarray] | N
     if marker is None or not marker.holds(u, a.n_sequences, a.unit_seqs, a.cache_key):
         return marker, ("is not committed (no marker)" if marker is None else
                         "is not committed for this cache (its marker is of another cache, unit or range)")
-    missing = cache.missing_shard(u)
+    missing = cache.missing_shard(u, files)
     if missing:
         return marker, f"has no data in {missing[0]} (no file {missing[1]})"
     try:

@@ -108,12 +108,12 @@ def find_damaged(out: str, prep: Prepared, rank: int, world_size: int) -> dict[i
     cache = open_cache(out, allow_incomplete=True, check=False)
     a = cache.attrs
     marked = Y.committed_units(out)
-    bad = {}
+    bad, files = {}, cache.shard_files()
     for u in Y.rank_units(a.n_sequences, a.unit_seqs, rank, world_size):
         if u not in marked and not a.complete:
             continue
         ids = Y.unit_sample_ids(u, a.n_sequences, a.unit_seqs, Y.order_seed(a.data["fingerprint"]))
-        _, problem = unit_problem(cache, u, prep.take(ids))
+        _, problem = unit_problem(cache, u, prep.take(ids), files)
         if problem:
             bad[u] = problem
     return bad
