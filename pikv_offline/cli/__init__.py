@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import types
@@ -311,6 +312,9 @@ def eval_cmd(**kw):
 
 
 def main() -> None:
+    # zarr reads a unit's chunks as concurrent asyncio tasks: when a damaged chunk fails, its siblings' failures
+    # are logged at exit as "Task exception was never retrieved" with tracebacks, after the one line said.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         cli.main(standalone_mode=False)
     except PikvError as e:
