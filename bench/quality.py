@@ -62,7 +62,9 @@ def main() -> None:
         path, tail = spec.rsplit(":", 1)
         c = open_cache(path)
         logit_bytes = sum(v for a, v in describe(path)["bytes_per_token"].items() if a.startswith("logits/"))
-        name = f"k={c.top_k}" + (f"+{c.draws} sampled" if c.draws else "") + f" {c.encoding}, {logit_bytes:.0f} B/token"
+        drawn_at = ",".join(f"{t:g}" for t in c.tail_temperatures)
+        name = f"k={c.top_k}" + (f"+{c.draws} sampled at T={drawn_at}" if c.draws else "") + \
+            f" {c.encoding}, {logit_bytes:.0f} B/token"
         runs += [(f"offline {name}, {tail}, T={t:g}", dict(cache=path, tail=tail, temperature=t,
                                                            ce_weight=args.ce_weight), False) for t in temps]
     rows = []
@@ -82,11 +84,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     ce = rows[0]["heldout_ce"]
-    online = {r["run"].split("T=")[1]: r["heldout_ce"] for r in rows if r["run"].startswith("online")}
+    online = {r["run"].rsplit("T=", 1)[1]: r["heldout_ce"] for r in rows if r["run"].startswith("online")}
     print("\n| run | held-out CE | vs CE only | vs online KD (same T) | top-1 = teacher | tok/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        t = r["run"].split("T=")[1] if "T=" in r["run"] else None
+        t = r["run"].rsplit("T=", 1)[1] if "T=" in r["run"] else None
         vs_online = f"{100 * (r['heldout_ce'] / online[t] - 1):+.2f} %" if t in online else ""
         print(f"| {r['run']} | {r['heldout_ce']:.4f} | {100 * (r['heldout_ce'] / ce - 1):+.2f} % | {vs_online} | "
               f"{r['heldout_top1']:.3f} | {r['tokens_per_s']:.0f} |")

@@ -51,6 +51,17 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
     return (1.0, *rest)
 
 
+def parse_tail_temperatures(text: str) -> tuple[float, ...]:
+    """'1,2,4' -> (1.0, 2.0, 4.0): the sampled tail's slot j draws at the (j mod m)-th; a repeat weights a T."""
+    try:
+        temps = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise PikvError(f"--tail-temperatures {text!r} is not a comma-separated list of numbers, e.g. 1,2,4")
+    if not temps:
+        raise PikvError("--tail-temperatures is empty; give grid temperatures such as 1,2,4")
+    return temps
+
+
 def parse_targets(specs) -> tuple[tuple[str, tuple[int, ...] | None, str], ...]:
     """['hidden:4,8@int8', 'router'] -> (('hidden', (4, 8), 'int8'), ('router', None, 'bf16')).
 
@@ -117,6 +128,10 @@ class DumpConfig:
                           "extension.", flag="--shard-size")
     sampled_tail: int = opt(0, "Also draw N ids per position from the teacher outside the top-k (an unbiased tail "
                             "estimate for KD).")
+    tail_temperatures: tuple[float, ...] | None = opt(
+        None, "Temperatures the sampled tail draws at, cycled over its slots (slot j at the (j mod m)-th; repeat one "
+        "to weight it). Every one must be in --temperatures; the estimate is unbiased at every grid T either way "
+        "[default: the grid, each once].", parse=lambda text: parse_tail_temperatures(text), show="the grid")
     encoding: str = opt("fp16", "Log-prob storage: fp16 (rel. error 2^-11) or the compact bf16 (2^-8, ~1/3 fewer "
                         "bytes).", choices=tuple(ENCODINGS))
     targets: tuple = opt((), "Also store hidden:L,.. (hidden states after layers), kv:L,.. (cached keys/values), "
@@ -158,6 +173,13 @@ class DumpConfig:
             raise PikvError(f"--max-sequences must be at least 1; got {self.max_sequences}")
         if not self.temperatures or self.temperatures[0] != 1.0:
             raise PikvError("the temperature grid must start with T=1")
+        if self.tail_temperatures is None:
+            object.__setattr__(self, "tail_temperatures", tuple(self.temperatures))
+        off = [t for t in self.tail_temperatures if t not in self.temperatures]
+        if off:
+            raise PikvError(f"--tail-temperatures {off[0]:g} is not in the grid --temperatures "
+                            f"{','.join(f'{t:g}' for t in self.temperatures)}: the tail's weights need the "
+                            "normalizer there; add it to --temperatures or drop it")
         if self.dtype not in DTYPES:
             raise PikvError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype}")
         if self.device not in DEVICES:

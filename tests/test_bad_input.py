@@ -117,7 +117,8 @@ def bad_caches(train_cache, workdir):
     for name, change in (("incomplete", {"complete": False}), ("future", {"format_version": 99}),
                          ("escape", {"tokenizer_dir": "../../.."}), ("typed", {"unit_seqs": "8"}),
                          ("boolcount", {"seq_len": True}), ("grid", logits(temperatures=[1.0, 3.0])),
-                         ("nohead", logits(top_k=0, sampled_tail=4)), ("nangrid", logits(temperatures=[1.0, "nan"])),
+                         ("nohead", logits(top_k=0, sampled_tail=4, tail_temperatures=[1.0])), ("nangrid", logits(temperatures=[1.0, "nan"])),
+                         ("proposal", logits(sampled_tail=4, tail_temperatures=[3.0])),
                          ("nolayers", lambda a: {**a, "teacher": {k: v for k, v in a["teacher"].items()
                                                                    if k != "num_layers"}})):
         path = workdir / f"cache-{name}"
@@ -163,6 +164,7 @@ TRAIN_CASES = {
     "temperature grid tampered": (["--cache", "@grid"], "is not the hash of the attributes that define its content"),
     "top_k tampered to 0": (["--cache", "@nohead"], "is not the hash of the attributes"),
     "a temperature that is not a number": (["--cache", "@nangrid"], "is not a valid head/tail/temperature"),
+    "a tail proposal off the grid": (["--cache", "@proposal"], "tail_temperatures [3.0] is not a list of grid"),
     "num_layers missing": (["--cache", "@nolayers"], "attribute num_layers is None, expected int"),
     "lr nan": (["--lr", "nan"], "--lr must be a positive finite number; got nan"),
     "lr inf": (["--lr", "inf"], "--lr must be a positive finite number; got inf"),

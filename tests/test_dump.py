@@ -373,6 +373,20 @@ def test_pure_sampling_and_bf16_cache(llama_teacher, corpus, workdir):
     np.testing.assert_allclose(got[F.TAIL_LOGPROBS][used], want[used], rtol=2 ** -7, atol=1e-3)
     np.testing.assert_allclose(got[F.TNORM][..., 1:], torch.stack(
         [torch.logsumexp(live / t, -1) for t in (2.0, 4.0)], -1).numpy(), rtol=2 ** -10, atol=1e-3)
+    # Slot j drew at the grid's (j mod 3)-th temperature (the default proposal) with uniform column j:
+    # an inverse CDF of the live p_T in float64 gives the same ids, but for a rare tie at a CDF step.
+    from pikv_offline.teacher.dump import tail_uniforms
+
+    assert cache.tail_temperatures == [1.0, 2.0, 4.0]
+    u = torch.from_numpy(tail_uniforms(cache.attrs.cache_key, got[F.SAMPLE_ID], SEQ, 12)).double()
+    want_ids = torch.empty(u.shape, dtype=torch.long)
+    for j, t in enumerate(F.tail_slot_temperatures(cache.tail_temperatures, 12)):
+        cdf = torch.softmax(live.double() / t, -1).cumsum(-1)
+        want_ids[..., j] = torch.searchsorted(cdf, (u[..., j] * cdf[..., -1]).unsqueeze(-1), right=True)[..., 0]
+    stored = got[F.TAIL_IDS].reshape(-1, 12)
+    agree = [sorted(want_ids.reshape(-1, 12)[r].tolist()) ==
+             sorted(np.repeat(stored[r], got[F.TAIL_COUNTS].reshape(-1, 12)[r]).tolist()) for r in range(len(stored))]
+    assert np.mean(agree) > 0.99, np.mean(agree)
 
 
 def test_verify_passes_a_good_cache_and_names_a_corrupt_shard(two_rank_cache, workdir):

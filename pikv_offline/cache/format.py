@@ -1,4 +1,4 @@
-"""The teacher cache format, version 4: every array name, dtype, shape, codec and encoding.
+"""The teacher cache format, version 5: every array name, dtype, shape, codec and encoding.
 
 The writer and the reader both import this module and nothing else defines the arrays; which
 sequences go where and the attributes are layout.py's. See FORMAT.md beside this file for the
@@ -16,8 +16,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 # 3: optional hidden / kv / router / experts targets. 4: arrays over all sequences written in units
 # (any rank writes any unit; resume at any world size; extension), ids stored as gaps (only codecs of
-# the Zarr v3 specification: bytes, blosc, crc32c, sharding).
-FORMAT_VERSION = 4
+# the Zarr v3 specification: bytes, blosc, crc32c, sharding). 5: the sampled tail's slots cycle over
+# proposal temperatures (targets.logits.tail_temperatures; 4 drew every slot at T=1).
+FORMAT_VERSION = 5
 
 INPUT_IDS = "input_ids"
 LOSS_MASK = "loss_mask"
@@ -65,6 +66,17 @@ def inner_chunk(unit_seqs: int) -> int:
 
 def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def tail_slot_temperatures(tail_temperatures, draws: int) -> list[float]:
+    """The proposal temperature of each of the ``draws`` slots: slot j draws at tail_temperatures[j mod m]."""
+    return [float(tail_temperatures[j % len(tail_temperatures)]) for j in range(draws)]
+
+
+def tail_strata(tail_temperatures, draws: int) -> tuple[tuple[float, int], ...]:
+    """((T_c, n_c), ...): each distinct proposal temperature, first-seen order, and how many slots draw at it."""
+    slots = tail_slot_temperatures(tail_temperatures, draws)
+    return tuple((t, slots.count(t)) for t in dict.fromkeys(slots))
 
 
 def logit_arrays(top_k: int, n_temps: int, tail: int) -> tuple[str, ...]:

@@ -117,7 +117,7 @@ class RootAttrs:
     tokenizer_dir: str
     data: dict  # data, split, data_config, text_field, chat_field, pack, max_sequences, fingerprint
     seq_len: int
-    targets: dict  # logits: top_k, sampled_tail, temperatures, encoding, id_dtype; rich kinds when asked
+    targets: dict  # logits: top_k, sampled_tail, tail_temperatures, temperatures, encoding, id_dtype; rich kinds when asked
     unit_seqs: int
     counts: dict  # sequences; at completion also positions, loss_tokens
     content_sha256: str | None = None  # at completion: the hash of the units' input hashes, in order
@@ -165,6 +165,11 @@ class RootAttrs:
                     isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
                     for t in temps):
             raise _damaged(where, f"targets.logits {lg} is not a valid head/tail/temperature description")
+        proposal = lg.get("tail_temperatures")
+        if draws and not (isinstance(proposal, list) and proposal and all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and t in temps for t in proposal)):
+            raise _damaged(where, f"targets.logits tail_temperatures {proposal!r} is not a list of grid temperatures "
+                                  "(the proposal of the sampled tail)")
         for kind in RICH_KINDS:
             t = d["targets"].get(kind)
             if t is None:

@@ -88,6 +88,11 @@ class Cache:
         return int(self.logits.get("sampled_tail", 0))
 
     @property
+    def tail_temperatures(self) -> list[float]:
+        """The temperatures the sampled tail's slots cycle over ([] without a tail; FORMAT.md)."""
+        return [float(t) for t in self.logits.get("tail_temperatures", [])]
+
+    @property
     def encoding(self) -> str:
         return self.logits["encoding"]
 

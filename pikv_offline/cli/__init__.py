@@ -227,7 +227,8 @@ def inspect_cmd(**kw):
     click.echo(f"teacher      {t['name']}  ({t['model_type']}, {t['num_layers']} layers, vocab {t['vocab_size']}, {t['dtype']})")
     click.echo(f"data         {data.get('data', '?')}  (seq_len {info['seq_len']}, "
                f"{'packed' if data.get('pack', True) else 'unpacked'})")
-    click.echo(f"logits       top-k {lg['top_k']}, sampled tail {lg.get('sampled_tail', 0)}, temperatures "
+    drawn = f" drawn at T={','.join(f'{t:g}' for t in lg['tail_temperatures'])}" if lg.get("sampled_tail") else ""
+    click.echo(f"logits       top-k {lg['top_k']}, sampled tail {lg.get('sampled_tail', 0)}{drawn}, temperatures "
                f"{lg['temperatures']}, encoding {lg['encoding']}, ids {lg['id_dtype']}")
     c = info["counts"]
     click.echo(f"counts       {c['committed']}/{c['sequences']} sequences committed ({c['committed_units']}/{c['units']} "

@@ -27,6 +27,7 @@ from .. import storage
 from ..cache import format as F
 from ..cache.reader import Cache, decode, open_cache
 from ..errors import PikvError, brief
+from .losses import tail_log_proposal
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class TargetPlan:
     draws: int  # sampled tail draws per position in the cache (0: none)
     rel_error: float  # the stored log-probs' relative rounding error
     rich: tuple = ()  # format.RichArray of each rich target array a loss uses
+    proposal: tuple = ()  # sampled tail: (grid index, T_c, slots n_c) of each temperature the dump drew at
 
 
 def plan_targets(cache: Cache, top_k: int | None, temperature: float, tail: str,
@@ -72,8 +74,9 @@ def plan_targets(cache: Cache, top_k: int | None, temperature: float, tail: str,
     else:
         raise PikvError(f"--temperature {temperature} is not in the cache's grid {grid}: the teacher at T is exact "
                         "only there; pick one of those, re-dump with it, or use --tail renorm")
+    proposal = tuple((grid.index(t), t, n_c) for t, n_c in F.tail_strata(cache.tail_temperatures, cache.draws))
     return TargetPlan(top_k=k, temperature=temperature, grid_index=index, tail=tail, draws=cache.draws,
-                      rel_error=cache.relative_error, rich=tuple(rich))
+                      rel_error=cache.relative_error, rich=tuple(rich), proposal=proposal if tail == "sampled" else ())
 
 
 @dataclass
@@ -89,6 +92,7 @@ class Batch:
     tail_ids: torch.Tensor  # [B, L, n] int64
     tail_logprobs: torch.Tensor  # [B, L, n] float32, T=1
     tail_counts: torch.Tensor  # [B, L, n] float32
+    tail_logq: torch.Tensor  # [B, L, n] float32, log of the density each tail id was drawn from (losses.tail_log_proposal)
     rich: dict = dataclasses.field(default_factory=dict)  # array name -> [B, L, ...] float32
 
     def _map(self, fn) -> "Batch":
@@ -205,10 +209,17 @@ def to_batch(raw: dict[str, np.ndarray], encoding: str, plan: TargetPlan) -> Bat
     """Stored arrays of some rows -> the Batch the plan asks for."""
     a = decode(raw, encoding, plan.top_k, rich=plan.rich)
     t = torch.from_numpy
+    head_lp, tail_lp = t(a[F.HEAD_LOGPROBS]), t(a[F.TAIL_LOGPROBS])
+    logq = torch.zeros_like(tail_lp)
+    if plan.proposal and tail_lp.shape[-1]:  # the weights' denominators, from the teacher values alone
+        tnorms = t(np.ascontiguousarray(a[F.TNORM][..., [i for i, _, _ in plan.proposal]]))
+        logq = tail_log_proposal(head_lp.flatten(0, 1), tail_lp.flatten(0, 1), tnorms.flatten(0, 1),
+                                 tuple((temp, n_c) for _, temp, n_c in plan.proposal), plan.draws,
+                                 plan.rel_error).reshape(tail_lp.shape)
     return Batch(input_ids=t(a[F.INPUT_IDS].astype(np.int64)), loss_mask=t(a[F.LOSS_MASK]),
-                 sample_id=t(a[F.SAMPLE_ID]), head_ids=t(a[F.HEAD_IDS]), head_logprobs=t(a[F.HEAD_LOGPROBS]),
+                 sample_id=t(a[F.SAMPLE_ID]), head_ids=t(a[F.HEAD_IDS]), head_logprobs=head_lp,
                  tnorm=t(np.ascontiguousarray(a[F.TNORM][..., plan.grid_index])), tail_ids=t(a[F.TAIL_IDS]),
-                 tail_logprobs=t(a[F.TAIL_LOGPROBS]), tail_counts=t(a[F.TAIL_COUNTS].astype(np.float32)),
+                 tail_logprobs=tail_lp, tail_counts=t(a[F.TAIL_COUNTS].astype(np.float32)), tail_logq=logq,
                  rich={r.name: t(a[r.name]) for r in plan.rich})
 
 

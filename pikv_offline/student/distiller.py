@@ -77,21 +77,21 @@ class Distiller(torch.nn.Module):
         """The keys of forward()'s loss dict, in a fixed order: kd, ce, then each rich kind with pairs."""
         return list(dict.fromkeys(["kd", "ce"] + [p.kind for p in self.pairs]))
 
-    def _fused_losses(self, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts):
+    def _fused_losses(self, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts, tail_logq):
         """_losses without the [N, V] float32 log-softmax (fused.py): the same values and gradients."""
         head = self.student.get_output_embeddings()
         T, sampled, k = self.plan.temperature, self.plan.tail == "sampled", head_ids.shape[1]
         kw = dict(temperature=T, kind=self.divergence, tail=self.plan.tail, rel_error=self.plan.rel_error,
                   draws=self.plan.draws)
 
-        def loss(s_ids, s_label, head_lp, tn, tail_lp, counts):
+        def loss(s_ids, s_label, head_lp, tn, tail_lp, counts, logq):
             kd = kd_rows_at(s_ids[:, :k], head_lp, tn, s_tail=s_ids[:, k:] if sampled else None, tail_logprobs=tail_lp,
-                            tail_counts=counts, **kw).sum() * (T * T)
+                            tail_counts=counts, tail_logq=logq, **kw).sum() * (T * T)
             return kd, -s_label.sum()
 
         dev = head.weight.device
         ids = torch.cat([head_ids, tail_ids], 1) if sampled else head_ids
-        targets = (head_logprobs, tnorm, tail_logprobs if sampled else None, tail_counts if sampled else None)
+        targets = (head_logprobs, tnorm, *((tail_logprobs, tail_counts, tail_logq) if sampled else (None,) * 3))
         kd, ce, argmax = fused_kd_ce(h.to(dev), head.weight, head.bias, ids.to(dev), labels.to(dev), loss,
                                      tuple(t.to(dev) if t is not None else None for t in targets), T,
                                      (self.kd_weight, self.ce_weight), self.loss_chunk or None)
@@ -101,7 +101,7 @@ class Distiller(torch.nn.Module):
             top1 = (argmax.cpu() == t_top1.cpu()).sum()
         return kd, ce, top1
 
-    def _losses(self, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts):
+    def _losses(self, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts, tail_logq):
         logits = lm_logits(self.student, h)
         # One fused log-softmax serves CE and (at T=1) KD; a part with weight 0 is still reported
         # but kept out of the graph, so it costs no backward pass.
@@ -113,7 +113,8 @@ class Distiller(torch.nn.Module):
             lsmT = lsm1 if T == 1 else torch.log_softmax(logits.float() / T, dim=-1)
             kd, _ = kd_loss(lsmT, head_ids, head_logprobs, tnorm, temperature=T, kind=self.divergence,
                             tail=self.plan.tail, rel_error=self.plan.rel_error, tail_ids=tail_ids,
-                            tail_logprobs=tail_logprobs, tail_counts=tail_counts, draws=self.plan.draws)
+                            tail_logprobs=tail_logprobs, tail_counts=tail_counts, tail_logq=tail_logq,
+                            draws=self.plan.draws)
         # Top-1 agreement with the teacher is an eval figure; an argmax over V per step is not free.
         top1 = torch.zeros((), dtype=torch.long)
         if not self.training and head_ids.shape[1]:
@@ -148,7 +149,7 @@ class Distiller(torch.nn.Module):
         valid = batch.loss_mask[:, 1:]  # the prediction at t is for token t+1
         args = (h[:, :-1][valid], batch.input_ids[:, 1:][valid],
                 *(a[:, :-1][valid] for a in (batch.head_ids, batch.head_logprobs, batch.tnorm, batch.tail_ids,
-                                             batch.tail_logprobs, batch.tail_counts)))
+                                             batch.tail_logprobs, batch.tail_counts, batch.tail_logq)))
         n = args[0].shape[0]
         chunk = self.loss_chunk or n
         if self.fused:

@@ -18,13 +18,19 @@ do; it needs no tnorm, so it accepts a T off the grid.
 "sampled": an unbiased estimate of the full-vocabulary forward KL and of its gradient. Split the
 vocabulary into the head H and the tail:
     KL(p_T || q_T) = sum_{v in H} p_T(v) f(v) + sum_{v not in H} p_T(v) f(v),   f = log p_T - log q_T.
-The head term is exact. The dump drew n ids v_1..v_n with replacement from the T=1 tail
-distribution r(v) = p_1(v) / P (P = 1 - sum_H p_1, the T=1 tail mass), and for any g,
-    E_r[ p_T(v) / r(v) * g(v) ] = sum_{v not in H} p_T(v) g(v),
-so (1/n) sum_j w_j f(v_j) with importance weight w_j = P * p_T(v_j) / p_1(v_j)
-                                                  = P * exp(lp(v_j) / T - tnorm_T - lp(v_j))
-is unbiased for the tail term at every T, from stored values only (at T = 1, w_j = P). Duplicate
-draws are stored once with their count c, which enters as c/n. The student's q_T enters linearly
+The head term is exact. The dump drew n ids v_1..v_n with replacement, slot j from the tail of the
+teacher at the proposal temperature T_(j) (format: tail_temperatures, cycled over the slots),
+    r_c(v) = p_{T_c}(v) / P_c     (v not in H; P_c = 1 - sum_H p_{T_c}, the tail mass at T_c),
+so n_c of the n slots come from r_c. With the mixture rbar(v) = sum_c (n_c / n) r_c(v) (the balance
+heuristic of multiple importance sampling, Veach & Guibas 1995), for any g
+    E[ (1/n) sum_j p_T(v_j) / rbar(v_j) * g(v_j) ] = sum_c (n_c / n) sum_v r_c(v) p_T(v) g(v) / rbar(v)
+                                                  = sum_{v not in H} p_T(v) g(v),
+so (1/n) sum_j w_j f(v_j) with w_j = p_T(v_j) / rbar(v_j) is unbiased for the tail term at every grid
+T, from stored values only (p_{T_c} from lp and tnorm, P_c from the head). The weight depends on an id
+alone, not on its slot, so duplicate draws are stored once with their count c, which enters as c/n.
+With the one proposal T_c = 1 (format version 4's draws), w_j = P_1 p_T(v_j) / p_1(v_j) (at T = 1,
+w_j = P_1). A proposal that covers the grid keeps p_T / rbar <= (n / n_c) P_c at T = T_c, where T=1
+draws alone reweighted to T = 4 put huge weights on rare ids. The student's q_T enters linearly
 through -log q_T, so the same weights make the gradient unbiased too. It is forward KL only:
 reverse KL and JSD need p_T at every id the student puts mass on.
 """
@@ -57,13 +63,30 @@ def rounding_floor(p_top: torch.Tensor, t_logprobs: torch.Tensor, rel_error: flo
     return rel_error / temperature * (p_top.exp() * t_logprobs.abs()).sum(-1)
 
 
-def tail_weights(t_logprobs: torch.Tensor, tail_logprobs: torch.Tensor, tail_counts: torch.Tensor,
-                 t_tnorm: torch.Tensor, temperature: float, draws: int, rel_error: float) -> torch.Tensor:
-    """[N, n] importance weights of the sampled tail at T, counts included: (c_j / n) * P * p_T / p_1,
-    with P the T=1 tail mass outside the head (module docstring). Their row sum estimates the tail mass at T."""
-    mass1 = tail_mass(t_logprobs, rounding_floor(t_logprobs, t_logprobs, rel_error, 1.0))
+def tail_log_proposal(t_logprobs: torch.Tensor, tail_logprobs: torch.Tensor, tnorms: torch.Tensor,
+                      proposal: tuple, draws: int, rel_error: float) -> torch.Tensor:
+    """[N, n] log rbar(v) of each stored tail id: the density the dump drew it from (module docstring).
+
+    t_logprobs [N, k] the head and tail_logprobs [N, n] (T=1 log-probs); ``proposal`` ((T_c, n_c), ...)
+    the distinct proposal temperatures and their slots (format.tail_strata), tnorms [N, len(proposal)]
+    tnorm at each T_c. A T_c whose tail mass is below the head's rounding floor (indistinguishable from
+    zero) is left out of the mixture; where every one is, the result is -inf and the weights are 0."""
+    terms = []
+    for j, (t, n_c) in enumerate(proposal):
+        p_top = teacher_log_probs(t_logprobs, tnorms[:, j], t)
+        mass = tail_mass(p_top, rounding_floor(p_top, t_logprobs, rel_error, t))
+        log_r = teacher_log_probs(tail_logprobs, tnorms[:, j], t) - torch.log(mass.clamp_min(_TINY))[:, None]
+        terms.append(torch.where(mass[:, None] > 0, log_r + math.log(n_c / draws), torch.full_like(log_r, -math.inf)))
+    return terms[0] if len(terms) == 1 else torch.logsumexp(torch.stack(terms), dim=0)
+
+
+def tail_weights(tail_logprobs: torch.Tensor, tail_counts: torch.Tensor, tail_logq: torch.Tensor,
+                 t_tnorm: torch.Tensor, temperature: float, draws: int) -> torch.Tensor:
+    """[N, n] importance weights of the sampled tail at T, counts included: (c_j / n) p_T(v_j) / rbar(v_j),
+    tail_logq = log rbar (tail_log_proposal). Their row sum estimates the tail mass at T."""
     p_tail = teacher_log_probs(tail_logprobs, t_tnorm, temperature)
-    return mass1[:, None] * tail_counts / draws * torch.exp(p_tail - tail_logprobs)
+    w = tail_counts / draws * torch.exp(p_tail - tail_logq)
+    return torch.where(torch.isfinite(tail_logq), w, torch.zeros_like(w))
 
 
 def divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str) -> torch.Tensor:
@@ -90,7 +113,8 @@ def kd_rows(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Ten
     s_logprobs [N, V] the student's log-softmax at ``temperature`` (float32); t_ids [N, k] int64 and
     t_logprobs [N, k] the head (T=1 log-probs, any order); t_tnorm [N] tnorm at ``temperature``
     (unused by renorm); rel_error the stored log-probs' relative rounding error. tail="sampled" also
-    takes tail_ids / tail_logprobs / tail_counts [N, n] (count 0 = empty slot) of ``draws`` draws.
+    takes tail_ids / tail_logprobs / tail_counts [N, n] (count 0 = empty slot) of ``draws`` draws and
+    their proposal density tail_logq [N, n] (tail_log_proposal; None: the T=1 proposal alone).
     The student enters only at the head and tail ids: kd_rows_at takes those (fused.py computes them
     without the [N, V] log-softmax).
     """
@@ -101,9 +125,11 @@ def kd_rows(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Ten
 def kd_rows_at(s_top: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor, *, temperature: float = 1.0,
                kind: str = "forward_kl", tail: str = "bucket", rel_error: float = 2.0 ** -11,
                s_tail: torch.Tensor | None = None, tail_logprobs: torch.Tensor | None = None,
-               tail_counts: torch.Tensor | None = None, draws: int = 0) -> torch.Tensor:
+               tail_counts: torch.Tensor | None = None, tail_logq: torch.Tensor | None = None,
+               draws: int = 0) -> torch.Tensor:
     """kd_rows from the student's log-softmax at T gathered at the head ids (s_top [N, k]) and, for the
-    sampled tail, at the tail ids (s_tail [N, n])."""
+    sampled tail, at the tail ids (s_tail [N, n]). tail_logq [N, n] is the proposal density of each
+    tail id (tail_log_proposal); None means format 4's T=1 proposal."""
     T = temperature
     if tail == "renorm":
         logp = torch.log_softmax(t_logprobs / T, dim=-1)  # tnorm cancels in the softmax
@@ -119,7 +145,10 @@ def kd_rows_at(s_top: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Ten
         raise ValueError("the sampled tail estimates forward KL only")
     head = (p_top.exp() * (p_top - s_top)).sum(-1)
     p_tail = teacher_log_probs(tail_logprobs, t_tnorm, T)
-    w = tail_weights(t_logprobs, tail_logprobs, tail_counts, t_tnorm, T, draws, rel_error)
+    if tail_logq is None:
+        tail_logq = tail_log_proposal(t_logprobs, tail_logprobs, torch.zeros_like(t_tnorm)[:, None], ((1.0, draws),),
+                                      draws, rel_error)
+    w = tail_weights(tail_logprobs, tail_counts, tail_logq, t_tnorm, T, draws)
     return head + (w * (p_tail - s_tail)).sum(-1)
 
 

@@ -218,7 +218,8 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
                  "text_field": cfg.text_field, "chat_field": cfg.chat_field, "pack": cfg.pack,
                  "max_sequences": cfg.max_sequences, "fingerprint": prep.fingerprint}
     targets = {"logits": {"top_k": cfg.top_k, "temperatures": list(cfg.temperatures), "encoding": cfg.encoding,
-                          "id_dtype": F.id_dtype(vocab).name, "sampled_tail": cfg.sampled_tail},
+                          "id_dtype": F.id_dtype(vocab).name, "sampled_tail": cfg.sampled_tail,
+                          **({"tail_temperatures": list(cfg.tail_temperatures)} if cfg.sampled_tail else {})},
                **M.plan_targets(config, cfg.targets, cfg.teacher, cfg.trust_remote_code)}
     key = Y.cache_key(teacher=teacher_info, tokenizer_sha256=tok_hash, data=prep.fingerprint, seq_len=cfg.seq_len,
                       targets=targets)
@@ -412,7 +413,7 @@ def _dump_units(cfg: DumpConfig, todo: list[int], prep: Prepared, model, cap, wr
             x = torch.from_numpy(input_ids[b:b + cfg.batch_size]).long().to(first_device)
             rows = block[b:b + cfg.batch_size]
             g = torch.from_numpy(tail_uniforms(key, rows, cfg.seq_len, cfg.sampled_tail)) if cfg.sampled_tail else None
-            got = M.logit_targets(model, x, cfg.top_k, cfg.temperatures, g,
+            got = M.logit_targets(model, x, cfg.top_k, cfg.temperatures, g, tail_temperatures=cfg.tail_temperatures,
                                   forward_kwargs=cap.forward_kwargs() if cap else None)
             if cap:
                 got.update(M.rich_targets(cap, *x.shape))

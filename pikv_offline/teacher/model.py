@@ -108,15 +108,16 @@ def load_model(folder: str, teacher: str, dtype: torch.dtype, device: torch.devi
 @torch.inference_mode()
 def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tuple[float, ...],
                   uniforms: torch.Tensor | None = None, chunk_tokens: int | None = None,
-                  forward_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+                  forward_kwargs: dict | None = None, tail_temperatures=(1.0,)) -> dict[str, torch.Tensor]:
     """The teacher's logit targets for input_ids [B, L], all float32 / int64 on the model's device.
 
     - ``ids``, ``logprobs`` [B, L, k]: the top-k, most probable first, log-softmax at T=1;
     - ``tnorm`` [B, L, nT]: log sum_v p_1(v)^(1/T) over the FULL vocabulary per grid T, so that
       log p_T(v) = log p_1(v) / T - tnorm_T exactly (tnorm_1 = 0);
-    - with ``uniforms`` [B, L, n] in [0, 1): ``tail_ids``, ``tail_logprobs`` [B, L, n], n draws with
-      replacement from the T=1 distribution restricted to the ids outside the top-k (inverse-CDF
-      sampling, so the caller's uniforms fix the draws on any device and batch split).
+    - with ``uniforms`` [B, L, n] in [0, 1): ``tail_ids``, ``tail_logprobs`` [B, L, n] (T=1 log-probs),
+      n draws with replacement from the teacher restricted to the ids outside the top-k, slot j at the
+      temperature tail_temperatures[j mod m] (each one in ``temperatures``; format.tail_slot_temperatures).
+      Inverse-CDF sampling, so the caller's uniforms fix the draws on any device and batch split.
 
     The LM head runs on ``chunk_tokens`` positions at a time so a [B, L, V] float32 tensor is
     never materialized: the peak extra memory is two chunk_tokens x V float32 buffers (default:
@@ -129,6 +130,7 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
     u = None if uniforms is None else uniforms.reshape(b * length, -1).to(flat.device)
     out: dict[str, list] = {"ids": [], "logprobs": [], "tnorm": [], "tail_ids": [], "tail_logprobs": []}
     buf = None
+    slot_t = torch.tensor(F.tail_slot_temperatures(tail_temperatures, u.shape[1])) if u is not None else None
     if chunk_tokens is None:
         chunk_tokens = max(64, min(4096, (256 << 20) // (4 * model.get_output_embeddings().weight.shape[0])))
     for s in range(0, flat.shape[0], chunk_tokens):
@@ -141,14 +143,17 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
         if buf is None or buf.shape != shifted.shape:
             buf = torch.empty_like(shifted)
         logsums = []
-        for t in temperatures:  # T=1 first, so buf holds exp(shifted) for the sampler below
+        draws = None if u is None else torch.empty(z.shape[0], u.shape[1], dtype=torch.long, device=z.device)
+        for t in temperatures:  # T=1 first: its sum is the lse1 every tail log-prob needs
             torch.mul(shifted, 1.0 / t, out=buf)
             logsums.append(buf.exp_().sum(dim=-1).log_())
-            if u is not None and t == 1.0:
-                draws = _sample_tail(buf, idx[:, :top_k], u[s:s + chunk_tokens])
-                lp = torch.gather(shifted, 1, draws.clamp(min=0)) - logsums[0][:, None]
-                out["tail_ids"].append(draws)
-                out["tail_logprobs"].append(lp.masked_fill_(draws < 0, 0.0))
+            slots = None if u is None else (slot_t == t).nonzero()[:, 0].to(z.device)
+            if slots is not None and len(slots):  # buf holds exp((z - m) / t): sample the slots drawn at t
+                draws[:, slots] = _sample_tail(buf, idx[:, :top_k], u[s:s + chunk_tokens][:, slots])
+        if draws is not None:
+            lp = torch.gather(shifted, 1, draws.clamp(min=0)) - logsums[0][:, None]
+            out["tail_ids"].append(draws)
+            out["tail_logprobs"].append(lp.masked_fill_(draws < 0, 0.0))
         lse1 = logsums[0]
         out["tnorm"].append(torch.stack([ls - lse1 / t for ls, t in zip(logsums, temperatures)], -1))
         out["ids"].append(idx[:, :top_k])

@@ -31,7 +31,7 @@ from ..cache.verify import check_integrity
 from ..config import VerifyConfig
 from ..errors import PikvError
 from ..modeling import load_error
-from ..student.losses import kd_rows, rounding_floor, tail_mass, tail_weights
+from ..student.losses import kd_rows, rounding_floor, tail_log_proposal, tail_mass, tail_weights
 from ..teacher import model as M
 
 
@@ -68,6 +68,12 @@ def recompute(cfg: VerifyConfig) -> dict:
 
     h_ids, h_lp, tnorm = pos(F.HEAD_IDS), pos(F.HEAD_LOGPROBS), pos(F.TNORM)
     t_ids, t_lp, t_cnt = pos(F.TAIL_IDS), pos(F.TAIL_LOGPROBS), pos(F.TAIL_COUNTS, torch.float32)
+    rel = cache.relative_error
+    t_logq = None
+    if cache.draws:  # the density each draw came from (the dump's proposal), as training computes it
+        strata = F.tail_strata(cache.tail_temperatures, cache.draws)
+        t_logq = tail_log_proposal(h_lp, t_lp, tnorm[:, [cache.temperatures.index(t) for t, _ in strata]], strata,
+                                   cache.draws, rel)
     student, s_logits = None, None
     if cfg.student:
         from transformers import AutoModelForCausalLM
@@ -90,7 +96,6 @@ def recompute(cfg: VerifyConfig) -> dict:
     if cache.top_k == 0:
         modes = ["sampled"]
     rows = []
-    rel = cache.relative_error
     for j, T in enumerate(cache.temperatures):
         live_T = torch.log_softmax(live / T, -1)
         stored_head = h_lp / T - tnorm[:, j:j + 1]
@@ -107,11 +112,12 @@ def recompute(cfg: VerifyConfig) -> dict:
                 tail_err = (stored_tail - torch.gather(live_T, 1, t_ids)).abs()[used]
                 err = max(err, tail_err.amax().item() if tail_err.numel() else 0.0)
             row = {"mode": mode, "T": T, "max_logprob_err": err,
-                   "kl": _partition_kl(mode, live_head, stored_head, h_lp, t_lp, t_cnt, tnorm[:, j], T,
+                   "kl": _partition_kl(mode, live_head, stored_head, h_lp, t_lp, t_cnt, t_logq, tnorm[:, j], T,
                                        cache.draws, rel)}
             if student is not None:
                 g = grad(kd_rows(s_T, h_ids, h_lp, tnorm[:, j], temperature=T, tail=mode, rel_error=rel,
-                                 tail_ids=t_ids, tail_logprobs=t_lp, tail_counts=t_cnt, draws=cache.draws).sum() * T * T)
+                                 tail_ids=t_ids, tail_logprobs=t_lp, tail_counts=t_cnt, tail_logq=t_logq,
+                                 draws=cache.draws).sum() * T * T)
                 cos = torch.nn.functional.cosine_similarity(g, full_grad, 0).clamp(-1, 1).item()
                 row["angle_deg"] = math.degrees(math.acos(cos))
             rows.append(row)
@@ -140,7 +146,7 @@ def _recompute_rich(teacher, cache, a: dict, x: torch.Tensor, batch_size: int) -
     return rows
 
 
-def _partition_kl(mode, live_head, stored_head, h_lp, t_lp, t_cnt, tnorm, T, draws, rel) -> float:
+def _partition_kl(mode, live_head, stored_head, h_lp, t_lp, t_cnt, t_logq, tnorm, T, draws, rel) -> float:
     """Mean KL(teacher || cache) over the buckets the mode's loss compares (see the module docstring)."""
     if mode == "renorm":
         p, q = torch.log_softmax(live_head, -1), torch.log_softmax(stored_head, -1)
@@ -149,7 +155,7 @@ def _partition_kl(mode, live_head, stored_head, h_lp, t_lp, t_cnt, tnorm, T, dra
     if mode == "bucket":
         stored_tail = tail_mass(stored_head, rounding_floor(stored_head, h_lp, rel, T))
     else:
-        stored_tail = tail_weights(h_lp, t_lp, t_cnt, tnorm, T, draws, rel).sum(-1)
+        stored_tail = tail_weights(t_lp, t_cnt, t_logq, tnorm, T, draws).sum(-1)
     p = torch.cat([live_head.exp(), live_tail[:, None]], -1).double()
     q = torch.cat([stored_head.exp(), stored_tail[:, None]], -1).double()
     q = q / q.sum(-1, keepdim=True)  # the sampled tail's mass is an estimate: q need not sum to 1
