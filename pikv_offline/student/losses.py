@@ -31,8 +31,19 @@ alone, not on its slot, so duplicate draws are stored once with their count c, w
 With the one proposal T_c = 1 (format version 4's draws), w_j = P_1 p_T(v_j) / p_1(v_j) (at T = 1,
 w_j = P_1). A proposal that covers the grid keeps p_T / rbar <= (n / n_c) P_c at T = T_c, where T=1
 draws alone reweighted to T = 4 put huge weights on rare ids. The student's q_T enters linearly
-through -log q_T, so the same weights make the gradient unbiased too. It is forward KL only:
-reverse KL and JSD need p_T at every id the student puts mass on.
+through -log q_T, so the same weights make the gradient unbiased too.
+The gradient has a control variate: the student's own tail. With P_T = 1 - sum_H p_T (exact, from
+the head), Q_T the student's tail mass and rho(v) = (P_T / Q_T) q_T(v) / p_T(v) (held constant),
+    E[ (1/n) sum_j w_j rho(v_j) grad(-log q_T(v_j)) ] = (P_T / Q_T) sum_{v not in H} q_T(v) grad(-log q_T(v))
+                                                     = -(P_T / Q_T) grad Q_T = grad[P_T log(P_T / Q_T)],
+the gradient of the tail bucket's term, known without draws. So
+    grad(head) + grad[P_T log(P_T / Q_T)] + (1/n) sum_j w_j (1 - rho(v_j)) grad(-log q_T(v_j))
+is unbiased for the full gradient, and where the student's tail is already proportional to the
+teacher's (rho = 1) the draws add no noise: they correct only the tail's shape. The loss value stays
+the plain estimate above (also unbiased); kd_rows_at returns it with this gradient. With an empty
+head (k = 0) P_T = Q_T = 1. Measured on the demo teacher: README, "Fidelity per byte".
+It is forward KL
+only: reverse KL and JSD need p_T at every id the student puts mass on.
 """
 
 from __future__ import annotations
@@ -149,7 +160,14 @@ def kd_rows_at(s_top: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Ten
         tail_logq = tail_log_proposal(t_logprobs, tail_logprobs, torch.zeros_like(t_tnorm)[:, None], ((1.0, draws),),
                                       draws, rel_error)
     w = tail_weights(tail_logprobs, tail_counts, tail_logq, t_tnorm, T, draws)
-    return head + (w * (p_tail - s_tail)).sum(-1)
+    value = head + (w * (p_tail - s_tail)).sum(-1)
+    # The gradient with the student's own tail as a control variate (module docstring); none where the
+    # teacher's tail mass is indistinguishable from 0.
+    mass = tail_mass(p_top, rounding_floor(p_top, t_logprobs, rel_error, T))
+    c = torch.where(mass > 0, torch.log(mass.clamp_min(_TINY)) - _log_tail(s_top), torch.zeros_like(mass))
+    rho = torch.where(mass[:, None] > 0, torch.exp(c[:, None] + s_tail - p_tail), torch.zeros_like(s_tail)).detach()
+    surrogate = head + mass * c - (w * (1 - rho) * s_tail).sum(-1)
+    return value.detach() + (surrogate - surrogate.detach())
 
 
 def kd_loss(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
