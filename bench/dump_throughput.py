@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--sampled-tail", type=int, default=0)
     ap.add_argument("--encoding", default="fp16")
+    ap.add_argument("--tail-temperatures", default=None, help="where the tail draws (default: the grid)")
     args = ap.parse_args()
     temps = tuple(float(t) for t in args.temperatures.split(","))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -53,6 +54,7 @@ def main() -> None:
                    text_field="text", chat_field=None, seq_len=args.seq_len, pack=True, max_sequences=args.max_sequences)
     input_ids, _ = prep.rows(0, prep.n)
     model = M.load_model(args.teacher, args.teacher, dtype, device, None)
+    vocab = model.get_output_embeddings().weight.shape[0]  # the teacher's, not its tokenizer's
     x_all = torch.from_numpy(input_ids).long()
 
     def sync():
@@ -75,13 +77,14 @@ def main() -> None:
                                       seq_len=args.seq_len, top_k=args.top_k, temperatures=temps,
                                       batch_size=args.batch_size, max_sequences=args.max_sequences,
                                       device=args.device, dtype=args.dtype, sampled_tail=args.sampled_tail,
-                                      encoding=args.encoding))
+                                      encoding=args.encoding, tail_temperatures=None if args.tail_temperatures is None
+                                      else tuple(float(t) for t in args.tail_temperatures.split(","))))
     fwd = tokens / forward_s
     print(json.dumps({
         "bench": "dump_throughput", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "sequences": len(x_all), "seq_len": args.seq_len,
         "batch_size": args.batch_size, "top_k": args.top_k, "temperatures": list(temps),
-        "vocab_size": len(tok), "forward_only_tokens_per_s": round(fwd, 1),
+        "vocab_size": vocab, "forward_only_tokens_per_s": round(fwd, 1),
         "dump_tokens_per_s": res["dump_tokens_per_s"],
         "dump_over_forward": round(res["dump_tokens_per_s"] / fwd, 3),
         # forward + top-k + LSE + host copy, excluding encode/compress/write: what overlap must hide
@@ -90,7 +93,8 @@ def main() -> None:
         "bytes_per_token_logit_targets": round(sum(v for k, v in res["bytes_per_token"].items()
                                                    if k.startswith("logits/")), 2),
         "bytes_per_token_total": round(sum(res["bytes_per_token"].values()), 2),
-        "sampled_tail": args.sampled_tail, "encoding": args.encoding,
+        "sampled_tail": args.sampled_tail, "tail_temperatures": args.tail_temperatures or args.temperatures,
+        "encoding": args.encoding,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # both runs, this process
     }))
 

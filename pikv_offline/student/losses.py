@@ -165,8 +165,11 @@ def kd_rows_at(s_top: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Ten
     # teacher's tail mass is indistinguishable from 0.
     mass = tail_mass(p_top, rounding_floor(p_top, t_logprobs, rel_error, T))
     c = torch.where(mass > 0, torch.log(mass.clamp_min(_TINY)) - _log_tail(s_top), torch.zeros_like(mass))
-    rho = torch.where(mass[:, None] > 0, torch.exp(c[:, None] + s_tail - p_tail), torch.zeros_like(s_tail)).detach()
-    surrogate = head + mass * c - (w * (1 - rho) * s_tail).sum(-1)
+    # w * rho = (c_j / n) (P_T / Q_T) q_T / rbar: from the log-densities directly, so a p_T that
+    # underflows at a drawn id cannot turn w * rho into 0 * inf.
+    w_rho = tail_counts / draws * torch.exp(c[:, None] + s_tail - tail_logq)
+    w_rho = torch.where((mass[:, None] > 0) & torch.isfinite(tail_logq), w_rho, torch.zeros_like(w_rho)).detach()
+    surrogate = head + mass * c - ((w - w_rho) * s_tail).sum(-1)
     return value.detach() + (surrogate - surrogate.detach())
 
 
