@@ -130,8 +130,8 @@ class DumpConfig:
                             "estimate for KD).")
     tail_temperatures: tuple[float, ...] | None = opt(
         None, "Temperatures the sampled tail draws at, cycled over its slots (slot j at the (j mod m)-th; repeat one "
-        "to weight it). Every one must be in --temperatures; the estimate is unbiased at every grid T either way "
-        "[default: the grid, each once].", parse=lambda text: parse_tail_temperatures(text), show="the grid")
+        "to weight it). Every one must be in --temperatures; the estimate is unbiased at every grid T either way.",
+        parse=lambda text: parse_tail_temperatures(text), show="the grid, each once")
     encoding: str = opt("fp16", "Log-prob storage: fp16 (rel. error 2^-11) or the compact bf16 (2^-8, ~1/3 fewer "
                         "bytes).", choices=tuple(ENCODINGS))
     targets: tuple = opt((), "Also store hidden:L,.. (hidden states after layers), kv:L,.. (cached keys/values), "
@@ -173,19 +173,38 @@ class DumpConfig:
             raise PikvError(f"--max-sequences must be at least 1; got {self.max_sequences}")
         if not self.temperatures or self.temperatures[0] != 1.0:
             raise PikvError("the temperature grid must start with T=1")
-        if self.tail_temperatures is None:
-            object.__setattr__(self, "tail_temperatures", tuple(self.temperatures))
-        off = [t for t in self.tail_temperatures if t not in self.temperatures]
-        if off:
-            raise PikvError(f"--tail-temperatures {off[0]:g} is not in the grid --temperatures "
-                            f"{','.join(f'{t:g}' for t in self.temperatures)}: the tail's weights need the "
-                            "normalizer there; add it to --temperatures or drop it")
+        self._check_tail_temperatures()
         if self.dtype not in DTYPES:
             raise PikvError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype}")
         if self.device not in DEVICES:
             raise PikvError(f"--device must be one of {', '.join(DEVICES)}; got {self.device}")
         if self.device_map not in (None, "auto"):
             raise PikvError(f"--device-map accepts only 'auto'; got {self.device_map}")
+
+    def _check_tail_temperatures(self):
+        """Resolves the default (the grid, without a tail: none) and refuses what the draws cannot realize."""
+        temps = self.tail_temperatures
+        if not self.sampled_tail:
+            if temps:
+                raise PikvError("--tail-temperatures says where the sampled tail draws, but there is none: "
+                                "add --sampled-tail N or drop --tail-temperatures")
+            object.__setattr__(self, "tail_temperatures", ())
+            return
+        if temps is None:
+            temps = tuple(self.temperatures)[:self.sampled_tail]
+        temps = tuple(temps)
+        if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in temps):
+            raise PikvError(f"--tail-temperatures {temps!r} is not a list of grid temperatures such as 1,2,4")
+        off = [t for t in temps if t not in self.temperatures]
+        if off:
+            raise PikvError(f"--tail-temperatures {off[0]:g} is not in the grid --temperatures "
+                            f"{','.join(f'{t:g}' for t in self.temperatures)}: the tail's weights need the "
+                            "normalizer there; add it to --temperatures or drop it")
+        if len(temps) > self.sampled_tail:
+            raise PikvError(f"--tail-temperatures lists {len(temps)} temperatures but --sampled-tail "
+                            f"{self.sampled_tail} draws only {self.sampled_tail} ids (one slot each, in turn): "
+                            f"list at most {self.sampled_tail} or draw more")
+        object.__setattr__(self, "tail_temperatures", tuple(float(t) for t in temps))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -63,6 +63,13 @@ CASES = {
     "temperature nan": (dict(extra=["--temperatures", "1,nan"]), "positive finite"),
     "batch-size 0": (dict(extra=["--batch-size", "0"]), "--batch-size must be at least 1"),
     "out is a file": (dict(out="@file"), "is not a pikv cache"),
+    "tail temperature off the grid": (dict(extra=["--sampled-tail", "4", "--tail-temperatures", "1,3"]),
+                                      "--tail-temperatures 3 is not in the grid"),
+    "tail temperatures without a tail": (dict(extra=["--tail-temperatures", "2"]), "add --sampled-tail N"),
+    "more tail temperatures than draws": (dict(extra=["--sampled-tail", "2", "--tail-temperatures", "1,2,4"]),
+                                          "lists 3 temperatures but --sampled-tail 2 draws only 2"),
+    "tail temperatures not numbers": (dict(extra=["--sampled-tail", "2", "--tail-temperatures", "hot"]),
+                                      "not a comma-separated list"),
 }
 
 
@@ -119,6 +126,7 @@ def bad_caches(train_cache, workdir):
                          ("boolcount", {"seq_len": True}), ("grid", logits(temperatures=[1.0, 3.0])),
                          ("nohead", logits(top_k=0, sampled_tail=4, tail_temperatures=[1.0])), ("nangrid", logits(temperatures=[1.0, "nan"])),
                          ("proposal", logits(sampled_tail=4, tail_temperatures=[3.0])),
+                         ("proposal-no-tail", logits(tail_temperatures="x")),
                          ("nolayers", lambda a: {**a, "teacher": {k: v for k, v in a["teacher"].items()
                                                                    if k != "num_layers"}})):
         path = workdir / f"cache-{name}"
@@ -165,6 +173,7 @@ TRAIN_CASES = {
     "top_k tampered to 0": (["--cache", "@nohead"], "is not the hash of the attributes"),
     "a temperature that is not a number": (["--cache", "@nangrid"], "is not a valid head/tail/temperature"),
     "a tail proposal off the grid": (["--cache", "@proposal"], "tail_temperatures [3.0] is not a list of grid"),
+    "a tail proposal on a cache without a tail": (["--cache", "@proposal-no-tail"], "tail_temperatures 'x' is not"),
     "num_layers missing": (["--cache", "@nolayers"], "attribute num_layers is None, expected int"),
     "lr nan": (["--lr", "nan"], "--lr must be a positive finite number; got nan"),
     "lr inf": (["--lr", "inf"], "--lr must be a positive finite number; got inf"),

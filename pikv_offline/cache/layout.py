@@ -166,7 +166,7 @@ class RootAttrs:
                     for t in temps):
             raise _damaged(where, f"targets.logits {lg} is not a valid head/tail/temperature description")
         proposal = lg.get("tail_temperatures")
-        if draws and not (isinstance(proposal, list) and proposal and all(
+        if (draws or proposal is not None) and not (isinstance(proposal, list) and 0 < len(proposal) <= draws and all(
                 isinstance(t, (int, float)) and not isinstance(t, bool) and t in temps for t in proposal)):
             raise _damaged(where, f"targets.logits tail_temperatures {proposal!r} is not a list of grid temperatures "
                                   "(the proposal of the sampled tail)")
