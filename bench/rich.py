@@ -38,7 +38,7 @@ def storage(args, teacher: str, corpus: str, tmp: str) -> list[dict]:
     for enc in ("none", "fp16", "bf16", "int8"):
         targets = () if enc == "none" else parse_targets([f"hidden@{enc}", f"kv@{enc}"])
         out = os.path.join(tmp, f"storage-{enc}")
-        res = dump(DumpConfig(teacher=teacher, data=corpus, out=out, seq_len=128, top_k=64, temperatures=(1.0,),
+        res = dump(DumpConfig(sampled_tail=0, encoding="fp16", teacher=teacher, data=corpus, out=out, seq_len=128, top_k=64, temperatures=(1.0,),
                               max_sequences=args.storage_seqs, batch_size=16, targets=targets))
         info = describe(out)
         by = info["bytes_per_token_by_target"]
@@ -66,9 +66,9 @@ def quality(args, teacher: str, corpus: str, held: str, student_cfg: str, tmp: s
     from pikv_offline.tools.make_student import make
 
     cache, heldout = os.path.join(tmp, "cache-hidden"), os.path.join(tmp, "cache-heldout")
-    dump(DumpConfig(teacher=teacher, data=corpus, out=cache, seq_len=128, top_k=64, temperatures=(1.0,),
+    dump(DumpConfig(sampled_tail=0, encoding="fp16", teacher=teacher, data=corpus, out=cache, seq_len=128, top_k=64, temperatures=(1.0,),
                     batch_size=16, targets=parse_targets(["hidden:1,3@bf16"])))
-    dump(DumpConfig(teacher=teacher, data=held, out=heldout, seq_len=128, top_k=64, temperatures=(1.0,),
+    dump(DumpConfig(sampled_tail=0, encoding="fp16", teacher=teacher, data=held, out=heldout, seq_len=128, top_k=64, temperatures=(1.0,),
                     batch_size=16))
     made = os.path.join(tmp, "student-0-2")
     make(AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32), [0, 2]).save_pretrained(made)

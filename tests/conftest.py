@@ -90,7 +90,7 @@ def train_cache(workdir, llama_teacher, corpus):
     from pikv_offline.teacher.dump import run
 
     out = workdir / "train-cache"
-    run(DumpConfig(teacher=llama_teacher, data=corpus, out=str(out), seq_len=64, top_k=16,
+    run(DumpConfig(sampled_tail=0, encoding="fp16", teacher=llama_teacher, data=corpus, out=str(out), seq_len=64, top_k=16,
                    temperatures=(1.0, 2.0), shard_seqs=8, batch_size=8, max_sequences=64))
     return str(out)
 
@@ -123,6 +123,6 @@ def trained_cache(workdir, tokenizer, texts):
     tokenizer.save_pretrained(path)
     write_jsonl(workdir / "corpus-train.jsonl", [{"text": t} for t in texts])
     out = workdir / "trained-cache"
-    run(DumpConfig(teacher=str(path), data=str(workdir / "corpus-train.jsonl"), out=str(out), seq_len=64,
+    run(DumpConfig(sampled_tail=0, encoding="fp16", teacher=str(path), data=str(workdir / "corpus-train.jsonl"), out=str(out), seq_len=64,
                    top_k=16, temperatures=(1.0, 2.0), shard_seqs=8, batch_size=8, max_sequences=96))
     return str(out)

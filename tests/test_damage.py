@@ -20,7 +20,8 @@ from pikv_offline.errors import PikvError
 def cache(llama_teacher, corpus, workdir):
     out = workdir / "damage-src"
     p = pikv_subprocess(["dump-teacher", "--teacher", llama_teacher, "--data", corpus, "--out", str(out), "--seq-len",
-                         "32", "--top-k", "8", "--temperatures", "1,2", "--shard-size", "4", "--max-sequences", "16"])
+                         "32", "--top-k", "8", "--temperatures", "1,2", "--shard-size", "4", "--max-sequences", "16",
+                         "--sampled-tail", "0", "--encoding", "fp16"])
     assert p.returncode == 0, p.stderr[-2000:]
     return out
 

@@ -25,6 +25,8 @@ SEQ = 64
 def dump(teacher, data, out, **kw):
     kw.setdefault("seq_len", SEQ)
     kw.setdefault("top_k", 16)
+    kw.setdefault("sampled_tail", 0)  # the tests of the bucket cache; the default (a sampled tail) has its own
+    kw.setdefault("encoding", "fp16")
     kw.setdefault("temperatures", (1.0, 2.0, 4.0))
     kw.setdefault("shard_seqs", 4)
     kw.setdefault("batch_size", 3)
@@ -105,7 +107,7 @@ def two_rank_cache(llama_teacher, corpus, workdir):
 def _cli_args(teacher, data, out, n=22):
     return ["dump-teacher", "--teacher", teacher, "--data", data, "--out", str(out), "--seq-len", str(SEQ),
             "--top-k", "16", "--temperatures", "1,2,4", "--shard-size", "4", "--batch-size", "3",
-            "--max-sequences", str(n), "--sampled-tail", "8", *RICH]
+            "--max-sequences", str(n), "--sampled-tail", "8", "--encoding", "fp16", *RICH]
 
 
 # The crash, resume and rank tests carry rich targets too: int8 encodes in the writer thread and its
@@ -358,6 +360,21 @@ def test_encodings_round_trip_within_their_declared_error(encoding):
     rel = np.abs(back - x) / np.maximum(np.abs(x), 1e-30)
     assert rel.max() <= F.ENCODINGS[encoding].relative_error * 1.0001
     assert rel.max() > F.ENCODINGS[encoding].relative_error / 4  # the declared bound is not loose
+
+
+def test_the_default_cache_is_compact_with_a_sampled_tail(llama_teacher, corpus, workdir):
+    """`pikv dump-teacher` without target flags: top-8 + 16 draws over the grid 1,2,4, bf16; training on it
+    uses the sampled tail."""
+    out = workdir / "defaults"
+    p = pikv_subprocess(["dump-teacher", "--teacher", llama_teacher, "--data", corpus, "--out", str(out),
+                         "--seq-len", "16", "--max-sequences", "4"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    cache = open_cache(str(out))
+    assert (cache.top_k, cache.draws, cache.encoding, cache.temperatures, cache.tail_temperatures) == (
+        8, 16, "bf16", [1.0, 2.0, 4.0], [1.0, 2.0, 4.0])
+    from pikv_offline.student.data import plan_targets
+
+    assert plan_targets(cache, None, 4.0, "auto").tail == "sampled"
 
 
 def test_pure_sampling_and_bf16_cache(llama_teacher, corpus, workdir):

@@ -386,4 +386,5 @@ def test_the_distiller_trains_the_same_fused_or_plain(tail, T, train_cache, stud
                       {k: p.grad.clone() for k, p in student.named_parameters()})
     assert out[True][:3] == pytest.approx(out[False][:3], rel=1e-5)
     for k in out[True][3]:
-        torch.testing.assert_close(out[True][3][k], out[False][3][k], rtol=1e-4, atol=1e-6, msg=k)
+        scale = max(1.0, out[False][3][k].abs().max().item())  # float32 sums of terms up to that size
+        torch.testing.assert_close(out[True][3][k], out[False][3][k], rtol=1e-4, atol=1e-6 * scale, msg=k)

@@ -154,7 +154,7 @@ def test_dense_teacher_targets(llama_teacher, corpus, tmp_path):
     from pikv_offline.teacher.dump import run
 
     out = tmp_path / "dense"
-    run(DumpConfig(teacher=llama_teacher, data=corpus, out=str(out), seq_len=32, max_sequences=8, top_k=8,
+    run(DumpConfig(sampled_tail=0, encoding="fp16", teacher=llama_teacher, data=corpus, out=str(out), seq_len=32, max_sequences=8, top_k=8,
                    shard_seqs=8, targets=parse_targets(["hidden:1@bf16", "kv:0@fp16"])))
     a = open_cache(str(out)).read_all()
     model = AutoModelForCausalLM.from_pretrained(llama_teacher, dtype=torch.float32).eval()
@@ -169,7 +169,7 @@ def test_dense_teacher_targets(llama_teacher, corpus, tmp_path):
     for targets, msg in [(["router"], "is dense, it has no MoE router"), (["experts:0"], "is dense"),
                          (["hidden:5"], "out of range; the teacher has 2 layers")]:
         with pytest.raises(PikvError, match=msg):
-            run(DumpConfig(teacher=llama_teacher, data=corpus, out=str(tmp_path / "bad"), seq_len=32, max_sequences=8,
+            run(DumpConfig(sampled_tail=0, encoding="fp16", teacher=llama_teacher, data=corpus, out=str(tmp_path / "bad"), seq_len=32, max_sequences=8,
                            targets=parse_targets(targets)))
         assert not (tmp_path / "bad").exists(), "a refused request leaves nothing behind"
 
@@ -178,7 +178,7 @@ def test_moe_layer_checks_and_size_refusal(moe_teacher, corpus, tmp_path):
     from pikv_offline.teacher.dump import run
 
     with pytest.raises(PikvError, match="layer 1 of the teacher is not a MoE layer; its MoE layers are \\[0, 2\\]"):
-        run(DumpConfig(teacher=moe_teacher, data=corpus, out=str(tmp_path / "x"), seq_len=32, max_sequences=8,
+        run(DumpConfig(sampled_tail=0, encoding="fp16", teacher=moe_teacher, data=corpus, out=str(tmp_path / "x"), seq_len=32, max_sequences=8,
                        targets=parse_targets(["experts:1"])))
     out = tmp_path / "big"
     r = pikv_subprocess(["dump-teacher", "--teacher", moe_teacher, "--data", corpus, "--out", str(out), "--seq-len", "32",
@@ -368,7 +368,7 @@ def test_default_size_limit_is_the_free_disk(moe_teacher, corpus, tmp_path, monk
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(dump.shutil, "disk_usage", lambda path: usage(10**6, 0, 50_000))
     with pytest.raises(PikvError, match="more than the 0.00 GB free at --out"):
-        dump.run(DumpConfig(teacher=moe_teacher, data=corpus, out=str(tmp_path / "deep" / "c"), seq_len=32,
+        dump.run(DumpConfig(sampled_tail=0, encoding="fp16", teacher=moe_teacher, data=corpus, out=str(tmp_path / "deep" / "c"), seq_len=32,
                             max_sequences=16, targets=parse_targets(["hidden"])))
     assert not (tmp_path / "deep").exists()
 
@@ -383,7 +383,7 @@ def test_sliding_window_kv_is_refused_before_writing(tokenizer, corpus, tmp_path
         bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "mistral")
     tokenizer.save_pretrained(tmp_path / "mistral")
     with pytest.raises(PikvError, match="caches 7 of 32 positions \\(a sliding window\\)"):
-        run(DumpConfig(teacher=str(tmp_path / "mistral"), data=corpus, out=str(tmp_path / "c"), seq_len=32,
+        run(DumpConfig(sampled_tail=0, encoding="fp16", teacher=str(tmp_path / "mistral"), data=corpus, out=str(tmp_path / "c"), seq_len=32,
                        max_sequences=8, targets=parse_targets(["kv:1"])))
     assert not (tmp_path / "c" / "units").exists(), "no unit was written"
 

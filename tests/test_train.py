@@ -216,7 +216,7 @@ def test_bucket_kd_from_a_full_vocab_cache_equals_kl_div(llama_teacher, corpus, 
     from pikv_offline.teacher.dump import run as dump
 
     out = workdir / "fullk-train"
-    dump(DumpConfig(teacher=llama_teacher, data=corpus, out=str(out), seq_len=32, top_k=VOCAB,
+    dump(DumpConfig(sampled_tail=0, encoding="fp16", teacher=llama_teacher, data=corpus, out=str(out), seq_len=32, top_k=VOCAB,
                     temperatures=(1.0, 2.0), shard_seqs=4, max_sequences=3))
     cache = open_cache(str(out))
     for T, j in ((1.0, 0), (2.0, 1)):
@@ -243,7 +243,7 @@ def test_online_kd_equals_training_from_a_full_vocab_cache(T, llama_teacher, cor
     from pikv_offline.tools.online import online_source
 
     out = workdir / "fullk-online"
-    dump(DumpConfig(teacher=llama_teacher, data=corpus, out=str(out), seq_len=32, top_k=VOCAB,
+    dump(DumpConfig(sampled_tail=0, encoding="fp16", teacher=llama_teacher, data=corpus, out=str(out), seq_len=32, top_k=VOCAB,
                     temperatures=(1.0, 2.0), shard_seqs=4, max_sequences=16))
     kw = dict(max_steps=3, temperature=T, tail="bucket", ce_weight=0.5, batch_size=2)
     train(str(out), student_config, tmp_path / "cached", **kw)

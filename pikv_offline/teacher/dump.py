@@ -194,8 +194,8 @@ def _run(cfg: DumpConfig, d: dist.Dist, held: contextlib.ExitStack) -> dict:
     if cfg.top_k > vocab:
         raise PikvError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary of {vocab}; use --top-k {vocab} or less")
     if cfg.sampled_tail and cfg.top_k >= vocab:
-        raise PikvError(f"--sampled-tail needs a tail: --top-k {cfg.top_k} covers the whole vocabulary of {vocab}; "
-                        "lower --top-k or drop --sampled-tail")
+        raise PikvError(f"--sampled-tail {cfg.sampled_tail} needs a tail: --top-k {cfg.top_k} covers the whole "
+                        f"vocabulary of {vocab}; lower --top-k or give --sampled-tail 0")
     if len(tokenizer) > vocab:
         raise PikvError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary is {vocab}; "
                         "they do not belong together")

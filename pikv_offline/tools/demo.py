@@ -7,10 +7,11 @@ the comparison a user makes: against CE alone and against online KD with the tea
 2. trains a byte-level BPE tokenizer and a small GPT-2 shaped teacher on it until its held-out
    loss is well below a unigram model's (the teacher is saved and reused by later runs);
 3. runs `pikv dump-teacher` under torchrun with 2 ranks (gloo on CPU) twice on the training
-   docstrings: with its defaults (top-64 fp16, the tail as one mass) and compact (top-8 + 16
-   sampled tail ids in bf16, ~57 B/token of logits), and once on the held-out docstrings;
+   docstrings: with its defaults (top-8 + 16 sampled tail ids in bf16, ~55 B/token of logits) and
+   with format 4's defaults (top-64 fp16, the tail as one mass, ~119 B/token), and once on the
+   held-out docstrings;
 4. trains the same small student (2 ranks, same steps, seed and data order) four ways: CE only and
-   KD+CE from the default cache (`pikv sweep --grid kd-weight=0,1`), KD+CE from the compact cache,
+   KD+CE from the default cache (`pikv sweep --grid kd-weight=0,1`), KD+CE from the top-64 cache,
    and KD+CE online with the teacher resident computing all 4,096 log-probs live (tools/online.py);
 5. `pikv eval` on the held-out cache gives the table (held-out CE, top-1 agreement with the teacher,
    train tokens/s, logit bytes/token), and results.png plots the CE curves and held-out CE against
@@ -36,8 +37,8 @@ from .toy import make_model, train_lm, train_tokenizer
 
 VOCAB = 4096
 SEQ = 128
-DEFAULT_CACHE = ()  # dump-teacher's defaults: top-64, fp16, the tail as one mass
-COMPACT_CACHE = ("--top-k", "8", "--sampled-tail", "16", "--encoding", "bf16")  # ~57 B/token of logits
+DEFAULT_CACHE = ()  # dump-teacher's defaults: top-8 + 16 sampled tail ids, bf16 (~55 B/token of logits)
+TOP64_CACHE = ("--top-k", "64", "--sampled-tail", "0", "--encoding", "fp16")  # format 4's defaults, ~119 B/token
 
 
 def _tokens(path: str, tokenizer) -> np.ndarray:
@@ -116,12 +117,12 @@ def main(argv=None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
     pikv = torchrun + ["-m", "pikv_offline"]
-    compact = os.path.join(args.workdir, "cache-compact")
+    top64 = os.path.join(args.workdir, "cache-top64")
     heldout_cache = os.path.join(args.workdir, "cache-heldout")
-    print(f"[3/5] pikv dump-teacher with {args.nproc} ranks: the default cache {cache}, the compact one {compact} "
+    print(f"[3/5] pikv dump-teacher with {args.nproc} ranks: the default cache {cache}, a top-64 one {top64} "
           f"and the held-out documents {heldout_cache}")
-    before = {c: (read_root_attrs(c) or {}).get("cache_key") for c in (cache, compact)}
-    dumps = ((corpus, cache, DEFAULT_CACHE), (corpus, compact, COMPACT_CACHE), (held_path, heldout_cache, DEFAULT_CACHE))
+    before = {c: (read_root_attrs(c) or {}).get("cache_key") for c in (cache, top64)}
+    dumps = ((corpus, cache, DEFAULT_CACHE), (corpus, top64, TOP64_CACHE), (held_path, heldout_cache, DEFAULT_CACHE))
     for data, out, settings in dumps:
         # --overwrite: a cache of other inputs (an earlier pikv's demo) is this demo's own output, made again;
         # the same inputs are a cache hit
@@ -130,10 +131,10 @@ def main(argv=None) -> None:
                                "--overwrite"], check=True, env=env)
     if any(k is not None and k != read_root_attrs(c).get("cache_key") for c, k in before.items()):
         print("      a cache was made again (other inputs than the last demo's): training the students again")
-        for name in ("sweep", "compact", "online"):
+        for name in ("sweep", "top64", "online"):
             shutil.rmtree(os.path.join(args.workdir, name), ignore_errors=True)
     sizes = {}
-    for c in (cache, compact):
+    for c in (cache, top64):
         d = describe(c)
         sizes[c] = (d["bytes_per_token_by_target"]["logits"], d["bytes_per_token_total"])
         print(f"      {os.path.basename(c)}: {_cache_label(c)}: logits {sizes[c][0]:.1f} B/token, total "
@@ -151,16 +152,16 @@ def main(argv=None) -> None:
     sweep_dir = os.path.join(args.workdir, "sweep")
     runs = {"ce only (baseline)": os.path.join(sweep_dir, "kd-weight=0"),
             "kd+ce, default cache": os.path.join(sweep_dir, "kd-weight=1"),
-            "kd+ce, compact cache": os.path.join(args.workdir, "compact"),
+            "kd+ce, top-64 cache": os.path.join(args.workdir, "top64"),
             "kd+ce, online (teacher resident)": os.path.join(args.workdir, "online")}
     print(f"[4/5] students, {args.student_steps} steps each on {args.nproc} ranks, same seed and order: "
-          "pikv sweep --grid kd-weight=0,1 on the default cache (CE baseline, KD+CE), KD+CE from the compact "
+          "pikv sweep --grid kd-weight=0,1 on the default cache (CE baseline, KD+CE), KD+CE from the top-64 "
           "cache, and online KD+CE with the teacher resident (full vocabulary, live)")
     subprocess.run(pikv + ["sweep", "--cache", cache, *flags, "--out", sweep_dir, "--grid", "kd-weight=0,1"],
                    check=True, env=env)
-    if not os.path.isdir(os.path.join(runs["kd+ce, compact cache"], "final")):
-        shutil.rmtree(runs["kd+ce, compact cache"], ignore_errors=True)  # a run killed part way: made again
-        subprocess.run(pikv + ["train-student", "--cache", compact, *flags, "--out", runs["kd+ce, compact cache"],
+    if not os.path.isdir(os.path.join(runs["kd+ce, top-64 cache"], "final")):
+        shutil.rmtree(runs["kd+ce, top-64 cache"], ignore_errors=True)  # a run killed part way: made again
+        subprocess.run(pikv + ["train-student", "--cache", top64, *flags, "--out", runs["kd+ce, top-64 cache"],
                                "--kd-weight=1"], check=True, env=env)
     online = runs["kd+ce, online (teacher resident)"]
     if not os.path.isdir(os.path.join(online, "final")):
@@ -177,7 +178,7 @@ def main(argv=None) -> None:
                             os.path.join(out, "final"), "--eval-fraction", "1", "--json"],
                            check=True, env=env, capture_output=True, text=True)
         ev = json.loads(p.stdout.strip().splitlines()[-1])
-        source = compact if "compact" in name else cache if "default" in name else None
+        source = top64 if "top-64" in name else cache if "default" in name else None
         rows.append({"run": name, "targets": _cache_label(source) if source else
                      ("none (labels only)" if "ce only" in name else "teacher live, all 4,096 ids"),
                      "logit_bytes_per_token": sizes[source][0] if source else 0.0,
