@@ -475,6 +475,26 @@ def test_verify_recompute_measures_fidelity(one_rank_cache, llama_teacher, gpt2_
     assert all(r["kl"] > -1e-8 for r in rows.values())  # a KL, up to float rounding
     # A random teacher is nearly uniform: 8 draws barely sample its tail, so only the exact modes are bounded.
     assert all(r["angle_deg"] < 90 for (m, t), r in rows.items() if m != "sampled")
+    assert res["recompute"]["tail_draws_equal"] > 0.99  # the live teacher redraws the stored tail
+    # A consistently rewritten proposal (key and markers recomputed, as a forger would) is caught by the redraw.
+    import dataclasses
+    import shutil
+
+    import zarr
+
+    forged = workdir / "verify-forged-proposal"
+    shutil.rmtree(forged, ignore_errors=True)
+    shutil.copytree(one_rank_cache, forged)
+    root = zarr.open_group(str(forged), mode="r+")
+    attrs = dict(root.attrs[Y.ROOT_ATTR])
+    attrs["targets"] = {**attrs["targets"], "logits": {**attrs["targets"]["logits"], "tail_temperatures": [4.0]}}
+    attrs["cache_key"] = Y.RootAttrs(**{k: v for k, v in attrs.items()
+                                        if k in Y.RootAttrs.__dataclass_fields__}).recomputed_key()
+    root.attrs[Y.ROOT_ATTR] = attrs
+    for u in range(Y.n_units(attrs["counts"]["sequences"], attrs["unit_seqs"])):
+        Y.write_marker(str(forged), dataclasses.replace(Y.read_marker(str(forged), u), cache_key=attrs["cache_key"]))
+    with pytest.raises(PikvError, match="stored tail draws of .* are not the live teacher's"):
+        run(VerifyConfig(cache=str(forged), recompute=4, teacher=llama_teacher))
     with pytest.raises(PikvError, match="not the teacher that wrote this cache"):
         run(VerifyConfig(cache=str(one_rank_cache), recompute=2, teacher=gpt2_teacher))
 

@@ -266,6 +266,9 @@ def verify_cmd(**kw):
         for r in rc["rows"]:
             click.echo(f"{r['mode']:8} {r['T']:>4g} {r['max_logprob_err']:>16.2e} {r['kl']:>19.2e}"
                        + (f" {r['angle_deg']:>21.2f}°" if "angle_deg" in r else ""))
+        if rc.get("tail_draws_equal") is not None:
+            click.echo(f"tail draws equal to the live teacher's redraw at {100 * rc['tail_draws_equal']:.1f}% of "
+                       "the positions")
         for r in rc["rich"]:
             click.echo(f"{r['array']:26} {r['encoding']:5} max error / absmax vs live {r['max_error_over_absmax']:.2e} "
                        f"(bound {r['bound']:.2e}), relative RMS error {r['relative_rms_error']:.2e}")

@@ -149,7 +149,7 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
             logsums.append(buf.exp_().sum(dim=-1).log_())
             slots = None if u is None else (slot_t == t).nonzero()[:, 0].to(z.device)
             if slots is not None and len(slots):  # buf holds exp((z - m) / t): sample the slots drawn at t
-                draws[:, slots] = _sample_tail(buf, idx[:, :top_k], u[s:s + chunk_tokens][:, slots])
+                draws[:, slots] = sample_tail(buf, idx[:, :top_k], u[s:s + chunk_tokens][:, slots])
         if draws is not None:
             lp = torch.gather(shifted, 1, draws.clamp(min=0)) - logsums[0][:, None]
             out["tail_ids"].append(draws)
@@ -161,7 +161,7 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
     return {k: torch.cat(v).reshape(b, length, -1) for k, v in out.items() if v}
 
 
-def _sample_tail(e: torch.Tensor, head: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def sample_tail(e: torch.Tensor, head: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draws [C, n] from e (unnormalized probabilities [C, V], overwritten) outside ``head``;
     -1 where the tail's mass underflows to 0 (a teacher that sure has no tail to estimate)."""
     e.scatter_(1, head, 0.0)

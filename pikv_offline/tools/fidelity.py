@@ -95,6 +95,7 @@ def recompute(cfg: VerifyConfig) -> dict:
     modes = ["bucket", "renorm"] + (["sampled"] if cache.draws else [])
     if cache.top_k == 0:
         modes = ["sampled"]
+    draws_equal = _redrawn_tail(cache, a, valid, live, h_ids, t_ids, t_cnt) if cache.draws else None
     rows = []
     for j, T in enumerate(cache.temperatures):
         live_T = torch.log_softmax(live / T, -1)
@@ -122,7 +123,36 @@ def recompute(cfg: VerifyConfig) -> dict:
                 row["angle_deg"] = math.degrees(math.acos(cos))
             rows.append(row)
     return {"sequences": n, "positions": int(valid.sum()), "teacher": cfg.teacher, "student": cfg.student,
-            "rows": rows, "rich": rich}
+            "rows": rows, "rich": rich, "tail_draws_equal": draws_equal}
+
+
+def _redrawn_tail(cache, a: dict, valid: torch.Tensor, live: torch.Tensor, h_ids: torch.Tensor, t_ids: torch.Tensor,
+                  t_cnt: torch.Tensor) -> float:
+    """The fraction of positions whose stored tail draws are the ones the live teacher gives with the
+    documented uniforms, slot temperatures and head (FORMAT.md): a tail_temperatures rewritten, or draws
+    that are not this teacher's, show here. A dump in float32 (this check's own precision) must agree;
+    in bf16/fp16 the teacher's CDF moves and a draw near a step may differ."""
+    from ..teacher.dump import tail_uniforms
+
+    n = cache.draws
+    u = torch.from_numpy(tail_uniforms(cache.attrs.cache_key, a[F.SAMPLE_ID], cache.seq_len, n))
+    u = u[:, :-1].to(live.device)[valid]  # [P, n], the positions verify compares
+    slot_t = torch.tensor(F.tail_slot_temperatures(cache.tail_temperatures, n))
+    redrawn = torch.empty(u.shape, dtype=torch.long, device=live.device)
+    step = max(1, (64 << 20) // (4 * live.shape[1]))  # ~64 MiB of float32 per chunk of positions
+    for s in range(0, live.shape[0], step):
+        shifted = live[s:s + step] - live[s:s + step].amax(-1, keepdim=True)
+        for t in dict.fromkeys(slot_t.tolist()):
+            slots = (slot_t == t).nonzero()[:, 0].to(live.device)
+            redrawn[s:s + step, slots] = M.sample_tail((shifted / t).exp(), h_ids[s:s + step], u[s:s + step][:, slots])
+    stored = [torch.repeat_interleave(i, c.long()) for i, c in zip(t_ids, t_cnt)]
+    same = [torch.equal(torch.sort(r[r >= 0]).values, st) for r, st in zip(redrawn, stored)]
+    frac = float(np.mean(same)) if same else 1.0
+    if cache.attrs.teacher.get("dtype") == "float32" and frac < 0.9:
+        raise PikvError(f"{cache.path}: the stored tail draws of {100 * (1 - frac):.0f}% of the checked positions are "
+                        "not the live teacher's with the documented uniforms and tail_temperatures "
+                        f"{cache.tail_temperatures}: the cache's tail or its attributes were altered; re-dump it")
+    return frac
 
 
 def _recompute_rich(teacher, cache, a: dict, x: torch.Tensor, batch_size: int) -> list[dict]:
