@@ -8,14 +8,14 @@ teacher never saw). Runs:
   ce only            kd-weight 0, ce-weight 1
   online full KD     the teacher resident: each batch's targets come live from the teacher at
                      k = V (the whole vocabulary), so the bucket loss is the full-vocabulary KL
-  offline k, tail, T top-k from the cache, k in {8, 16, 64}, tail bucket / renorm, T in {1, 2}
+  offline k, tail, T top-k from WORKDIR/cache, k in --ks (none by default), tail bucket / renorm, T in --temperatures
   --extra CACHE:TAIL  any other cache (e.g. a compact one with a sampled tail) with that tail mode,
                       at each T; its logit bytes/token are named in the run
 All KD runs use the same --ce-weight (default 1, the setting the demo recommends). Prints one JSON
 line per run, then a markdown table.
 
-    python bench/quality.py --workdir runs/demo --ks 64 --tails bucket --temperatures 1 \
-        --extra runs/demo/cache-compact:sampled --extra runs/demo/cache-compact:bucket
+    python bench/quality.py --workdir runs/demo --temperatures 1,2,4 \
+        --extra runs/demo/cache:sampled --extra runs/demo/cache-top64:bucket
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--ce-weight", type=float, default=1.0)
-    ap.add_argument("--ks", default="8,16,64")
+    ap.add_argument("--ks", default="", help="k of offline runs on WORKDIR/cache (at most its k: 8 by default)")
     ap.add_argument("--temperatures", default="1,2")
     ap.add_argument("--tails", default="bucket,renorm")
     ap.add_argument("--extra", action="append", default=[], help="CACHE:TAIL, an extra offline run per T")
