@@ -130,7 +130,7 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
     u = None if uniforms is None else uniforms.reshape(b * length, -1).to(flat.device)
     out: dict[str, list] = {"ids": [], "logprobs": [], "tnorm": [], "tail_ids": [], "tail_logprobs": []}
     buf = None
-    slot_t = torch.tensor(F.tail_slot_temperatures(tail_temperatures, u.shape[1])) if u is not None else None
+    slots_at = {} if u is None else tail_slots(tail_temperatures, u.shape[1], flat.device)
     if chunk_tokens is None:
         chunk_tokens = max(64, min(4096, (256 << 20) // (4 * model.get_output_embeddings().weight.shape[0])))
     for s in range(0, flat.shape[0], chunk_tokens):
@@ -147,8 +147,8 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
         for t in temperatures:  # T=1 first: its sum is the lse1 every tail log-prob needs
             torch.mul(shifted, 1.0 / t, out=buf)
             logsums.append(buf.exp_().sum(dim=-1).log_())
-            slots = None if u is None else (slot_t == t).nonzero()[:, 0].to(z.device)
-            if slots is not None and len(slots):  # buf holds exp((z - m) / t): sample the slots drawn at t
+            slots = slots_at.get(t)
+            if slots is not None:  # buf holds exp((z - m) / t): sample the slots drawn at t
                 draws[:, slots] = sample_tail(buf, idx[:, :top_k], u[s:s + chunk_tokens][:, slots])
         if draws is not None:
             lp = torch.gather(shifted, 1, draws.clamp(min=0)) - logsums[0][:, None]
@@ -159,6 +159,13 @@ def logit_targets(model, input_ids: torch.Tensor, top_k: int, temperatures: tupl
         out["ids"].append(idx[:, :top_k])
         out["logprobs"].append(top[:, :top_k] - top[:, :1] - lse1[:, None])
     return {k: torch.cat(v).reshape(b, length, -1) for k, v in out.items() if v}
+
+
+def tail_slots(tail_temperatures, draws: int, device) -> dict[float, torch.Tensor]:
+    """Each proposal temperature -> the indices of the slots that draw at it (format.tail_slot_temperatures),
+    on ``device``: found once, not per chunk of positions."""
+    slot_t = F.tail_slot_temperatures(tail_temperatures, draws)
+    return {t: torch.tensor([j for j, x in enumerate(slot_t) if x == t], device=device) for t in dict.fromkeys(slot_t)}
 
 
 def sample_tail(e: torch.Tensor, head: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

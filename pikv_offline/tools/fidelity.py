@@ -137,13 +137,12 @@ def _redrawn_tail(cache, a: dict, valid: torch.Tensor, live: torch.Tensor, h_ids
     n = cache.draws
     u = torch.from_numpy(tail_uniforms(cache.attrs.cache_key, a[F.SAMPLE_ID], cache.seq_len, n))
     u = u[:, :-1].to(live.device)[valid]  # [P, n], the positions verify compares
-    slot_t = torch.tensor(F.tail_slot_temperatures(cache.tail_temperatures, n))
+    slots_at = M.tail_slots(cache.tail_temperatures, n, live.device)
     redrawn = torch.empty(u.shape, dtype=torch.long, device=live.device)
     step = max(1, (64 << 20) // (4 * live.shape[1]))  # ~64 MiB of float32 per chunk of positions
     for s in range(0, live.shape[0], step):
         shifted = live[s:s + step] - live[s:s + step].amax(-1, keepdim=True)
-        for t in dict.fromkeys(slot_t.tolist()):
-            slots = (slot_t == t).nonzero()[:, 0].to(live.device)
+        for t, slots in slots_at.items():
             redrawn[s:s + step, slots] = M.sample_tail((shifted / t).exp(), h_ids[s:s + step], u[s:s + step][:, slots])
     stored = [torch.repeat_interleave(i, c.long()) for i, c in zip(t_ids, t_cnt)]
     same = [torch.equal(torch.sort(r[r >= 0]).values, st) for r, st in zip(redrawn, stored)]
