@@ -51,6 +51,24 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
     return (1.0, *rest)
 
 
+SCHEDULE_SHAPES = ("linear", "cosine")
+
+
+def parse_temperature_schedule(text: str) -> tuple[float, float, str]:
+    """'4:1' or '4:1:cosine' -> (4.0, 1.0, 'cosine'): from T0 at the first step to T1 at the last."""
+    parts = text.split(":")
+    shape = parts.pop() if len(parts) == 3 else "linear"
+    try:
+        t0, t1 = (float(x) for x in parts)
+    except ValueError:
+        raise PikvError(f"--temperature-schedule {text!r}: give T0:T1 or T0:T1:linear|cosine, e.g. 4:1")
+    if not all(math.isfinite(t) and t > 0 for t in (t0, t1)):
+        raise PikvError(f"--temperature-schedule {text!r}: both temperatures must be positive numbers")
+    if shape not in SCHEDULE_SHAPES:
+        raise PikvError(f"--temperature-schedule {text!r}: the shape must be linear or cosine, not {shape!r}")
+    return t0, t1, shape
+
+
 def parse_tail_temperatures(text: str) -> tuple[float, ...]:
     """'1,2,4' -> (1.0, 2.0, 4.0): the sampled tail's slot j draws at the (j mod m)-th; a repeat weights a T."""
     try:
@@ -261,6 +279,11 @@ class TrainConfig:
     kd_weight: float = opt(1.0)
     ce_weight: float = opt(0.0)
     temperature: float = opt(1.0)
+    temperature_schedule: tuple[float, float, str] | None = opt(
+        None, "T0:T1[:linear|cosine]: the KD temperature moves from T0 (first step) to T1 (last), logged per step. "
+        "With an exact tail (bucket, sampled) it steps through the cache's grid points between them (nearest "
+        "one); with --tail renorm it takes every value in between. Replaces --temperature (eval at T1).",
+        parse=lambda text: parse_temperature_schedule(text), show="off", metavar="T0:T1")
     divergence: str = opt("forward_kl", choices=DIVERGENCES)
     tail: str = opt("auto", "Teacher mass outside the top-k: one bucket, renormalize it away, or the sampled tail's "
                     "unbiased estimate. auto: sampled when the cache holds a sampled tail, else bucket.", choices=TAILS)
@@ -308,6 +331,11 @@ class TrainConfig:
     layer_map: str | None = opt(None, "Teacher:student layer pairs, e.g. 4:2,8:4 [default: each cached layer to the "
                                 "student layer at the same relative depth].")
     freeze: tuple = opt((), "Freeze mlp, embeddings (with a tied head: the head too) or layers:0,2. Repeatable.")
+    lora_rank: int = opt(0, "Train a LoRA adapter of this rank (peft) on a frozen student; checkpoints hold the adapter, "
+                         "final/ the merged model (its adapter in final/adapter/). 0: train the whole student.")
+    lora_alpha: float | None = opt(None, "LoRA scale numerator (the update is alpha/rank x B A) [default: 2 x rank].")
+    lora_targets: str = opt("all-linear", "Modules that get an adapter: names such as q_proj,v_proj, or all-linear "
+                            "(every linear layer but the LM head).")
 
     def __post_init__(self):
         storage.refuse_url(self.out, "--out", "a run folder holds checkpoints replaced by rename")
@@ -329,6 +357,14 @@ class TrainConfig:
             raise PikvError(f"--schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise PikvError(f"--temperature must be a positive number; got {self.temperature}")
+        if self.temperature_schedule is not None:
+            v = self.temperature_schedule  # the flag's text, or a list from a config file or config.json
+            text = v if isinstance(v, str) else ":".join(str(x) for x in v) if isinstance(v, (list, tuple)) else None
+            if text is None:
+                raise PikvError(f"--temperature-schedule: give T0:T1[:linear|cosine]; got {v!r}")
+            object.__setattr__(self, "temperature_schedule", parse_temperature_schedule(text))
+            if self.temperature != 1.0:
+                raise PikvError("--temperature and --temperature-schedule both set the KD temperature; give one")
         weights = self.loss_weights()
         if any(not (math.isfinite(w) and w >= 0) for w in weights.values()) or sum(weights.values()) == 0:
             raise PikvError(", ".join(f"--{k}-weight" for k in weights) + " must be >= 0 and not all 0")
@@ -337,6 +373,17 @@ class TrainConfig:
         if self.layer_map is not None:
             parse_layer_map(self.layer_map)
         parse_freeze(self.freeze)
+        if self.lora_rank < 0:
+            raise PikvError(f"--lora-rank must be >= 0 (0: no adapter); got {self.lora_rank}")
+        if self.lora_rank and self.freeze:
+            raise PikvError("--freeze with --lora-rank: LoRA already freezes the whole student and trains only its "
+                            "adapters; drop --freeze (or --lora-targets to choose where adapters go)")
+        if not self.lora_rank and (self.lora_alpha is not None or self.lora_targets != "all-linear"):
+            raise PikvError("--lora-alpha / --lora-targets need --lora-rank R (R > 0)")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise PikvError(f"--lora-alpha must be a positive number; got {self.lora_alpha}")
+        if not [t for t in self.lora_targets.split(",") if t.strip()]:
+            raise PikvError("--lora-targets is empty; give module names such as q_proj,v_proj, or all-linear")
         if self.top_k is not None and self.top_k < 1:
             raise PikvError(f"--top-k must be at least 1; got {self.top_k}")
         for name in ("batch_size", "grad_accum"):
@@ -387,6 +434,11 @@ class EvalConfig:
     cache: str = opt(help="Teacher cache written by `pikv dump-teacher`.")
     student: str = opt(help="A student folder, e.g. RUN/final or RUN/checkpoint-N.")
     temperature: float = opt(1.0)
+    temperature_schedule: tuple[float, float, str] | None = opt(
+        None, "T0:T1[:linear|cosine]: the KD temperature moves from T0 (first step) to T1 (last), logged per step. "
+        "With an exact tail (bucket, sampled) it steps through the cache's grid points between them (nearest "
+        "one); with --tail renorm it takes every value in between. Replaces --temperature (eval at T1).",
+        parse=lambda text: parse_temperature_schedule(text), show="off", metavar="T0:T1")
     divergence: str = opt("forward_kl", choices=DIVERGENCES)
     tail: str = opt("auto", "auto: sampled when the cache holds a sampled tail, else bucket.", choices=TAILS)
     top_k: int | None = opt(None)
@@ -403,6 +455,14 @@ class EvalConfig:
             raise PikvError(f"--batch-size must be at least 1; got {self.batch_size}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise PikvError(f"--temperature must be a positive number; got {self.temperature}")
+        if self.temperature_schedule is not None:
+            v = self.temperature_schedule  # the flag's text, or a list from a config file or config.json
+            text = v if isinstance(v, str) else ":".join(str(x) for x in v) if isinstance(v, (list, tuple)) else None
+            if text is None:
+                raise PikvError(f"--temperature-schedule: give T0:T1[:linear|cosine]; got {v!r}")
+            object.__setattr__(self, "temperature_schedule", parse_temperature_schedule(text))
+            if self.temperature != 1.0:
+                raise PikvError("--temperature and --temperature-schedule both set the KD temperature; give one")
         if self.top_k is not None and self.top_k < 1:
             raise PikvError(f"--top-k must be at least 1; got {self.top_k}")
 
@@ -451,7 +511,8 @@ class MakeStudentConfig:
 
 
 
-NOT_SWEEPABLE = {"cache", "out", "student", "student_config", "resume", "layer_map", "freeze"}
+NOT_SWEEPABLE = {"cache", "out", "student", "student_config", "resume", "layer_map", "freeze", "lora_targets",
+                 "temperature_schedule"}
 
 
 def _caster(field: dataclasses.Field):

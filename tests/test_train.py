@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -436,3 +437,71 @@ def test_two_runs_train_at_once_from_a_read_only_cache(train_cache, student_conf
         assert_weights_close(weights(tmp_path / "run0"), weights(tmp_path / "run1"), exact=True)
     finally:
         subprocess.run(["umount", str(ro)])
+
+
+def test_temperature_schedule_steps_through_the_grid_and_equals_fixed_T_runs(train_cache, student_config, tmp_path):
+    """--temperature-schedule 2:1 with the exact (bucket) tail takes the grid point nearest to the linear
+    schedule at each step (2, 2, 1, 1 over 4 steps) and its steps at T=2 are bitwise a fixed --temperature 2
+    run's; with --tail renorm it takes every value, counted in optimizer steps across an epoch boundary,
+    and its first step is a fixed renorm run's at T0. A bad schedule is one clear line."""
+    from pikv_offline.cache.reader import open_cache
+    from pikv_offline.errors import PikvError
+
+    sched = train(train_cache, student_config, tmp_path / "s", temperature_schedule="2:1")
+    fixed = train(train_cache, student_config, tmp_path / "f", temperature=2.0)
+    ms, mf = metrics(tmp_path / "s"), metrics(tmp_path / "f")
+    assert [r["temperature"] for r in ms if "kd" in r] == [2.0, 2.0, 1.0, 1.0]
+    assert [r["kd"] for r in ms if "kd" in r][:2] == [r["kd"] for r in mf if "kd" in r][:2]
+    assert sched["last"]["kd"] != fixed["last"]["kd"]
+    assert json.load(open(tmp_path / "s" / "config.json"))["temperature_schedule"] == [2.0, 1.0, "linear"]
+
+    per_epoch = D.micro_steps_per_epoch(len(D.CacheIndex(open_cache(train_cache), 0.1).train), 4, 1)
+    n = per_epoch + 3
+    train(train_cache, student_config, tmp_path / "r", tail="renorm", temperature_schedule="3:1.5:cosine",
+          max_steps=n)
+    got = [r["temperature"] for r in metrics(tmp_path / "r") if "kd" in r]
+    want = [3 - 1.5 * 0.5 * (1 - math.cos(math.pi * s / (n - 1))) for s in range(n)]
+    assert got == pytest.approx(want, rel=1e-12)
+    train(train_cache, student_config, tmp_path / "r3", tail="renorm", temperature=3.0, max_steps=1)
+    assert metrics(tmp_path / "r")[0]["kd"] == metrics(tmp_path / "r3")[0]["kd"]
+
+    for kw, words in ((dict(temperature_schedule="1:4"), "4 is not in the cache's grid"),
+                      (dict(temperature_schedule="2:1", temperature=2.0), "give one"),
+                      (dict(temperature_schedule="2-1"), "give T0:T1"),
+                      (dict(temperature_schedule="2:1:step"), "linear or cosine"),
+                      (dict(temperature_schedule="0:1"), "positive")):
+        with pytest.raises(PikvError, match=words):
+            train(train_cache, student_config, tmp_path / "bad", **kw)
+    p = pikv_subprocess(["train-student", "--cache", train_cache, "--student-config", student_config, "--out",
+                         str(tmp_path / "cli"), "--max-steps", "2", "--temperature-schedule", "1:4:cosine"])
+    assert p.returncode == 2 and "4 is not in the cache's grid" in p.stderr, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_progressive_chain_teacher_then_medium_then_small(train_cache, corpus, tokenizer, student_config, tmp_path):
+    """The recipe teacher -> medium -> small (README): a trained student's final/ (weights + the cache's
+    tokenizer) is dumped as the next teacher, its cache equals it live (verify --recompute), and the small
+    student trains from that cache and loads."""
+    from conftest import CONTEXT
+    from pikv_offline.cache.reader import open_cache
+    from pikv_offline.config import DumpConfig, VerifyConfig
+    from pikv_offline.teacher.dump import run as dump
+    from pikv_offline.tools.fidelity import recompute
+
+    medium_cfg = tmp_path / "medium.json"
+    medium_cfg.write_text(json.dumps({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 48,
+                                      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                      "intermediate_size": 96, "max_position_embeddings": CONTEXT,
+                                      "tie_word_embeddings": True}))
+    train(train_cache, str(medium_cfg), tmp_path / "medium", max_steps=4, ce_weight=0.5)
+    medium = str(tmp_path / "medium" / "final")
+    dump(DumpConfig(teacher=medium, data=corpus, out=str(tmp_path / "c2"), seq_len=64, top_k=8, sampled_tail=0,
+                    encoding="fp16", temperatures=(1.0, 2.0), shard_seqs=8, batch_size=8, max_sequences=32))
+    first, second = open_cache(train_cache), open_cache(str(tmp_path / "c2"))
+    assert second.attrs.tokenizer_sha256 == first.attrs.tokenizer_sha256
+    assert second.attrs.teacher["weights_sha256"] != first.attrs.teacher["weights_sha256"]
+    fid = recompute(VerifyConfig(cache=str(tmp_path / "c2"), recompute=4, teacher=medium))
+    assert max(r["max_logprob_err"] for r in fid["rows"] if r["mode"] == "bucket") < 0.01, fid["rows"]
+    res = train(str(tmp_path / "c2"), student_config, tmp_path / "small", max_steps=4, ce_weight=0.5)
+    assert res["steps"] == 4 and res["eval"]["eval_kd"] > 0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "small" / "final")

@@ -3,6 +3,9 @@
     RUN/checkpoint-<step>/   the student (save_pretrained), the cache's tokenizer, trainer_state.pt
     RUN/final/               the student and tokenizer alone
 
+With --lora-rank a checkpoint holds the adapter instead of the student, and final/ the merged student
+with the adapter in final/adapter/ (student/lora.py).
+
 trainer_state.pt holds the optimizer, scheduler and scaler states, the step and data position,
 every rank's RNG states, the config, the data-order settings, the cache key and the rich losses'
 projections.
@@ -65,11 +68,19 @@ def latest(out: str) -> str | None:
     return max(found)[1] if found else None
 
 
-def save(path: str, student, tokenizer_dir: str, state: dict | None) -> None:
-    """Atomic: everything goes to a temporary folder that is renamed into place at the end."""
+def save(path: str, student, tokenizer_dir: str, state: dict | None, adapter=None) -> None:
+    """Atomic: everything goes to a temporary folder that is renamed into place at the end. With a
+    LoRA ``adapter``: a checkpoint (``state``) holds the adapter, final/ (no state) the merged student."""
+    from . import lora
+
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    if adapter is None:
+        student.save_pretrained(tmp)
+    elif state:
+        lora.save_adapter(adapter, tmp)
+    else:
+        lora.save_merged(adapter, tmp)
     for f in TOKENIZER_FILES:
         src = os.path.join(tokenizer_dir, f)
         if os.path.isfile(src) and not os.path.islink(src):
@@ -105,7 +116,7 @@ def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str, cache_
 
 
 def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distiller, opt, sched, scaler,
-          cache, cfg, total: int) -> None:
+          cache, cfg, total: int, adapter=None, lora_base: str | None = None) -> None:
     """Every rank: a checkpoint of the run at ``path`` (rank 0 writes it); ``progress`` None writes the
     student alone (final/). Gathers every rank's RNG states, and the ZeRO shards of the optimizer."""
     if progress is not None and cfg.zero and d.world_size > 1:
@@ -116,8 +127,8 @@ def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distille
             **dataclasses.asdict(progress), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "rng": rngs, "world_size": d.world_size, "data_order": cfg.data_order(),
             "cache_key": cache.attrs.cache_key, "config": cfg.to_dict(), "projections": distiller.proj.state_dict(),
-            "total_steps": total, "cache_sequences": cache.n}
-        save(path, model, cache.tokenizer_path, state)
+            "total_steps": total, "cache_sequences": cache.n, "lora_base": lora_base}
+        save(path, model, cache.tokenizer_path, state, adapter)
     dist.barrier()
 
 

@@ -18,6 +18,7 @@ worker never inherits one across fork.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,11 +45,33 @@ class TargetPlan:
     rel_error: float  # the stored log-probs' relative rounding error
     rich: tuple = ()  # format.RichArray of each rich target array a loss uses
     proposal: tuple = ()  # sampled tail: (grid index, T_c, slots n_c) of each temperature the dump drew at
+    grid: tuple = ()  # the cache's temperatures
+    schedule: tuple = ()  # --temperature-schedule: (T0, T1, shape, total steps); () = ``temperature`` throughout
+
+    def temperature_at(self, step: int) -> float:
+        """The KD temperature of optimizer step ``step``: T0 -> T1 linear or cosine over the run; with an
+        exact tail the grid point nearest to that value (between T0 and T1), with renorm the value itself."""
+        if not self.schedule:
+            return self.temperature
+        t0, t1, shape, total = self.schedule
+        x = min(max(step / max(total - 1, 1), 0.0), 1.0)
+        f = x if shape == "linear" else 0.5 * (1 - math.cos(math.pi * x))
+        t = t0 + (t1 - t0) * f
+        if self.tail == "renorm":
+            return t
+        points = [g for g in self.grid if min(t0, t1) <= g <= max(t0, t1)]
+        return min(points, key=lambda g: (abs(g - t), g))
+
+    def column(self, temperature: float) -> int:
+        """The tnorm grid column of ``temperature`` (renorm off the grid: 0, unused)."""
+        return self.grid.index(temperature) if temperature in self.grid else self.grid_index
 
 
 def plan_targets(cache: Cache, top_k: int | None, temperature: float, tail: str,
-                 divergence: str = "forward_kl", rich: tuple = ()) -> TargetPlan:
-    """The TargetPlan of a run; refuses what the cache cannot serve."""
+                 divergence: str = "forward_kl", rich: tuple = (), schedule: tuple | None = None,
+                 total_steps: int = 1) -> TargetPlan:
+    """The TargetPlan of a run; refuses what the cache cannot serve. ``schedule`` (T0, T1, shape) replaces
+    ``temperature`` by T0 -> T1 over ``total_steps``; ``temperature`` becomes T1 (the eval's)."""
     if tail == "auto":
         tail = "sampled" if cache.draws else "bucket"
     k = top_k or cache.top_k
@@ -67,6 +90,13 @@ def plan_targets(cache: Cache, top_k: int | None, temperature: float, tail: str,
     elif cache.top_k == 0:
         raise PikvError(f"--tail {tail}: the cache has no top-k head (dumped with --top-k 0); use --tail sampled")
     grid = cache.temperatures
+    if schedule:
+        off = [t for t in schedule[:2] if t not in grid]
+        if off and tail != "renorm":
+            raise PikvError(f"--temperature-schedule: {off[0]:g} is not in the cache's grid {grid}; with --tail {tail} "
+                            "the schedule steps through grid points, so both ends must be on it (or use --tail renorm "
+                            "for any values)")
+        temperature = schedule[1]
     if temperature in grid:
         index = grid.index(temperature)
     elif tail == "renorm":
@@ -76,7 +106,8 @@ def plan_targets(cache: Cache, top_k: int | None, temperature: float, tail: str,
                         "only there; pick one of those, re-dump with it, or use --tail renorm")
     proposal = tuple((grid.index(t), t, n_c) for t, n_c in F.tail_strata(cache.tail_temperatures, cache.draws))
     return TargetPlan(top_k=k, temperature=temperature, grid_index=index, tail=tail, draws=cache.draws,
-                      rel_error=cache.relative_error, rich=tuple(rich), proposal=proposal if tail == "sampled" else ())
+                      rel_error=cache.relative_error, rich=tuple(rich), proposal=proposal if tail == "sampled" else (),
+                      grid=tuple(grid), schedule=(*schedule, total_steps) if schedule else ())
 
 
 @dataclass
@@ -94,10 +125,12 @@ class Batch:
     tail_counts: torch.Tensor  # [B, L, n] float32
     tail_logq: torch.Tensor  # [B, L, n] float32, log of the density each tail id was drawn from (losses.tail_log_proposal)
     rich: dict = dataclasses.field(default_factory=dict)  # array name -> [B, L, ...] float32
+    temperature: float | None = None  # the KD temperature of this micro-batch's step (None: the plan's)
 
     def _map(self, fn) -> "Batch":
-        return Batch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "rich"},
-                     rich={k: fn(v) for k, v in self.rich.items()})
+        return Batch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                        if f.name not in ("rich", "temperature")},
+                     rich={k: fn(v) for k, v in self.rich.items()}, temperature=self.temperature)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -205,8 +238,10 @@ def read_rows(cache: Cache, ids: np.ndarray, names: tuple[str, ...] | None = Non
 
 
 
-def to_batch(raw: dict[str, np.ndarray], encoding: str, plan: TargetPlan) -> Batch:
-    """Stored arrays of some rows -> the Batch the plan asks for."""
+def to_batch(raw: dict[str, np.ndarray], encoding: str, plan: TargetPlan, step: int | None = None) -> Batch:
+    """Stored arrays of some rows -> the Batch the plan asks for (at optimizer step ``step``'s temperature;
+    None: the plan's own, e.g. for held-out batches)."""
+    temperature = plan.temperature if step is None else plan.temperature_at(step)
     a = decode(raw, encoding, plan.top_k, rich=plan.rich)
     t = torch.from_numpy
     head_lp, tail_lp = t(a[F.HEAD_LOGPROBS]), t(a[F.TAIL_LOGPROBS])
@@ -218,9 +253,9 @@ def to_batch(raw: dict[str, np.ndarray], encoding: str, plan: TargetPlan) -> Bat
                                  plan.rel_error).reshape(tail_lp.shape)
     return Batch(input_ids=t(a[F.INPUT_IDS].astype(np.int64)), loss_mask=t(a[F.LOSS_MASK]),
                  sample_id=t(a[F.SAMPLE_ID]), head_ids=t(a[F.HEAD_IDS]), head_logprobs=head_lp,
-                 tnorm=t(np.ascontiguousarray(a[F.TNORM][..., plan.grid_index])), tail_ids=t(a[F.TAIL_IDS]),
+                 tnorm=t(np.ascontiguousarray(a[F.TNORM][..., plan.column(temperature)])), tail_ids=t(a[F.TAIL_IDS]),
                  tail_logprobs=tail_lp, tail_counts=t(a[F.TAIL_COUNTS].astype(np.float32)), tail_logq=logq,
-                 rich={r.name: t(a[r.name]) for r in plan.rich})
+                 rich={r.name: t(a[r.name]) for r in plan.rich}, temperature=temperature)
 
 
 @dataclass(frozen=True)
@@ -271,8 +306,9 @@ class TrainStream(torch.utils.data.IterableDataset):
                 group.append(group[-1] + 1)
             mine = np.concatenate([micro_positions(i, **where) for i in group])
             data = read_rows(cache, order[mine], names)
-            for j in range(len(group)):
-                yield to_batch({k: v[j * b:(j + 1) * b] for k, v in data.items()}, cache.encoding, self.plan)
+            for j, micro in enumerate(group):  # the optimizer step, counted over epochs, fixes a schedule's T
+                yield to_batch({k: v[j * b:(j + 1) * b] for k, v in data.items()}, cache.encoding, self.plan,
+                               step=self.epoch * (n_micro // a) + micro // a)
             m = group[-1] + 1
 
 

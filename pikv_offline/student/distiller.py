@@ -77,10 +77,11 @@ class Distiller(torch.nn.Module):
         """The keys of forward()'s loss dict, in a fixed order: kd, ce, then each rich kind with pairs."""
         return list(dict.fromkeys(["kd", "ce"] + [p.kind for p in self.pairs]))
 
-    def _fused_losses(self, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts, tail_logq):
+    def _fused_losses(self, T, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts,
+                      tail_logq):
         """_losses without the [N, V] float32 log-softmax (fused.py): the same values and gradients."""
         head = self.student.get_output_embeddings()
-        T, sampled, k = self.plan.temperature, self.plan.tail == "sampled", head_ids.shape[1]
+        sampled, k = self.plan.tail == "sampled", head_ids.shape[1]
         kw = dict(temperature=T, kind=self.divergence, tail=self.plan.tail, rel_error=self.plan.rel_error,
                   draws=self.plan.draws)
 
@@ -101,7 +102,7 @@ class Distiller(torch.nn.Module):
             top1 = (argmax.cpu() == t_top1.cpu()).sum()
         return kd, ce, top1
 
-    def _losses(self, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts, tail_logq):
+    def _losses(self, T, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts, tail_logq):
         logits = lm_logits(self.student, h)
         # One fused log-softmax serves CE and (at T=1) KD; a part with weight 0 is still reported
         # but kept out of the graph, so it costs no backward pass.
@@ -109,7 +110,6 @@ class Distiller(torch.nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight > 0):
             ce, _ = ce_loss(lsm1, labels)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_weight > 0):
-            T = self.plan.temperature
             lsmT = lsm1 if T == 1 else torch.log_softmax(logits.float() / T, dim=-1)
             kd, _ = kd_loss(lsmT, head_ids, head_logprobs, tnorm, temperature=T, kind=self.divergence,
                             tail=self.plan.tail, rel_error=self.plan.rel_error, tail_ids=tail_ids,
@@ -152,16 +152,17 @@ class Distiller(torch.nn.Module):
                                              batch.tail_logprobs, batch.tail_counts, batch.tail_logq)))
         n = args[0].shape[0]
         chunk = self.loss_chunk or n
+        T = self.plan.temperature if batch.temperature is None else batch.temperature  # a schedule's, per step
         if self.fused:
-            kd, ce, top1 = self._fused_losses(*args)
+            kd, ce, top1 = self._fused_losses(T, *args)
         elif chunk >= n:
-            kd, ce, top1 = self._losses(*args)
+            kd, ce, top1 = self._losses(T, *args)
         else:
             # Checkpointing each chunk keeps only [chunk, V] logits alive: recomputed in backward.
             kd = ce = top1 = 0
             for s in range(0, n, chunk):
                 part = [a[s:s + chunk] for a in args]
-                k_, c_, t_ = torch.utils.checkpoint.checkpoint(self._losses, *part, use_reentrant=False)
+                k_, c_, t_ = torch.utils.checkpoint.checkpoint(self._losses, T, *part, use_reentrant=False)
                 kd, ce, top1 = kd + k_, ce + c_, top1 + t_
         losses = {"kd": kd, "ce": ce}
         if self.pairs:

@@ -31,6 +31,7 @@ from ..faults import fault
 from ..modeling import resolve_dtype
 from . import checkpoint
 from . import data as D
+from . import lora
 from .distiller import Distiller, resolve_pairs
 from .evaluate import evaluate
 from .model import check_compatible, freeze, load_student
@@ -148,7 +149,6 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
         raise PikvError(f"--cache {cfg.cache} does not exist; create it with `pikv dump-teacher`")
     cache = open_cache(cfg.cache)  # zarr-python here: TensorStore is not fork-safe, and the loader's worker is forked
     cache.check_tokenizer(cfg.trust_remote_code)  # checkpoints carry it
-    plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence)
     index = D.CacheIndex(cache, cfg.eval_fraction)
     steps_per_epoch = D.micro_steps_per_epoch(len(index.train), cfg.batch_size, d.world_size) // cfg.grad_accum
     global_batch = cfg.batch_size * cfg.grad_accum * d.world_size
@@ -156,6 +156,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
         raise PikvError(f"the cache has {len(index.train)} training sequences, fewer than one global batch of "
                         f"{global_batch} (batch-size x grad-accum x ranks); lower --batch-size or --grad-accum")
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence,
+                          schedule=cfg.temperature_schedule, total_steps=total)
 
     ckpt = checkpoint.latest(cfg.out)
     if cfg.resume == "strict" and ckpt is None:
@@ -170,7 +172,14 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                             cache_key=cache.attrs.cache_key, cache_sequences=cache.n) if ckpt else None
     model, student_tok = load_student(cfg.student, cfg.student_config, cfg.seed, cfg.trust_remote_code)
     check_compatible(model, student_tok, cache.attrs)
-    if state:
+    base = lora.base_fingerprint(model) if cfg.lora_rank else None  # the frozen base an adapter belongs to
+    if state and state.get("lora_base") != base:
+        raise PikvError(f"--resume: the checkpoint {ckpt} " + (
+            "holds a LoRA adapter; resume with its --lora-rank" if base is None else
+            "holds a whole student, not a LoRA adapter; drop --lora-rank" if state.get("lora_base") is None else
+            "holds an adapter of another base student (its weights differ from --student / --student-config's)")
+            + ", or use a new --out")
+    if state and not cfg.lora_rank:
         model = checkpoint.load_student(ckpt, cfg.trust_remote_code)
     model.config.use_cache = False
     model.to(d.device).train()
@@ -181,7 +190,10 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     frozen = freeze(model, cfg.freeze)
 
     # ---- the trained module, optimizer, resume ------------------------------------------------------
-    torch.manual_seed(cfg.seed)  # the projections' initialisation
+    torch.manual_seed(cfg.seed)  # the adapter's and the projections' initialisation
+    adapter = lora.attach(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank else None
+    if adapter is not None and state:
+        lora.load_adapter(adapter, ckpt)
     distiller = Distiller(model, plan, weights=weights, loss_chunk=cfg.loss_chunk, divergence=cfg.divergence,
                           pairs=pairs, targets=cache.attrs.targets, feature_loss=cfg.feature_loss).to(d.device)
     if state:
@@ -206,7 +218,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
             dist.print0(f"note: this run has {total} steps, the checkpoint's had {before}: the {cfg.schedule} "
                         f"schedule now spans {total} steps, so steps after {at.step} differ from the earlier plan")
     save = functools.partial(checkpoint.write, d=d, model=model, distiller=distiller, opt=opt, sched=sched,
-                             scaler=scaler, cache=cache, cfg=cfg, total=total)
+                             scaler=scaler, cache=cache, cfg=cfg, total=total, adapter=adapter, lora_base=base)
 
     log = RunLog(cfg, d)
     if d.is_main:
@@ -222,10 +234,14 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
 
     # ---- the loop ---------------------------------------------------------------------------------
     dist.print0(f"training {total} steps ({steps_per_epoch} per epoch) of {global_batch} sequences x "
-                f"{cache.seq_len} tokens; KD {cfg.divergence}/{plan.tail} at T={plan.temperature}, k={plan.top_k}"
+                f"{cache.seq_len} tokens; KD {cfg.divergence}/{plan.tail} at T="
+                + (f"{plan.temperature_at(0):g}->{plan.temperature:g} ({plan.schedule[2]})" if plan.schedule
+                   else f"{plan.temperature}") + f", k={plan.top_k}"
                 + (f" + {plan.draws} sampled" if plan.tail == "sampled" else "")
                 + "".join(f"; {p.kind} teacher layer {p.t} -> student layer {p.s}" for p in pairs)
-                + (f"; {frozen} parameters frozen" if frozen else ""))
+                + (f"; {frozen} parameters frozen" if frozen else "")
+                + ("; LoRA rank {}: {:,} of {:,} parameters train".format(cfg.lora_rank, *lora.trainable(adapter))
+                   if adapter is not None else ""))
     it = source(at.epoch, at.micro)
     bad_run = 0  # consecutive skipped steps
     bar = tqdm(total=total, initial=at.step, desc="train", disable=not d.is_main, dynamic_ncols=True)
@@ -267,7 +283,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
         history.append((time.perf_counter(), int(count)))
         bar.update(1)
         last = {"step": at.step, "loss": total_loss, **{k: v / max(count, 1) for k, v in per.items()},
-                "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), "skipped": at.skipped, "epoch": at.epoch}
+                "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), "skipped": at.skipped, "epoch": at.epoch,
+                "temperature": plan.temperature if batches[0].temperature is None else batches[0].temperature}
         if at.step % max(cfg.log_every, 1) == 0 or at.step == total:
             now = time.perf_counter()
             last["tokens_per_s"] = tok_log / max(now - t_log, 1e-9)

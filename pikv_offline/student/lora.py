@@ -1,0 +1,97 @@
+"""LoRA students through peft: only the adapters (and the rich losses' projections) train.
+
+    pikv train-student --cache CACHE --student DIR --out RUN --max-steps 200 --lora-rank 16 [--lora-alpha 32]
+
+A checkpoint holds the adapter alone (adapter_model.safetensors + adapter_config.json, peft's own format)
+and the fingerprint of the frozen base it belongs to; RUN/final/ is the merged model, which
+AutoModelForCausalLM.from_pretrained loads without peft, with the adapter beside it in final/adapter/.
+peft injects the adapters into the Hugging Face model in place, so the Distiller, the fused loss and
+the rich losses' captures see an ordinary model whose layers now carry LoRA branches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from ..errors import PikvError, brief
+
+ADAPTER_DIR = "adapter"  # final/adapter/: from_pretrained(final/) must not find an adapter_config.json at its top
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def base_fingerprint(model) -> str:
+    """sha256 of the model's weights (names, shapes, bytes): which frozen base an adapter belongs to."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def attach(model, rank: int, alpha: float | None, targets: str):
+    """The peft model around ``model`` with a fresh rank-``rank`` adapter on ``targets`` (module names,
+    comma-separated, or all-linear: every linear layer but the output head). Refuses targets the model lacks."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise PikvError(f"--lora-rank needs peft ({brief(e)}): pip install peft")
+    names = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if names != "all-linear":
+        missing = [t for t in names if t not in leaves]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise PikvError(f"--lora-targets: the student has no module named {missing[0]!r}; its linear layers are "
+                            f"{', '.join(linear)} (or use all-linear)")
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=names,
+                        lora_dropout=0.0, bias="none")
+    try:
+        return get_peft_model(model, config)
+    except (ValueError, TypeError) as e:
+        raise PikvError(f"--lora-targets {targets}: peft cannot put an adapter there ({brief(e)})")
+
+
+def trainable(adapter) -> tuple[int, int]:
+    """(trainable, all) parameter counts of the peft model."""
+    return (sum(p.numel() for p in adapter.parameters() if p.requires_grad),
+            sum(p.numel() for p in adapter.parameters()))
+
+
+def save_adapter(adapter, folder: str) -> None:
+    adapter.save_pretrained(folder)
+    readme = os.path.join(folder, "README.md")  # peft's model card template: nothing a user needs here
+    if os.path.isfile(readme):
+        os.remove(readme)
+
+
+def save_merged(adapter, folder: str) -> None:
+    """final/: the adapter in final/adapter/, then the merged model. Merges in place: the run is over."""
+    save_adapter(adapter, os.path.join(folder, ADAPTER_DIR))
+    adapter.merge_and_unload().save_pretrained(folder)
+
+
+def load_adapter(adapter, ckpt: str) -> None:
+    """The checkpoint's adapter weights into ``adapter``: the same names and shapes as this run's
+    adapter, or a clear refusal (another rank, targets or base)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = os.path.join(ckpt, ADAPTER_WEIGHTS)
+    try:
+        stored = load_file(path)
+    except Exception as e:
+        raise PikvError(f"--resume: {path} is not a readable adapter ({brief(e)}); remove that checkpoint or use a "
+                        "new --out")
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(adapter).items()}
+    have = {k: tuple(v.shape) for k, v in stored.items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        raise PikvError(f"--resume: the adapter in {ckpt} does not match this run's --lora-rank / --lora-targets "
+                        f"(first difference: {diff[0]}); resume with the checkpoint's settings or use a new --out")
+    if not all(torch.isfinite(v).all() for v in stored.values()):
+        raise PikvError(f"--resume: the adapter in {ckpt} holds non-finite weights; remove that checkpoint")
+    set_peft_model_state_dict(adapter, stored)

@@ -1,0 +1,117 @@
+"""LoRA students (--lora-rank): only adapters train, the base stays, merged == base + adapter, resume and
+2 ranks are equivalences, and bad flags or checkpoints are one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import pikv_subprocess
+from pikv_offline.errors import PikvError
+from test_train import assert_weights_close, train
+
+LORA = dict(lora_rank=4, lora_targets="q_proj,v_proj,down_proj", ce_weight=0.3)
+
+
+@pytest.fixture(scope="module")
+def base_student(workdir, student_config):
+    """A saved student (the frozen base): a fresh model from the tests' student config."""
+    from transformers import AutoConfig
+
+    path = workdir / "lora-base"
+    if not path.exists():
+        torch.manual_seed(5)
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(**json.load(open(student_config)))).save_pretrained(path)
+    return str(path)
+
+
+def lora_train(cache, student, out, **kw):
+    kw = {**LORA, **kw}
+    return train(cache, kw.pop("student_config", None), out, student=student, **kw)
+
+
+def test_only_adapters_train_and_merged_is_base_plus_adapter(train_cache, base_student, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "r"
+    lora_train(train_cache, base_student, out, max_steps=4)
+    base = AutoModelForCausalLM.from_pretrained(base_student)
+    cfg = base.config
+    hidden, kv = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    per_layer = 4 * (hidden + hidden) + 4 * (hidden + kv) + 4 * (cfg.intermediate_size + hidden)  # q, v, down
+    metrics_line = [json.loads(x) for x in open(out / "metrics.jsonl")][0]
+    assert metrics_line["step"] == 1
+    ckpt = out / "checkpoint-4"
+    adapter = load_file(ckpt / "adapter_model.safetensors")
+    assert sum(v.numel() for v in adapter.values()) == per_layer * cfg.num_hidden_layers
+    assert not (ckpt / "model.safetensors").exists(), "a checkpoint holds the adapter, not the student"
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "the adapter trained"
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")  # plain transformers, no peft
+    assert not (out / "final" / "adapter_config.json").exists()
+    b, m = base.state_dict(), merged.state_dict()
+    targeted = [k for k in b if any(f".{t}." in k for t in ("q_proj", "v_proj", "down_proj"))]
+    assert targeted and all(not torch.equal(b[k], m[k]) for k in targeted)
+    for k in set(b) - set(targeted):  # everything without an adapter is the frozen base, bit for bit
+        assert torch.equal(b[k], m[k]), k
+
+    with_adapter = PeftModel.from_pretrained(base, out / "final" / "adapter")
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(x).logits, merged(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resumed_equals_uninterrupted_and_two_ranks_equal_one(train_cache, base_student, tmp_path):
+    lora_train(train_cache, base_student, tmp_path / "full", max_steps=6)
+    part = tmp_path / "part"
+    lora_train(train_cache, base_student, part, max_steps=6, save_every=3)
+    for name in ("final", "checkpoint-6"):  # as if killed after checkpoint-3
+        shutil.rmtree(part / name)
+    res = lora_train(train_cache, base_student, part, max_steps=6, save_every=3, resume=True)
+    assert res["steps"] == 6
+    final = lambda run: load_file(os.path.join(run, "final", "model.safetensors"))  # noqa: E731
+    assert_weights_close(final(tmp_path / "full"), final(part), exact=True)
+
+    p = pikv_subprocess(["train-student", "--cache", train_cache, "--student", base_student, "--out",
+                         str(tmp_path / "two"), "--max-steps", "6", "--batch-size", "2", "--lr", "3e-3",
+                         "--eval-fraction", "0.1", "--num-workers", "0", "--warmup-steps", "1", "--ce-weight", "0.3",
+                         "--lora-rank", "4", "--lora-targets", "q_proj,v_proj,down_proj"], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_weights_close(final(tmp_path / "full"), final(tmp_path / "two"))
+
+
+def test_bad_lora_flags_and_mismatched_resumes_are_refused(train_cache, base_student, student_config, tmp_path):
+    from pikv_offline.config import TrainConfig
+
+    base = dict(cache=train_cache, student=base_student, out=str(tmp_path / "x"), max_steps=2)
+    for kw, words in ((dict(lora_rank=-1), "--lora-rank must be >= 0"),
+                      (dict(lora_alpha=4.0), "need --lora-rank"),
+                      (dict(lora_rank=4, lora_alpha=float("nan")), "--lora-alpha must be a positive"),
+                      (dict(lora_rank=4, freeze=("mlp",)), "--freeze with --lora-rank"),
+                      (dict(lora_rank=4, lora_targets=" , "), "--lora-targets is empty")):
+        with pytest.raises(PikvError, match=words):
+            TrainConfig(**base, **kw)
+    with pytest.raises(PikvError, match="no module named 'qkv'"):
+        lora_train(train_cache, base_student, tmp_path / "t", lora_targets="qkv")
+
+    run = tmp_path / "r"
+    lora_train(train_cache, base_student, run, max_steps=2)
+    with pytest.raises(PikvError, match="holds a LoRA adapter"):  # resuming without --lora-rank
+        train(train_cache, None, run, student=base_student, max_steps=4, resume=True, ce_weight=0.3)
+    with pytest.raises(PikvError, match="does not match this run's --lora-rank"):
+        lora_train(train_cache, base_student, run, max_steps=4, resume=True, lora_rank=8)
+    with pytest.raises(PikvError, match="another base student"):  # the same config, other weights
+        lora_train(train_cache, None, run, max_steps=4, resume=True, student_config=student_config)
+    (run / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(PikvError, match="not a readable adapter"):
+        lora_train(train_cache, base_student, run, max_steps=4, resume=True)
+    full = tmp_path / "f"
+    train(train_cache, None, full, student=base_student, max_steps=2)
+    with pytest.raises(PikvError, match="holds a whole student"):
+        lora_train(train_cache, base_student, full, max_steps=4, resume=True)
