@@ -12,6 +12,11 @@ cache OUT/SHAPE/cache (top-8 + 16 sampled, bf16) for bench/train_throughput.py. 
         --batch-size 1 --steps 4 --warmup 1
     python bench/dump_throughput.py --teacher runs/shapes/qwen/teacher --data runs/shapes/qwen/corpus.jsonl \
         --seq-len 2048 --batch-size 1 --max-sequences 8
+
+With --real the teacher has its family's public shape instead (Qwen2.5-0.5B: hidden 896, 24 layers;
+Llama-3.2-1B: hidden 2048, 16 layers; tied embeddings), random weights, saved in float32:
+
+    python bench/shapes.py --out runs/shapes-real --shape llama3 --real
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ SHAPES = {
 }
 
 
+# With --real: the public model of that family whose shape a user would dump (its config.json's numbers).
+REAL = {
+    "qwen": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "tie_word_embeddings": True},  # Qwen2.5-0.5B
+    "llama3": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "tie_word_embeddings": True, "rope_theta": 500000.0},  # Llama-3.2-1B
+}
+
+
 def model_config(shape: str, hidden: int, layers: int, context: int) -> dict:
     return {**SHAPES[shape], "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
             "num_key_value_heads": 2, "intermediate_size": hidden * 3, "max_position_embeddings": context,
@@ -45,6 +59,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--sequences", type=int, default=12)
     ap.add_argument("--dump", action="store_true")
+    ap.add_argument("--real", action="store_true", help="the teacher at its public model's full shape (REAL), "
+                    "not --teacher-hidden with 2 layers; use its own --out")
     args = ap.parse_args()
 
     import torch
@@ -59,7 +75,8 @@ def main() -> None:
         write_corpus(corpus)
         tok = train_tokenizer([json.loads(line)["text"] for line in open(corpus)], vocab_size=4096)
         torch.manual_seed(0)
-        cfg = AutoConfig.for_model(**model_config(args.shape, args.teacher_hidden, 2, args.seq_len),
+        shape = model_config(args.shape, args.teacher_hidden, 2, args.seq_len)
+        cfg = AutoConfig.for_model(**{**shape, **(REAL[args.shape] if args.real else {})},
                                    bos_token_id=0, eos_token_id=0)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(teacher)
         tok.save_pretrained(teacher)

@@ -104,8 +104,17 @@ def test_bad_lora_flags_and_mismatched_resumes_are_refused(train_cache, base_stu
     lora_train(train_cache, base_student, run, max_steps=2)
     with pytest.raises(PikvError, match="holds a LoRA adapter"):  # resuming without --lora-rank
         train(train_cache, None, run, student=base_student, max_steps=4, resume=True, ce_weight=0.3)
-    with pytest.raises(PikvError, match="does not match this run's --lora-rank"):
-        lora_train(train_cache, base_student, run, max_steps=4, resume=True, lora_rank=8)
+    for kw in (dict(lora_rank=8), dict(lora_alpha=2.0), dict(lora_targets="q_proj")):
+        with pytest.raises(PikvError, match="was trained with --lora-rank/--lora-alpha/--lora-targets"):
+            lora_train(train_cache, base_student, run, max_steps=4, resume=True, **kw)
+    weights_file = run / "checkpoint-2" / "adapter_model.safetensors"
+    good = weights_file.read_bytes()
+    from safetensors.torch import save_file
+    save_file({k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in load_file(weights_file).items()},
+              str(weights_file))
+    with pytest.raises(PikvError, match="does not match this run's --lora-rank"):  # a hand-made adapter file
+        lora_train(train_cache, base_student, run, max_steps=4, resume=True)
+    weights_file.write_bytes(good)
     with pytest.raises(PikvError, match="another base student"):  # the same config, other weights
         lora_train(train_cache, None, run, max_steps=4, resume=True, student_config=student_config)
     (run / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"\0" * 64)

@@ -74,11 +74,18 @@ def save_merged(adapter, folder: str) -> None:
     adapter.merge_and_unload().save_pretrained(folder)
 
 
-def load_adapter(adapter, ckpt: str) -> None:
-    """The checkpoint's adapter weights into ``adapter``: the same names and shapes as this run's
-    adapter, or a clear refusal (another rank, targets or base)."""
+def load_adapter(adapter, ckpt: str, settings: tuple, saved_config: dict | None) -> None:
+    """The checkpoint's adapter weights into ``adapter``: the same (rank, alpha, targets) ``settings`` as
+    the checkpoint's run config and the same names and shapes as this run's adapter, or a clear refusal."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
+
+    if isinstance(saved_config, dict):
+        before = tuple(saved_config.get(k) for k in ("lora_rank", "lora_alpha", "lora_targets"))
+        if before != settings:  # alpha scales the update: the same weights would be another model
+            raise PikvError(f"--resume: the checkpoint in {ckpt} was trained with --lora-rank/--lora-alpha/"
+                            f"--lora-targets {before}, this run asks for {settings}; resume with the checkpoint's "
+                            "settings or use a new --out")
 
     path = os.path.join(ckpt, ADAPTER_WEIGHTS)
     try:

@@ -193,7 +193,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     torch.manual_seed(cfg.seed)  # the adapter's and the projections' initialisation
     adapter = lora.attach(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank else None
     if adapter is not None and state:
-        lora.load_adapter(adapter, ckpt)
+        lora.load_adapter(adapter, ckpt, (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets), state.get("config"))
     distiller = Distiller(model, plan, weights=weights, loss_chunk=cfg.loss_chunk, divergence=cfg.divergence,
                           pairs=pairs, targets=cache.attrs.targets, feature_loss=cfg.feature_loss).to(d.device)
     if state:
