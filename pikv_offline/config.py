@@ -56,7 +56,7 @@ SCHEDULE_SHAPES = ("linear", "cosine")
 
 def parse_temperature_schedule(text: str) -> tuple[float, float, str]:
     """'4:1' or '4:1:cosine' -> (4.0, 1.0, 'cosine'): from T0 at the first step to T1 at the last."""
-    parts = text.split(":")
+    parts = text.replace(",", ":").split(":")  # a config file's list arrives comma-joined
     shape = parts.pop() if len(parts) == 3 else "linear"
     try:
         t0, t1 = (float(x) for x in parts)

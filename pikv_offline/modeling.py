@@ -45,6 +45,18 @@ def code_refused(e: Exception, flag: str, name: str) -> str | None:
             "--trust-remote-code: read that code first, then pass the flag")
 
 
+def refuse_adapter_folder(path: str, flag: str) -> None:
+    """A folder with a peft adapter_config.json is an adapter, not a model: transformers would load the base
+    named inside it (a stored path or hub id), so it is refused rather than followed."""
+    import os
+
+    from .errors import PikvError
+
+    if os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json")):
+        raise PikvError(f"{flag} {path} holds a LoRA adapter (adapter_config.json), not a model; give the merged "
+                        "student of that run, RUN/final")
+
+
 def load_error(e: Exception, flag: str, name: str, what: str) -> str:
     """The one line for a model or config that did not load from ``name`` (given as ``flag``)."""
     from .errors import brief

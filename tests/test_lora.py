@@ -86,7 +86,8 @@ def test_resumed_equals_uninterrupted_and_two_ranks_equal_one(train_cache, base_
     assert_weights_close(final(tmp_path / "full"), final(tmp_path / "two"))
 
 
-def test_bad_lora_flags_and_mismatched_resumes_are_refused(train_cache, base_student, student_config, tmp_path):
+def test_bad_lora_flags_and_mismatched_resumes_are_refused(train_cache, base_student, student_config, corpus,
+                                                           tmp_path):
     from pikv_offline.config import TrainConfig
 
     base = dict(cache=train_cache, student=base_student, out=str(tmp_path / "x"), max_steps=2)
@@ -120,6 +121,35 @@ def test_bad_lora_flags_and_mismatched_resumes_are_refused(train_cache, base_stu
     (run / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
     with pytest.raises(PikvError, match="not a readable adapter"):
         lora_train(train_cache, base_student, run, max_steps=4, resume=True)
+    weights_file.write_bytes(good)
+    stored = load_file(weights_file)
+    save_file({k: v.half() for k, v in stored.items()}, str(weights_file))
+    with pytest.raises(PikvError, match="not float32"):
+        lora_train(train_cache, base_student, run, max_steps=4, resume=True)
+    for name in ("checkpoint-2", "final"):  # an adapter folder is not a model: its stored base path is not followed
+        if name == "final":
+            name = "final/adapter"
+        with pytest.raises(PikvError, match="holds a LoRA adapter"):
+            train(train_cache, None, tmp_path / "s", student=str(run / name), max_steps=1)
+    from pikv_offline.config import DumpConfig
+    from pikv_offline.teacher.dump import run as dump
+    with pytest.raises(PikvError, match="--teacher .* holds a LoRA adapter"):
+        dump(DumpConfig(teacher=str(run / "checkpoint-2"), data=corpus, out=str(tmp_path / "d"), seq_len=32,
+                        max_sequences=4))
+    assert not (tmp_path / "d").exists()
+    save_file({k: v * 1e30 for k, v in stored.items()}, str(weights_file))  # finite, but every step overflows
+    shutil.rmtree(run / "final")
+    with pytest.raises(PikvError, match="steps in a row"):
+        lora_train(train_cache, base_student, run, max_steps=4, resume=True)
+    assert not (run / "final").exists()
+    weights_file.write_bytes(good)
+    with pytest.raises(PikvError, match="ties its LM head"):
+        lora_train(train_cache, base_student, tmp_path / "tied", lora_targets="lm_head")
+    with pytest.raises(PikvError, match="ties its LM head"):
+        lora_train(train_cache, base_student, tmp_path / "tied", lora_targets="embed_tokens,q_proj")
+    with pytest.raises(PikvError, match="above the widths"):
+        lora_train(train_cache, base_student, tmp_path / "huge", lora_rank=2 ** 40)
+
     full = tmp_path / "f"
     train(train_cache, None, full, student=base_student, max_steps=2)
     with pytest.raises(PikvError, match="holds a whole student"):

@@ -472,6 +472,19 @@ def test_temperature_schedule_steps_through_the_grid_and_equals_fixed_T_runs(tra
                       (dict(temperature_schedule="0:1"), "positive")):
         with pytest.raises(PikvError, match=words):
             train(train_cache, student_config, tmp_path / "bad", **kw)
+    plan = D.TargetPlan(top_k=8, temperature=1.0, grid_index=0, tail="renorm", draws=0, rel_error=0.0,
+                        schedule=(1e30, 0.3, "linear", 4))
+    assert [plan.temperature_at(s) for s in (0, 3, 9)] == [1e30, 0.3, 0.3]  # the ends exact, no cancellation
+    assert 0.3 < plan.temperature_at(2) < 1e30
+    (tmp_path / "run.yaml").write_text("temperature-schedule: [2, 1, cosine]\n")  # a config file's list
+    p = pikv_subprocess(["train-student", "--config", str(tmp_path / "run.yaml"), "--cache", train_cache,
+                         "--student-config", student_config, "--out", str(tmp_path / "yaml"), "--max-steps", "2",
+                         "--num-workers", "0", "--eval-fraction", "0.1", "--log-every", "1"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [r["temperature"] for r in metrics(tmp_path / "yaml") if "kd" in r] == [2.0, 1.0]
+    with pytest.raises(PikvError, match="had --temperature-schedule"):  # resume with another schedule
+        train(train_cache, student_config, tmp_path / "s", temperature_schedule="2:1:cosine", max_steps=6,
+              resume=True)
     p = pikv_subprocess(["train-student", "--cache", train_cache, "--student-config", student_config, "--out",
                          str(tmp_path / "cli"), "--max-steps", "2", "--temperature-schedule", "1:4:cosine"])
     assert p.returncode == 2 and "4 is not in the cache's grid" in p.stderr, p.stderr[-2000:]

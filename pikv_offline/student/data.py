@@ -56,7 +56,7 @@ class TargetPlan:
         t0, t1, shape, total = self.schedule
         x = min(max(step / max(total - 1, 1), 0.0), 1.0)
         f = x if shape == "linear" else 0.5 * (1 - math.cos(math.pi * x))
-        t = t0 + (t1 - t0) * f
+        t = t0 if f <= 0 else t1 if f >= 1 else t0 * (1 - f) + t1 * f  # ends exact, no cancellation
         if self.tail == "renorm":
             return t
         points = [g for g in self.grid if min(t0, t1) <= g <= max(t0, t1)]

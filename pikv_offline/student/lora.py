@@ -47,6 +47,18 @@ def attach(model, rank: int, alpha: float | None, targets: str):
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
             raise PikvError(f"--lora-targets: the student has no module named {missing[0]!r}; its linear layers are "
                             f"{', '.join(linear)} (or use all-linear)")
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    shared = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head or m is embed}
+    if tied and names != "all-linear" and shared & set(names):
+        raise PikvError(f"--lora-targets {','.join(sorted(shared & set(names)))}: the student ties its LM head to its "
+                        "input embeddings, so an adapter there cannot be merged into one of the two; target other "
+                        "layers (all-linear leaves the head out)")
+    widths = [min(m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and m is not head and (names == "all-linear" or n.rsplit(".", 1)[-1] in names)]
+    if widths and rank > max(widths):
+        raise PikvError(f"--lora-rank {rank} is above the widths of the layers it adapts (at most {max(widths)}): "
+                        "a rank-r update of an m x n matrix needs r <= min(m, n); lower --lora-rank")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=names,
                         lora_dropout=0.0, bias="none")
     try:
@@ -71,7 +83,11 @@ def save_adapter(adapter, folder: str) -> None:
 def save_merged(adapter, folder: str) -> None:
     """final/: the adapter in final/adapter/, then the merged model. Merges in place: the run is over."""
     save_adapter(adapter, os.path.join(folder, ADAPTER_DIR))
-    adapter.merge_and_unload().save_pretrained(folder)
+    merged = adapter.merge_and_unload()
+    if not all(bool(torch.isfinite(p).all()) for p in merged.parameters()):  # huge finite A, B can overflow W + BA
+        raise PikvError("the merged student holds non-finite weights (base + adapter overflows float32); no final/ "
+                        "was written")
+    merged.save_pretrained(folder)
 
 
 def load_adapter(adapter, ckpt: str, settings: tuple, saved_config: dict | None) -> None:
@@ -99,6 +115,9 @@ def load_adapter(adapter, ckpt: str, settings: tuple, saved_config: dict | None)
         diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
         raise PikvError(f"--resume: the adapter in {ckpt} does not match this run's --lora-rank / --lora-targets "
                         f"(first difference: {diff[0]}); resume with the checkpoint's settings or use a new --out")
+    if any(v.dtype != torch.float32 for v in stored.values()):
+        raise PikvError(f"--resume: the adapter in {ckpt} is not float32 (pikv writes float32 adapters); it was not "
+                        "written by this run: remove that checkpoint or use a new --out")
     if not all(torch.isfinite(v).all() for v in stored.values()):
         raise PikvError(f"--resume: the adapter in {ckpt} holds non-finite weights; remove that checkpoint")
     set_peft_model_state_dict(adapter, stored)

@@ -8,7 +8,7 @@ import os
 import torch
 
 from ..errors import PikvError, brief
-from ..modeling import decoder_layers, load_error, mlp_block, tokenizer_hash
+from ..modeling import decoder_layers, load_error, mlp_block, refuse_adapter_folder, tokenizer_hash
 
 
 def load_student(student: str | None, student_config: str | None, seed: int, trust_remote_code: bool = False):
@@ -26,6 +26,7 @@ def load_student(student: str | None, student_config: str | None, seed: int, tru
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config), None
     path = os.path.expanduser(student)
+    refuse_adapter_folder(path, "--student")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as e:

@@ -213,10 +213,19 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     at = checkpoint.restore(state, rank=d.rank, opt=opt, sched=sched, scaler=scaler) if state else checkpoint.Progress()
     if state:
         dist.print0(f"resuming from {ckpt} at step {at.step}")
+        saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+        was = saved.get("temperature_schedule")
+        if "temperature_schedule" in saved and (tuple(was) if isinstance(was, (list, tuple)) else was) != \
+                cfg.temperature_schedule:
+            raise PikvError(f"--resume: the checkpoint's run had --temperature-schedule {was}, this one "
+                            f"{cfg.temperature_schedule}; resume with the same schedule or use a new --out")
         before = state.get("total_steps")
         if before not in (None, total) and cfg.schedule != "constant" and at.step < total:
             dist.print0(f"note: this run has {total} steps, the checkpoint's had {before}: the {cfg.schedule} "
                         f"schedule now spans {total} steps, so steps after {at.step} differ from the earlier plan")
+        if before not in (None, total) and cfg.temperature_schedule and at.step < total:
+            dist.print0(f"note: this run has {total} steps, the checkpoint's had {before}: the temperature schedule "
+                        f"now spans {total} steps, so the temperatures after step {at.step} differ from the earlier plan")
     save = functools.partial(checkpoint.write, d=d, model=model, distiller=distiller, opt=opt, sched=sched,
                              scaler=scaler, cache=cache, cfg=cfg, total=total, adapter=adapter, lora_base=base)
 
@@ -243,7 +252,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                 + ("; LoRA rank {}: {:,} of {:,} parameters train".format(cfg.lora_rank, *lora.trainable(adapter))
                    if adapter is not None else ""))
     it = source(at.epoch, at.micro)
-    bad_run = 0  # consecutive skipped steps
+    bad_run, first_step = 0, at.step  # consecutive skipped steps; where this process started
     bar = tqdm(total=total, initial=at.step, desc="train", disable=not d.is_main, dynamic_ncols=True)
     t_log, tok_log = time.perf_counter(), 0
     last, history = {}, []  # history: (wall time, loss tokens) after each step, for throughput figures
@@ -270,7 +279,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
         else:
             at.skipped, bad_run = at.skipped + 1, bad_run + 1
             dist.print0(f"step {at.step}: non-finite loss {total_loss} or grad norm {float(grad_norm)}; step skipped")
-            if bad_run >= min(MAX_BAD_STEPS, total):
+            if bad_run >= min(MAX_BAD_STEPS, total - first_step):
                 raise PikvError(f"{bad_run} steps in a row (up to step {at.step}) had a non-finite loss or gradient: "
                                 f"the run diverged (--lr {cfg.lr:g}); lower --lr or check the student and the cache. "
                                 "No final/ was written")
@@ -299,6 +308,9 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
             save(os.path.join(cfg.out, f"checkpoint-{at.step}"), progress=at)
         fault("step", at.step)
     bar.close()
+    if not all(bool(torch.isfinite(p).all()) for p in distiller.parameters()):
+        raise PikvError(f"the trained weights hold non-finite values after step {at.step} (a damaged checkpoint or a "
+                        f"diverged run, --lr {cfg.lr:g}); no final/ was written")
     ev = evaluate(distiller, held_out(), d, autocast)
     if ev:
         log({"step": at.step, **ev})

@@ -10,7 +10,7 @@ import torch
 from ..dist import print0
 from ..errors import PikvError, brief
 from ..cache import format as F
-from ..modeling import (Capture, code_refused, hidden_width, kv_shape, layer_count, lm_logits, load_error,
+from ..modeling import (Capture, code_refused, refuse_adapter_folder, hidden_width, kv_shape, layer_count, lm_logits, load_error,
                         moe_layers, router_experts, text_config)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -21,6 +21,7 @@ def resolve_teacher(teacher: str) -> str:
     """A local folder holding the teacher: the path itself, or the hub snapshot (offline cache included)."""
     path = os.path.expanduser(teacher)
     if os.path.isdir(path):
+        refuse_adapter_folder(path, "--teacher")
         return path
     if teacher.startswith((".", "/", "~")) or teacher.count("/") > 1:
         raise PikvError(f"--teacher folder {teacher} does not exist")

@@ -30,7 +30,7 @@ from ..cache.reader import open_cache
 from ..cache.verify import check_integrity
 from ..config import VerifyConfig
 from ..errors import PikvError
-from ..modeling import load_error
+from ..modeling import load_error, refuse_adapter_folder
 from ..student.losses import kd_rows, rounding_floor, tail_log_proposal, tail_mass, tail_weights
 from ..teacher import model as M
 
@@ -78,6 +78,7 @@ def recompute(cfg: VerifyConfig) -> dict:
     if cfg.student:
         from transformers import AutoModelForCausalLM
 
+        refuse_adapter_folder(cfg.student, "--student")
         try:
             student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32,
                                                            trust_remote_code=cfg.trust_remote_code).to(device)
