@@ -115,6 +115,25 @@ def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str, cache_
     return state
 
 
+def check_same_run(state: dict, ckpt: str, cfg, lora_base: str | None) -> None:
+    """Refuses a resume that would continue another run than the checkpoint's: a whole student against a
+    LoRA adapter, an adapter of another base (``lora_base``: this run's base fingerprint, None without
+    LoRA), or another temperature schedule (load() already checks the data order and the cache)."""
+    was = state.get("lora_base")
+    if was != lora_base:
+        raise PikvError(f"--resume: the checkpoint {ckpt} " + (
+            "holds a LoRA adapter; resume with its --lora-rank" if lora_base is None else
+            "holds a whole student, not a LoRA adapter; drop --lora-rank" if was is None else
+            "holds an adapter of another base student (its weights differ from --student / --student-config's)")
+            + ", or use a new --out")
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    sched = saved.get("temperature_schedule")
+    if "temperature_schedule" in saved and (tuple(sched) if isinstance(sched, list) else sched) != \
+            cfg.temperature_schedule:
+        raise PikvError(f"--resume: the checkpoint's run had --temperature-schedule {sched}, this one "
+                        f"{cfg.temperature_schedule}; resume with the same schedule or use a new --out")
+
+
 def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distiller, opt, sched, scaler,
           cache, cfg, total: int, adapter=None, lora_base: str | None = None) -> None:
     """Every rank: a checkpoint of the run at ``path`` (rank 0 writes it); ``progress`` None writes the

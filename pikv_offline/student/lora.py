@@ -67,10 +67,10 @@ def attach(model, rank: int, alpha: float | None, targets: str):
         raise PikvError(f"--lora-targets {targets}: peft cannot put an adapter there ({brief(e)})")
 
 
-def trainable(adapter) -> tuple[int, int]:
-    """(trainable, all) parameter counts of the peft model."""
-    return (sum(p.numel() for p in adapter.parameters() if p.requires_grad),
-            sum(p.numel() for p in adapter.parameters()))
+def trainable(module) -> tuple[int, int]:
+    """(trainable, all) parameter counts of ``module`` (the Distiller: student, adapters, projections)."""
+    return (sum(p.numel() for p in module.parameters() if p.requires_grad),
+            sum(p.numel() for p in module.parameters()))
 
 
 def save_adapter(adapter, folder: str) -> None:

@@ -173,12 +173,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     model, student_tok = load_student(cfg.student, cfg.student_config, cfg.seed, cfg.trust_remote_code)
     check_compatible(model, student_tok, cache.attrs)
     base = lora.base_fingerprint(model) if cfg.lora_rank else None  # the frozen base an adapter belongs to
-    if state and state.get("lora_base") != base:
-        raise PikvError(f"--resume: the checkpoint {ckpt} " + (
-            "holds a LoRA adapter; resume with its --lora-rank" if base is None else
-            "holds a whole student, not a LoRA adapter; drop --lora-rank" if state.get("lora_base") is None else
-            "holds an adapter of another base student (its weights differ from --student / --student-config's)")
-            + ", or use a new --out")
+    if state:
+        checkpoint.check_same_run(state, ckpt, cfg, base)
     if state and not cfg.lora_rank:
         model = checkpoint.load_student(ckpt, cfg.trust_remote_code)
     model.config.use_cache = False
@@ -213,12 +209,6 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     at = checkpoint.restore(state, rank=d.rank, opt=opt, sched=sched, scaler=scaler) if state else checkpoint.Progress()
     if state:
         dist.print0(f"resuming from {ckpt} at step {at.step}")
-        saved = state.get("config") if isinstance(state.get("config"), dict) else {}
-        was = saved.get("temperature_schedule")
-        if "temperature_schedule" in saved and (tuple(was) if isinstance(was, (list, tuple)) else was) != \
-                cfg.temperature_schedule:
-            raise PikvError(f"--resume: the checkpoint's run had --temperature-schedule {was}, this one "
-                            f"{cfg.temperature_schedule}; resume with the same schedule or use a new --out")
         before = state.get("total_steps")
         if before not in (None, total) and cfg.schedule != "constant" and at.step < total:
             dist.print0(f"note: this run has {total} steps, the checkpoint's had {before}: the {cfg.schedule} "
@@ -249,8 +239,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                 + (f" + {plan.draws} sampled" if plan.tail == "sampled" else "")
                 + "".join(f"; {p.kind} teacher layer {p.t} -> student layer {p.s}" for p in pairs)
                 + (f"; {frozen} parameters frozen" if frozen else "")
-                + ("; LoRA rank {}: {:,} of {:,} parameters train".format(cfg.lora_rank, *lora.trainable(adapter))
-                   if adapter is not None else ""))
+                + ("; LoRA rank {}: {:,} of {:,} parameters train (adapters and projections)".format(
+                    cfg.lora_rank, *lora.trainable(distiller)) if adapter is not None else ""))
     it = source(at.epoch, at.micro)
     bad_run, first_step = 0, at.step  # consecutive skipped steps; where this process started
     bar = tqdm(total=total, initial=at.step, desc="train", disable=not d.is_main, dynamic_ncols=True)
