@@ -65,3 +65,8 @@ def test_bad_grid_value_fails_before_training(train_cache, student_config, tmp_p
     with pytest.raises(PikvError, match="--temperature must be a positive"):
         S.run(cfg)
     assert not os.path.exists(tmp_path / "sw")
+    cfg = SweepConfig(out=str(tmp_path / "sw"), grid=parse_grid(["temperature=1,3"]),  # the cache's grid is 1, 2
+                      base=base(train_cache, student_config))
+    with pytest.raises(PikvError, match="sweep run temperature=3.*not in the cache's grid"):
+        S.run(cfg)
+    assert not os.path.exists(tmp_path / "sw")

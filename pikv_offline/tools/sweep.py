@@ -15,9 +15,12 @@ import csv
 import dataclasses
 import os
 
-from .. import dist
+from .. import dist, storage
+from ..cache.reader import open_cache
 from ..config import SweepConfig, TrainConfig
+from ..errors import PikvError
 from ..student import checkpoint
+from ..student import data as D
 from ..student.train import train
 from .plot import mean_tokens_per_s, plot_runs, read_metrics
 
@@ -26,6 +29,13 @@ def run(cfg: SweepConfig) -> list[dict]:
     # Build every run's config first: a bad grid value fails before any training starts.
     configs = [(cfg.run_name(p), p, TrainConfig(**{**cfg.base, **p, "out": os.path.join(cfg.out, cfg.run_name(p))}))
                for p in cfg.points()]
+    if configs and storage.exists(configs[0][2].cache):  # what the cache cannot serve, also before any run
+        cache = open_cache(configs[0][2].cache)
+        for name, _, t in configs:
+            try:
+                D.plan_targets(cache, t.top_k, t.temperature, t.tail, t.divergence, schedule=t.temperature_schedule)
+            except PikvError as e:
+                raise PikvError(f"sweep run {name}: {e}")
     d = dist.init(cfg.base.get("device", "auto"))
     try:
         rows = []
