@@ -331,8 +331,8 @@ class TrainConfig:
     layer_map: str | None = opt(None, "Teacher:student layer pairs, e.g. 4:2,8:4 [default: each cached layer to the "
                                 "student layer at the same relative depth].")
     freeze: tuple = opt((), "Freeze mlp, embeddings (with a tied head: the head too) or layers:0,2. Repeatable.")
-    lora_rank: int = opt(0, "Train a LoRA adapter of this rank (peft) on a frozen student; checkpoints hold the adapter, "
-                         "final/ the merged model (its adapter in final/adapter/). 0: train the whole student.")
+    lora_rank: int = opt(0, "Train a LoRA adapter of this rank (peft) on a frozen student; checkpoints hold the "
+                         "adapter, final/ the merged model (its adapter in final/adapter/). 0: train the whole student.")
     lora_alpha: float | None = opt(None, "LoRA scale numerator (the update is alpha/rank x B A) [default: 2 x rank].")
     lora_targets: str = opt("all-linear", "Modules that get an adapter: names such as q_proj,v_proj, or all-linear "
                             "(every linear layer but the LM head).")
@@ -434,11 +434,6 @@ class EvalConfig:
     cache: str = opt(help="Teacher cache written by `pikv dump-teacher`.")
     student: str = opt(help="A student folder, e.g. RUN/final or RUN/checkpoint-N.")
     temperature: float = opt(1.0)
-    temperature_schedule: tuple[float, float, str] | None = opt(
-        None, "T0:T1[:linear|cosine]: the KD temperature moves from T0 (first step) to T1 (last), logged per step. "
-        "With an exact tail (bucket, sampled) it steps through the cache's grid points between them (nearest "
-        "one); with --tail renorm it takes every value in between. Replaces --temperature (eval at T1).",
-        parse=lambda text: parse_temperature_schedule(text), show="off", metavar="T0:T1")
     divergence: str = opt("forward_kl", choices=DIVERGENCES)
     tail: str = opt("auto", "auto: sampled when the cache holds a sampled tail, else bucket.", choices=TAILS)
     top_k: int | None = opt(None)
@@ -455,14 +450,6 @@ class EvalConfig:
             raise PikvError(f"--batch-size must be at least 1; got {self.batch_size}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise PikvError(f"--temperature must be a positive number; got {self.temperature}")
-        if self.temperature_schedule is not None:
-            v = self.temperature_schedule  # the flag's text, or a list from a config file or config.json
-            text = v if isinstance(v, str) else ":".join(str(x) for x in v) if isinstance(v, (list, tuple)) else None
-            if text is None:
-                raise PikvError(f"--temperature-schedule: give T0:T1[:linear|cosine]; got {v!r}")
-            object.__setattr__(self, "temperature_schedule", parse_temperature_schedule(text))
-            if self.temperature != 1.0:
-                raise PikvError("--temperature and --temperature-schedule both set the KD temperature; give one")
         if self.top_k is not None and self.top_k < 1:
             raise PikvError(f"--top-k must be at least 1; got {self.top_k}")
 

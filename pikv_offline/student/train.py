@@ -215,7 +215,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                         f"schedule now spans {total} steps, so steps after {at.step} differ from the earlier plan")
         if before not in (None, total) and cfg.temperature_schedule and at.step < total:
             dist.print0(f"note: this run has {total} steps, the checkpoint's had {before}: the temperature schedule "
-                        f"now spans {total} steps, so the temperatures after step {at.step} differ from the earlier plan")
+                        f"now spans {total} steps, so the temperatures after step {at.step} differ from the earlier "
+                        "plan")
     save = functools.partial(checkpoint.write, d=d, model=model, distiller=distiller, opt=opt, sched=sched,
                              scaler=scaler, cache=cache, cfg=cfg, total=total, adapter=adapter, lora_base=base)
 

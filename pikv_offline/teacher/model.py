@@ -10,8 +10,8 @@ import torch
 from ..dist import print0
 from ..errors import PikvError, brief
 from ..cache import format as F
-from ..modeling import (Capture, code_refused, refuse_adapter_folder, hidden_width, kv_shape, layer_count, lm_logits, load_error,
-                        moe_layers, router_experts, text_config)
+from ..modeling import (Capture, code_refused, hidden_width, kv_shape, layer_count, lm_logits, load_error,
+                        moe_layers, refuse_adapter_folder, router_experts, text_config)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PROBE = 4 << 20  # bytes hashed at each end of a weight file
