@@ -51,6 +51,17 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
     return (1.0, *rest)
 
 
+def parse_teacher_weights(text: str) -> tuple[float, ...]:
+    """'0.7,0.3' -> (0.7, 0.3), normalized to sum 1: the mixture weights of several teachers."""
+    try:
+        w = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PikvError(f"--teacher-weights {text!r} is not a comma-separated list of numbers, e.g. 0.7,0.3")
+    if not w or not all(math.isfinite(x) and x > 0 for x in w):
+        raise PikvError(f"--teacher-weights {text!r}: give one positive number per --cache, e.g. 0.7,0.3")
+    return tuple(x / sum(w) for x in w)
+
+
 SCHEDULE_SHAPES = ("linear", "cosine")
 
 
@@ -270,7 +281,8 @@ def weight_field(kind: str) -> str:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    cache: str = opt(help="Teacher cache written by `pikv dump-teacher` (a folder or an s3:// gs:// URL).")
+    cache: tuple = opt(help="Teacher cache written by `pikv dump-teacher` (a folder or an s3:// gs:// URL). Repeat "
+                       "for several teachers of the same data: KD to the --teacher-weights mixture of them.")
     out: str = opt(help="Run folder: checkpoints, final/, metrics.jsonl.")
     student: str | None = opt(None, "Student: a HF model folder or hub id (fine-tuned from its weights).")
     student_config: str | None = opt(None, "Student: a config json (fresh init with AutoConfig.for_model).")
@@ -278,6 +290,9 @@ class TrainConfig:
                                   "(an auto_map); off: such a model or tokenizer is refused.")
     kd_weight: float = opt(1.0)
     ce_weight: float = opt(0.0)
+    teacher_weights: tuple[float, ...] | None = opt(
+        None, "With several --cache: the weight of each teacher in the KD target, e.g. 0.7,0.3 (normalized to sum 1).",
+        parse=lambda text: parse_teacher_weights(text), show="equal", metavar="W1,W2,..")
     temperature: float = opt(1.0)
     temperature_schedule: tuple[float, float, str] | None = opt(
         None, "T0:T1[:linear|cosine]: the KD temperature moves from T0 (first step) to T1 (last), logged per step. "
@@ -339,7 +354,24 @@ class TrainConfig:
 
     def __post_init__(self):
         storage.refuse_url(self.out, "--out", "a run folder holds checkpoints replaced by rename")
-        object.__setattr__(self, "cache", storage.normalize(self.cache))
+        caches = (self.cache,) if isinstance(self.cache, str) else tuple(self.cache)  # Python callers pass one
+        if not caches or not all(isinstance(c, str) and c for c in caches):
+            raise PikvError("--cache: give the cache folder (repeat --cache for several teachers)")
+        object.__setattr__(self, "cache", tuple(storage.normalize(c) for c in caches))
+        if len(set(self.cache)) != len(self.cache):
+            raise PikvError(f"--cache names {next(c for c in self.cache if self.cache.count(c) > 1)} twice; to weigh a "
+                            "teacher more, use --teacher-weights")
+        if self.teacher_weights is not None:
+            w = self.teacher_weights  # the flag's text, or a list from a config file or config.json
+            w = parse_teacher_weights(w if isinstance(w, str) else ",".join(str(x) for x in w)) \
+                if isinstance(w, (str, list, tuple)) else None
+            if w is None:
+                raise PikvError(f"--teacher-weights: give one number per --cache, e.g. 0.7,0.3; got "
+                                f"{self.teacher_weights!r}")
+            if len(w) != len(self.cache):
+                raise PikvError(f"--teacher-weights gives {len(w)} weights for {len(self.cache)} --cache; give one "
+                                "per cache, in their order")
+            object.__setattr__(self, "teacher_weights", w)
         if self.reader == "tensorstore" and self.num_workers == 0:
             raise PikvError("--reader tensorstore reads in the loader's worker process: use --num-workers 1 (TensorStore "
                             "is not fork-safe, so the training process itself reads with zarr-python)")
@@ -498,7 +530,7 @@ class MakeStudentConfig:
 
 
 
-NOT_SWEEPABLE = {"cache", "out", "student", "student_config", "resume", "layer_map", "freeze", "lora_targets",
+NOT_SWEEPABLE = {"cache", "teacher_weights", "out", "student", "student_config", "resume", "layer_map", "freeze", "lora_targets",
                  "temperature_schedule"}
 
 

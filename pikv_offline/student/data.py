@@ -110,6 +110,41 @@ def plan_targets(cache: Cache, top_k: int | None, temperature: float, tail: str,
                       grid=tuple(grid), schedule=(*schedule, total_steps) if schedule else ())
 
 
+def plan_teachers(first: TargetPlan, first_cache: Cache, caches: list, *, top_k: int | None, tail: str,
+                  divergence: str, schedule: tuple | None, total_steps: int) -> tuple:
+    """The TargetPlan of each further teacher's cache (several --cache); refuses caches of other data or a
+    tokenizer or temperatures they cannot serve exactly."""
+    if divergence != "forward_kl":
+        raise PikvError(f"--divergence {divergence} with several --cache: only forward KL to the teachers' mixture "
+                        "splits into a weighted sum over the teachers (the others need the mixture at every id); use "
+                        "--divergence forward_kl")
+    a0, plans = first_cache.attrs, []
+    for cache in caches:
+        a = cache.attrs
+        for what, mine, theirs in (("data", a0.data["fingerprint"], a.data["fingerprint"]),
+                                   ("tokenizer", a0.tokenizer_sha256, a.tokenizer_sha256),
+                                   ("seq_len", a0.seq_len, a.seq_len), ("sequence count", first_cache.n, cache.n)):
+            if mine != theirs:
+                raise PikvError(f"--cache {cache.path}: its {what} differs from --cache {first_cache.path}'s "
+                                f"({theirs} vs {mine}); several teachers need caches dumped from the same data with "
+                                "the same tokenizer and --seq-len")
+        try:
+            plan = plan_targets(cache, top_k, first.temperature, tail, divergence, schedule=schedule,
+                                total_steps=total_steps)
+        except PikvError as e:
+            raise PikvError(f"--cache {cache.path}: {e}")
+        if plan.tail != "renorm":  # an exact tail reads tnorm at every T the run uses
+            used = {first.temperature} | ({g for g in first.grid if min(schedule[:2]) <= g <= max(schedule[:2])}
+                                          if schedule else set())
+            off = sorted(t for t in used if t not in plan.grid or t not in first.grid)
+            if off:
+                raise PikvError(f"--cache {cache.path}: its temperature grid {list(plan.grid)} lacks T={off[0]:g}, "
+                                f"which this run uses (grid of the first cache: {list(first.grid)}); with several "
+                                "teachers every cache needs the run's temperatures, or use --tail renorm")
+        plans.append(plan)
+    return tuple(plans)
+
+
 @dataclass
 class Batch:
     """One micro-batch of teacher targets, as the Distiller takes it. B sequences of L tokens; the
@@ -126,11 +161,13 @@ class Batch:
     tail_logq: torch.Tensor  # [B, L, n] float32, log of the density each tail id was drawn from (losses.tail_log_proposal)
     rich: dict = dataclasses.field(default_factory=dict)  # array name -> [B, L, ...] float32
     temperature: float | None = None  # the KD temperature of this micro-batch's step (None: the plan's)
+    teachers: tuple = ()  # several --cache: the same rows' Batch of each further teacher (their logit targets)
 
     def _map(self, fn) -> "Batch":
         return Batch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
-                        if f.name not in ("rich", "temperature")},
-                     rich={k: fn(v) for k, v in self.rich.items()}, temperature=self.temperature)
+                        if f.name not in ("rich", "temperature", "teachers")},
+                     rich={k: fn(v) for k, v in self.rich.items()}, temperature=self.temperature,
+                     teachers=tuple(b._map(fn) for b in self.teachers))
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -238,10 +275,12 @@ def read_rows(cache: Cache, ids: np.ndarray, names: tuple[str, ...] | None = Non
 
 
 
-def to_batch(raw: dict[str, np.ndarray], encoding: str, plan: TargetPlan, step: int | None = None) -> Batch:
+def to_batch(raw: dict[str, np.ndarray], encoding: str, plan: TargetPlan, step: int | None = None,
+             temperature: float | None = None) -> Batch:
     """Stored arrays of some rows -> the Batch the plan asks for (at optimizer step ``step``'s temperature;
-    None: the plan's own, e.g. for held-out batches)."""
-    temperature = plan.temperature if step is None else plan.temperature_at(step)
+    None: the plan's own, e.g. for held-out batches; ``temperature``: this one, a further teacher's)."""
+    if temperature is None:
+        temperature = plan.temperature if step is None else plan.temperature_at(step)
     a = decode(raw, encoding, plan.top_k, rich=plan.rich)
     t = torch.from_numpy
     head_lp, tail_lp = t(a[F.HEAD_LOGPROBS]), t(a[F.TAIL_LOGPROBS])
@@ -256,6 +295,21 @@ def to_batch(raw: dict[str, np.ndarray], encoding: str, plan: TargetPlan, step: 
                  tnorm=t(np.ascontiguousarray(a[F.TNORM][..., plan.column(temperature)])), tail_ids=t(a[F.TAIL_IDS]),
                  tail_logprobs=tail_lp, tail_counts=t(a[F.TAIL_COUNTS].astype(np.float32)), tail_logq=logq,
                  rich={r.name: t(a[r.name]) for r in plan.rich}, temperature=temperature)
+
+
+def with_teachers(batch: Batch, raws: list, extra: tuple, step: int | None = None) -> Batch:
+    """``batch`` with the Batch of each further teacher (``extra``: (Cache, TargetPlan) each; ``raws``: the
+    same rows read from each) attached; refuses caches whose tokens differ (checked on every batch read)."""
+    if not extra:
+        return batch
+    others = tuple(to_batch(raw, cache.encoding, plan, temperature=batch.temperature)  # the first's T, checked on
+                   for raw, (cache, plan) in zip(raws, extra))  # every grid by plan_teachers
+    for o, (cache, _) in zip(others, extra):
+        if not (torch.equal(o.input_ids, batch.input_ids) and torch.equal(o.loss_mask, batch.loss_mask)):
+            raise PikvError(f"{cache.path}: its tokens of sequences {batch.sample_id.tolist()} differ from the first "
+                            "--cache's; several teachers need caches dumped from the same data (the cache is damaged "
+                            "or of other data: run `pikv verify` on both)")
+    return dataclasses.replace(batch, teachers=others)
 
 
 @dataclass(frozen=True)
@@ -274,8 +328,9 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, path: str, index: CacheIndex, plan: TargetPlan, *, seed: int, epoch: int, start: int,
                  batch_size: int, rank: int, world_size: int, grad_accum: int = 1, window_blocks: int = 4,
-                 reader: str = "zarr"):
+                 reader: str = "zarr", extra: tuple = ()):
         self.path, self.index, self.plan, self.seed, self.epoch, self.start = path, index, plan, seed, epoch, start
+        self.extra = extra  # several teachers: (path, TargetPlan) of each further cache, read at the same rows
         self.reader = reader
         self.batch_size, self.rank, self.world, self.window_blocks = batch_size, rank, world_size, window_blocks
         self.grad_accum = grad_accum
@@ -291,6 +346,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         # it cannot fork a child that uses it (the child aborts), and the trainer forks a worker each epoch.
         in_worker = torch.utils.data.get_worker_info() is not None
         cache = open_cache(self.path, reader=self.reader if in_worker else "zarr")
+        extra = tuple((open_cache(p, reader=self.reader if in_worker else "zarr"), plan) for p, plan in self.extra)
         order = self.index.epoch_order(self.seed, self.epoch, self.window_blocks)
         b, w, a = self.batch_size, self.world, self.grad_accum
         n_micro = len(order) // (b * w * a) * a
@@ -306,27 +362,34 @@ class TrainStream(torch.utils.data.IterableDataset):
                 group.append(group[-1] + 1)
             mine = np.concatenate([micro_positions(i, **where) for i in group])
             data = read_rows(cache, order[mine], names)
+            more = [read_rows(c, order[mine]) for c, _ in extra]
             for j, micro in enumerate(group):  # the optimizer step, counted over epochs, fixes a schedule's T
-                yield to_batch({k: v[j * b:(j + 1) * b] for k, v in data.items()}, cache.encoding, self.plan,
-                               step=self.epoch * (n_micro // a) + micro // a)
+                rows = lambda d: {k: v[j * b:(j + 1) * b] for k, v in d.items()}  # noqa: E731
+                step = self.epoch * (n_micro // a) + micro // a
+                yield with_teachers(to_batch(rows(data), cache.encoding, self.plan, step=step),
+                                    [rows(m) for m in more], extra, step)
             m = group[-1] + 1
 
 
 def train_batches(path: str, index: CacheIndex, plan: TargetPlan, *, seed: int, batch_size: int, rank: int,
-                  world_size: int, num_workers: int, pin_memory: bool, grad_accum: int = 1, reader: str = "zarr"):
+                  world_size: int, num_workers: int, pin_memory: bool, grad_accum: int = 1, reader: str = "zarr",
+                  extra: tuple = ()):
     """The default data source of train(): ``source(epoch, start)`` -> this rank's Batches of that epoch from
     global micro-step ``start``, read by ``num_workers`` (0 or 1) background DataLoader workers."""
     def source(epoch: int, start: int):
         stream = TrainStream(path, index, plan, seed=seed, epoch=epoch, start=start, batch_size=batch_size,
-                             rank=rank, world_size=world_size, grad_accum=grad_accum, reader=reader)
+                             rank=rank, world_size=world_size, grad_accum=grad_accum, reader=reader, extra=extra)
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                                 pin_memory=pin_memory, prefetch_factor=4 if num_workers else None))
     return source
 
 
-def eval_batches(cache: Cache, index: CacheIndex, plan: TargetPlan, *, rank: int, world_size: int, batch_size: int):
-    """This rank's share of the held-out sequences (a contiguous part: whole chunks), in micro-batches."""
+def eval_batches(cache: Cache, index: CacheIndex, plan: TargetPlan, *, rank: int, world_size: int, batch_size: int,
+                 extra: tuple = ()):
+    """This rank's share of the held-out sequences (a contiguous part: whole chunks), in micro-batches;
+    ``extra``: (Cache, TargetPlan) of each further teacher."""
     rows = np.array_split(index.eval, world_size)[rank]
     for s in range(0, len(rows), batch_size):
-        yield to_batch(read_rows(cache, rows[s:s + batch_size], cache.logit_names + rich_names(plan.rich)),
-                       cache.encoding, plan)
+        ids = rows[s:s + batch_size]
+        yield with_teachers(to_batch(read_rows(cache, ids, cache.logit_names + rich_names(plan.rich)), cache.encoding,
+                                     plan), [read_rows(c, ids) for c, _ in extra], extra)

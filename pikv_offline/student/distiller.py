@@ -22,7 +22,10 @@ from ..modeling import (Capture, hidden_width, kv_shape, layer_count, lm_logits,
                         text_config)
 from .data import Batch, TargetPlan
 from .fused import fused_kd_ce
-from .losses import ce_loss, feature_loss, kd_loss, kd_rows_at, router_loss
+from .losses import (ce_loss, feature_loss, kd_loss, kd_rows_at, mixture_gap, rounding_floor, router_loss,
+                     teacher_log_probs)
+
+N_TARGETS = 7  # a teacher's tensors per position: head ids, head log-probs, tnorm, tail ids, log-probs, counts, logq
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,24 @@ def _projection(d_in: int, d_out: int) -> torch.nn.Linear:
 class Distiller(torch.nn.Module):
     """forward(batch) -> ({kd, ce, and each rich kind with pairs}: sums over the valid predictions,
     top-1 hits, count). ``weights`` (loss name -> weight) keeps a loss of weight 0 out of the graph;
-    ``targets`` is the cache's targets attribute (the rich targets' shapes)."""
+    ``targets`` is the cache's targets attribute (the rich targets' shapes).
+
+    Several teachers (``others``: the TargetPlan of each further cache, ``teacher_weights`` w_j of all):
+    the KD target is the mixture M = sum_j w_j p_j. Forward KL to it is sum_j w_j KL(p_j || q) - J with J
+    (losses.mixture_gap) free of the student, so the loss is each teacher's own loss (its tail mode:
+    bucket, or its sampled tail reweighted by its own proposal), weighted, minus J: the mixture's gradient
+    exactly (in expectation, sampled) and, at k = V, its value exactly. Top-1 is against the first."""
 
     def __init__(self, student, plan: TargetPlan, *, weights: dict[str, float], loss_chunk: int = 0,
                  divergence: str = "forward_kl", pairs: tuple[Pair, ...] = (), targets: dict | None = None,
-                 feature_loss: str = "mse", fused: bool = True):
+                 feature_loss: str = "mse", fused: bool = True, others: tuple = (),
+                 teacher_weights: tuple[float, ...] | None = None):
         super().__init__()
         self.student, self.plan, self.divergence, self.loss_chunk = student, plan, divergence, loss_chunk
+        self.plans = (plan, *others)
+        self.teacher_weights = tuple(teacher_weights or [1.0 / len(self.plans)] * len(self.plans))
+        if len(self.teacher_weights) != len(self.plans):
+            raise ValueError(f"{len(self.teacher_weights)} teacher weights for {len(self.plans)} teachers")
         self.fused = fused and fusable(student)
         self.kd_weight, self.ce_weight = weights.get("kd", 1.0), weights.get("ce", 1.0)
         self.pairs, self.feature_loss = tuple(pairs), feature_loss
@@ -77,32 +91,41 @@ class Distiller(torch.nn.Module):
         """The keys of forward()'s loss dict, in a fixed order: kd, ce, then each rich kind with pairs."""
         return list(dict.fromkeys(["kd", "ce"] + [p.kind for p in self.pairs]))
 
-    def _fused_losses(self, T, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts,
-                      tail_logq):
-        """_losses without the [N, V] float32 log-softmax (fused.py): the same values and gradients."""
-        head = self.student.get_output_embeddings()
-        sampled, k = self.plan.tail == "sampled", head_ids.shape[1]
-        kw = dict(temperature=T, kind=self.divergence, tail=self.plan.tail, rel_error=self.plan.rel_error,
-                  draws=self.plan.draws)
+    def _kw(self, plan: TargetPlan, T: float) -> dict:
+        return dict(temperature=T, kind=self.divergence, tail=plan.tail, rel_error=plan.rel_error, draws=plan.draws)
 
-        def loss(s_ids, s_label, head_lp, tn, tail_lp, counts, logq):
-            kd = kd_rows_at(s_ids[:, :k], head_lp, tn, s_tail=s_ids[:, k:] if sampled else None, tail_logprobs=tail_lp,
-                            tail_counts=counts, tail_logq=logq, **kw).sum() * (T * T)
-            return kd, -s_label.sum()
+    def _fused_losses(self, T, h, labels, *teachers):
+        """_losses without the [N, V] float32 log-softmax (fused.py): the same values and gradients. The ids of
+        every teacher (head, then sampled tail) go through one pass of the head."""
+        head = self.student.get_output_embeddings()
+        groups = [teachers[i:i + N_TARGETS] for i in range(0, len(teachers), N_TARGETS)]
+        sampled = [p.tail == "sampled" for p in self.plans]
+        sizes = [(g[0].shape[1], g[3].shape[1] if smp else 0) for g, smp in zip(groups, sampled)]
+
+        def loss(s_ids, s_label, *targets):
+            kd, at = 0.0, 0
+            for j, (plan, (k, n), w) in enumerate(zip(self.plans, sizes, self.teacher_weights)):
+                head_lp, tn, tail_lp, counts, logq = targets[5 * j:5 * j + 5]
+                kd = kd + w * kd_rows_at(s_ids[:, at:at + k], head_lp, tn, s_tail=s_ids[:, at + k:at + k + n]
+                                         if n else None, tail_logprobs=tail_lp, tail_counts=counts, tail_logq=logq,
+                                         **self._kw(plan, T)).sum()
+                at += k + n
+            return kd * (T * T), -s_label.sum()
 
         dev = head.weight.device
-        ids = torch.cat([head_ids, tail_ids], 1) if sampled else head_ids
-        targets = (head_logprobs, tnorm, *((tail_logprobs, tail_counts, tail_logq) if sampled else (None,) * 3))
+        ids = torch.cat([t for g, smp in zip(groups, sampled) for t in ((g[0], g[3]) if smp else (g[0],))], 1)
+        targets = tuple(t for g, smp in zip(groups, sampled) for t in (g[1], g[2], *(g[4:] if smp else (None,) * 3)))
         kd, ce, argmax = fused_kd_ce(h.to(dev), head.weight, head.bias, ids.to(dev), labels.to(dev), loss,
                                      tuple(t.to(dev) if t is not None else None for t in targets), T,
                                      (self.kd_weight, self.ce_weight), self.loss_chunk or None)
+        head_ids, head_logprobs = groups[0][:2]
         top1 = torch.zeros((), dtype=torch.long)
-        if not self.training and k:
+        if not self.training and head_ids.shape[1]:
             t_top1 = torch.gather(head_ids, 1, head_logprobs.argmax(-1, keepdim=True))[:, 0]
             top1 = (argmax.cpu() == t_top1.cpu()).sum()
         return kd, ce, top1
 
-    def _losses(self, T, h, labels, head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts, tail_logq):
+    def _losses(self, T, h, labels, *teachers):
         logits = lm_logits(self.student, h)
         # One fused log-softmax serves CE and (at T=1) KD; a part with weight 0 is still reported
         # but kept out of the graph, so it costs no backward pass.
@@ -111,16 +134,31 @@ class Distiller(torch.nn.Module):
             ce, _ = ce_loss(lsm1, labels)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_weight > 0):
             lsmT = lsm1 if T == 1 else torch.log_softmax(logits.float() / T, dim=-1)
-            kd, _ = kd_loss(lsmT, head_ids, head_logprobs, tnorm, temperature=T, kind=self.divergence,
-                            tail=self.plan.tail, rel_error=self.plan.rel_error, tail_ids=tail_ids,
-                            tail_logprobs=tail_logprobs, tail_counts=tail_counts, tail_logq=tail_logq,
-                            draws=self.plan.draws)
+            kd = 0.0
+            for j, (plan, w) in enumerate(zip(self.plans, self.teacher_weights)):
+                head_ids, head_logprobs, tnorm, tail_ids, tail_logprobs, tail_counts, tail_logq = \
+                    teachers[N_TARGETS * j:N_TARGETS * (j + 1)]
+                part, _ = kd_loss(lsmT, head_ids, head_logprobs, tnorm, tail_ids=tail_ids, tail_logprobs=tail_logprobs,
+                                  tail_counts=tail_counts, tail_logq=tail_logq, **self._kw(plan, T))
+                kd = kd + w * part
+        head_ids, head_logprobs = teachers[:2]
         # Top-1 agreement with the teacher is an eval figure; an argmax over V per step is not free.
         top1 = torch.zeros((), dtype=torch.long)
         if not self.training and head_ids.shape[1]:
             t_top1 = torch.gather(head_ids, 1, head_logprobs.argmax(-1, keepdim=True))[:, 0]
             top1 = (logits.argmax(-1) == t_top1).sum()
         return kd, ce, top1
+
+    def _gap(self, T: float, teachers: tuple) -> torch.Tensor:
+        """Sum over the positions of losses.mixture_gap at T: a constant of the cache (no gradient)."""
+        with torch.no_grad():
+            heads, floors = [], []
+            for plan, i in zip(self.plans, range(0, len(teachers), N_TARGETS)):
+                lp = teachers[i + 1]
+                p_top = teacher_log_probs(lp, teachers[i + 2], T)
+                heads.append((teachers[i], p_top))
+                floors.append(rounding_floor(p_top, lp, plan.rel_error, T))
+            return mixture_gap(heads, self.teacher_weights, floors).sum()
 
     def _rich_losses(self, valid, shape, rich: dict) -> dict[str, torch.Tensor]:
         """Sum over valid positions of each rich loss, averaged over its layer pairs."""
@@ -147,9 +185,12 @@ class Distiller(torch.nn.Module):
         kwargs = self.capture.forward_kwargs() if self.capture else {"use_cache": False}
         h = self.student.base_model(input_ids=batch.input_ids, **kwargs).last_hidden_state
         valid = batch.loss_mask[:, 1:]  # the prediction at t is for token t+1
+        if len(batch.teachers) != len(self.plans) - 1:
+            raise ValueError(f"a batch of {1 + len(batch.teachers)} teachers for a Distiller of {len(self.plans)}")
         args = (h[:, :-1][valid], batch.input_ids[:, 1:][valid],
-                *(a[:, :-1][valid] for a in (batch.head_ids, batch.head_logprobs, batch.tnorm, batch.tail_ids,
-                                             batch.tail_logprobs, batch.tail_counts, batch.tail_logq)))
+                *(a[:, :-1][valid] for b in (batch, *batch.teachers)
+                  for a in (b.head_ids, b.head_logprobs, b.tnorm, b.tail_ids, b.tail_logprobs, b.tail_counts,
+                            b.tail_logq)))
         n = args[0].shape[0]
         chunk = self.loss_chunk or n
         T = self.plan.temperature if batch.temperature is None else batch.temperature  # a schedule's, per step
@@ -164,6 +205,8 @@ class Distiller(torch.nn.Module):
                 part = [a[s:s + chunk] for a in args]
                 k_, c_, t_ = torch.utils.checkpoint.checkpoint(self._losses, T, *part, use_reentrant=False)
                 kd, ce, top1 = kd + k_, ce + c_, top1 + t_
+        if len(self.plans) > 1 and all(p.tail != "renorm" for p in self.plans):
+            kd = kd - self._gap(T, args[2:]) * (T * T)  # from the sum of the teachers' losses to KL to their mixture
         losses = {"kd": kd, "ce": ce}
         if self.pairs:
             losses.update(self._rich_losses(valid, batch.input_ids.shape, batch.rich))

@@ -179,6 +179,44 @@ def kd_rows_at(s_top: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Ten
     return value.detach() + (surrogate - surrogate.detach())
 
 
+def mixture_gap(heads: list, weights: tuple[float, ...], floors: list | None = None,
+                chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """[N] the generalized Jensen-Shannon divergence J = sum_j w_j KL(p_j || M) of teachers p_j and their
+    mixture M = sum_j w_j p_j, on the partition the cache knows exactly for every teacher: each id in every
+    teacher's head, and one bucket of the rest. ``heads``: (ids [N, k_j], log p_T [N, k_j]) per teacher;
+    ``floors`` [N] per teacher (rounding_floor): a rest mass at or below it counts as 0, as the bucket does.
+
+    Forward KL to the mixture splits as KL(M || q) = sum_j w_j KL(p_j || q) - J (expand M log M), and J does
+    not depend on the student: the weighted per-teacher losses carry the mixture's whole gradient, and
+    subtracting J gives its value. At k = V the partition is the vocabulary and the value is exact; below,
+    this J is a lower bound of the full one (coarsening lowers a KL), so the value stays >= the coarse
+    KL(M || q) >= 0 with a bucket tail."""
+    ids0, lp0 = heads[0]
+    n, k0 = ids0.shape
+    if k0 == 0:
+        return torch.zeros(n, dtype=torch.float32, device=ids0.device)
+    out = []
+    step = max(1, chunk_elems // max(1, k0 * max(ids.shape[1] for ids, _ in heads)))
+    for s in range(0, n, step):
+        known = torch.ones_like(ids0[s:s + step], dtype=torch.bool)  # ids of teacher 0 in every head
+        probs = [lp0[s:s + step].float().exp()]
+        for ids, lp in heads[1:]:
+            match = ids0[s:s + step, :, None] == ids[s:s + step, None, :]
+            known &= match.any(-1)
+            probs.append((match * lp[s:s + step].float().exp()[:, None, :]).sum(-1))
+        p = torch.stack([torch.where(known, q, torch.zeros_like(q)) for q in probs])  # [m, c, k0]
+        rest = (1 - p.sum(-1)).clamp_min(0)  # [m, c]: each teacher's mass off the common ids
+        if floors is not None:
+            f = torch.stack([x[s:s + step] for x in floors])
+            rest = torch.where(rest > f, rest, torch.zeros_like(rest))
+        w = torch.tensor(weights, dtype=torch.float32, device=p.device)
+        mix, mix_rest = (w[:, None, None] * p).sum(0), (w[:, None] * rest).sum(0)
+        kl = torch.xlogy(p, p).sub(torch.xlogy(p, mix.expand_as(p))).sum(-1) \
+            + torch.xlogy(rest, rest) - torch.xlogy(rest, mix_rest.expand_as(rest))
+        out.append((w[:, None] * kl).sum(0).clamp_min(0))
+    return torch.cat(out)
+
+
 def kd_loss(s_logprobs: torch.Tensor, t_ids: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
             **kw) -> tuple[torch.Tensor, int]:
     """KD loss sum over the N positions (times T^2) and N; arguments as kd_rows."""

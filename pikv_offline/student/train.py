@@ -145,9 +145,11 @@ def train(cfg: TrainConfig, d: dist.Dist, source=None) -> dict:
 
 def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     # ---- cache, student, targets -------------------------------------------------------------------
-    if not storage.exists(cfg.cache):
-        raise PikvError(f"--cache {cfg.cache} does not exist; create it with `pikv dump-teacher`")
-    cache = open_cache(cfg.cache)  # zarr-python here: TensorStore is not fork-safe, and the loader's worker is forked
+    for path in cfg.cache:
+        if not storage.exists(path):
+            raise PikvError(f"--cache {path} does not exist; create it with `pikv dump-teacher`")
+    # zarr-python here: TensorStore is not fork-safe, and the loader's worker is forked
+    cache, *more = [open_cache(path) for path in cfg.cache]  # more: several teachers' further caches
     cache.check_tokenizer(cfg.trust_remote_code)  # checkpoints carry it
     index = D.CacheIndex(cache, cfg.eval_fraction)
     steps_per_epoch = D.micro_steps_per_epoch(len(index.train), cfg.batch_size, d.world_size) // cfg.grad_accum
@@ -158,6 +160,10 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence,
                           schedule=cfg.temperature_schedule, total_steps=total)
+    others = D.plan_teachers(plan, cache, more, top_k=cfg.top_k, tail=cfg.tail, divergence=cfg.divergence,
+                             schedule=cfg.temperature_schedule, total_steps=total)
+    extra = tuple(zip(more, others))  # (Cache, TargetPlan) of each further teacher
+    cache_key = "+".join(c.attrs.cache_key for c in (cache, *more))  # a resume needs the same teachers
 
     ckpt = checkpoint.latest(cfg.out)
     if cfg.resume == "strict" and ckpt is None:
@@ -169,7 +175,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                         "another --out")
     ckpt = ckpt if cfg.resume != "no" else None
     state = checkpoint.load(ckpt, world_size=d.world_size, data_order=cfg.data_order(),
-                            cache_key=cache.attrs.cache_key, cache_sequences=cache.n) if ckpt else None
+                            cache_key=cache_key, cache_sequences=cache.n) if ckpt else None
     model, student_tok = load_student(cfg.student, cfg.student_config, cfg.seed, cfg.trust_remote_code)
     check_compatible(model, student_tok, cache.attrs)
     base = lora.base_fingerprint(model) if cfg.lora_rank else None  # the frozen base an adapter belongs to
@@ -191,7 +197,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     if adapter is not None and state:
         lora.load_adapter(adapter, ckpt, (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets), state.get("config"))
     distiller = Distiller(model, plan, weights=weights, loss_chunk=cfg.loss_chunk, divergence=cfg.divergence,
-                          pairs=pairs, targets=cache.attrs.targets, feature_loss=cfg.feature_loss).to(d.device)
+                          pairs=pairs, targets=cache.attrs.targets, feature_loss=cfg.feature_loss, others=others,
+                          teacher_weights=cfg.teacher_weights).to(d.device)
     if state:
         distiller.proj.load_state_dict(state["projections"])
     names = distiller.loss_names
@@ -218,19 +225,20 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                         f"now spans {total} steps, so the temperatures after step {at.step} differ from the earlier "
                         "plan")
     save = functools.partial(checkpoint.write, d=d, model=model, distiller=distiller, opt=opt, sched=sched,
-                             scaler=scaler, cache=cache, cfg=cfg, total=total, adapter=adapter, lora_base=base)
+                             scaler=scaler, cache=cache, cache_key=cache_key, cfg=cfg, total=total, adapter=adapter,
+                             lora_base=base)
 
     log = RunLog(cfg, d)
     if d.is_main:
         json.dump({**cfg.to_dict(), "world_size": d.world_size, "total_steps": total, "top_k": plan.top_k,
-                   "tail_mode": plan.tail, "cache_key": cache.attrs.cache_key},
+                   "tail_mode": plan.tail, "cache_key": cache_key},
                   open(os.path.join(cfg.out, "config.json"), "w"), indent=2)
-    source = source or D.train_batches(cfg.cache, index, plan, seed=cfg.seed, batch_size=cfg.batch_size,
+    source = source or D.train_batches(cfg.cache[0], index, plan, seed=cfg.seed, batch_size=cfg.batch_size,
                                        rank=d.rank, world_size=d.world_size, grad_accum=cfg.grad_accum,
                                        num_workers=cfg.num_workers, pin_memory=d.device.type == "cuda",
-                                       reader=cfg.reader)
+                                       reader=cfg.reader, extra=tuple((c.path, p) for c, p in extra))
     held_out = lambda: D.eval_batches(cache, index, plan, rank=d.rank, world_size=d.world_size,  # noqa: E731
-                                      batch_size=cfg.batch_size)
+                                      batch_size=cfg.batch_size, extra=extra)
 
     # ---- the loop ---------------------------------------------------------------------------------
     dist.print0(f"training {total} steps ({steps_per_epoch} per epoch) of {global_batch} sequences x "
@@ -238,6 +246,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                 + (f"{plan.temperature_at(0):g}->{plan.temperature:g} ({plan.schedule[2]})" if plan.schedule
                    else f"{plan.temperature}") + f", k={plan.top_k}"
                 + (f" + {plan.draws} sampled" if plan.tail == "sampled" else "")
+                + "".join(f"; teacher {j + 1} weight {w:g}: {c.path} ({p.tail}, k={p.top_k})" for j, (c, p, w) in
+                          enumerate(zip((cache, *more), (plan, *others), distiller.teacher_weights)) if more)
                 + "".join(f"; {p.kind} teacher layer {p.t} -> student layer {p.s}" for p in pairs)
                 + (f"; {frozen} parameters frozen" if frozen else "")
                 + ("; LoRA rank {}: {:,} of {:,} parameters train (adapters and projections)".format(

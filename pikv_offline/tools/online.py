@@ -19,6 +19,7 @@ import torch
 
 from ..cache.reader import open_cache
 from ..config import TrainConfig
+from ..errors import PikvError
 from ..modeling import lm_logits
 from ..student import data as D
 from ..student.train import run as train
@@ -30,7 +31,9 @@ def online_source(cfg: TrainConfig, teacher_dir: str):
     ``cfg.temperature`` (log p_T = lp / T - tnorm_T, as the cache stores it)."""
     from transformers import AutoModelForCausalLM
 
-    cache = open_cache(cfg.cache)
+    if len(cfg.cache) != 1:
+        raise PikvError("online KD runs one resident teacher: give one --cache")
+    cache = open_cache(cfg.cache[0])
     plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, "bucket", cfg.divergence)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, trust_remote_code=False).eval()
     ids = torch.arange(teacher.get_output_embeddings().weight.shape[0])
@@ -40,7 +43,7 @@ def online_source(cfg: TrainConfig, teacher_dir: str):
         # the rank is known once train() has set up the process group, when it first asks for batches
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
             if torch.distributed.is_initialized() else (0, 1)
-        cached = D.train_batches(cfg.cache, D.CacheIndex(cache, cfg.eval_fraction), plan, seed=cfg.seed,
+        cached = D.train_batches(cfg.cache[0], D.CacheIndex(cache, cfg.eval_fraction), plan, seed=cfg.seed,
                                  batch_size=cfg.batch_size, rank=rank, world_size=world, grad_accum=cfg.grad_accum,
                                  num_workers=0, pin_memory=False)
         for batch in cached(epoch, start):

@@ -29,11 +29,14 @@ def run(cfg: SweepConfig) -> list[dict]:
     # Build every run's config first: a bad grid value fails before any training starts.
     configs = [(cfg.run_name(p), p, TrainConfig(**{**cfg.base, **p, "out": os.path.join(cfg.out, cfg.run_name(p))}))
                for p in cfg.points()]
-    if configs and storage.exists(configs[0][2].cache):  # what the cache cannot serve, also before any run
-        cache = open_cache(configs[0][2].cache)
+    if configs and all(storage.exists(c) for c in configs[0][2].cache):  # what the caches cannot serve, before any run
+        cache, *more = [open_cache(c) for c in configs[0][2].cache]
         for name, _, t in configs:
             try:
-                D.plan_targets(cache, t.top_k, t.temperature, t.tail, t.divergence, schedule=t.temperature_schedule)
+                plan = D.plan_targets(cache, t.top_k, t.temperature, t.tail, t.divergence,
+                                      schedule=t.temperature_schedule)
+                D.plan_teachers(plan, cache, more, top_k=t.top_k, tail=t.tail, divergence=t.divergence,
+                                schedule=t.temperature_schedule, total_steps=1)
             except PikvError as e:
                 raise PikvError(f"sweep run {name}: {e}")
     d = dist.init(cfg.base.get("device", "auto"))
@@ -57,7 +60,7 @@ def run(cfg: SweepConfig) -> list[dict]:
                 w.writeheader()
                 w.writerows(rows)
             plot_runs({r["run"]: os.path.join(cfg.out, r["run"]) for r in rows},
-                      os.path.join(cfg.out, "results.png"), title=f"sweep over {cfg.base['cache']}")
+                      os.path.join(cfg.out, "results.png"), title="sweep over " + " + ".join(configs[0][2].cache))
             width = max(len(r["run"]) for r in rows)
             print(f"\n| {'run':<{width}} | held-out CE | perplexity | top-1 = teacher | tok/s |")
             for r in rows:
