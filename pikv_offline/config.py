@@ -288,6 +288,9 @@ class TrainConfig:
     student_config: str | None = opt(None, "Student: a config json (fresh init with AutoConfig.for_model).")
     trust_remote_code: bool = opt(False, "Run the code a --student folder or hub repo, or the cache's tokenizer, ships "
                                   "(an auto_map); off: such a model or tokenizer is refused.")
+    student_tokenizer: str | None = opt(None, "Cross-tokenizer KD: the student's own tokenizer (a folder), not the "
+                                        "teacher's. The student trains on its tokens of the cached text; KD is ULD "
+                                        "(sorted-probability L1) where both predict after the same text.")
     kd_weight: float = opt(1.0)
     ce_weight: float = opt(0.0)
     teacher_weights: tuple[float, ...] | None = opt(

@@ -132,6 +132,9 @@ def check_same_run(state: dict, ckpt: str, cfg, lora_base: str | None) -> None:
             cfg.temperature_schedule:
         raise PikvError(f"--resume: the checkpoint's run had --temperature-schedule {sched}, this one "
                         f"{cfg.temperature_schedule}; resume with the same schedule or use a new --out")
+    if "student_tokenizer" in saved and saved["student_tokenizer"] != cfg.student_tokenizer:
+        raise PikvError(f"--resume: the checkpoint's run had --student-tokenizer {saved['student_tokenizer']}, this one "
+                        f"{cfg.student_tokenizer}; resume with the same or use a new --out")
     was_w = saved.get("teacher_weights")
     if "teacher_weights" in saved and (tuple(was_w) if isinstance(was_w, list) else was_w) != cfg.teacher_weights:
         raise PikvError(f"--resume: the checkpoint's run had --teacher-weights {was_w}, this one {cfg.teacher_weights}; "
@@ -139,7 +142,7 @@ def check_same_run(state: dict, ckpt: str, cfg, lora_base: str | None) -> None:
 
 
 def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distiller, opt, sched, scaler, cache_key: str,
-          cache, cfg, total: int, adapter=None, lora_base: str | None = None) -> None:
+          cache, cfg, total: int, tokenizer_dir: str, adapter=None, lora_base: str | None = None) -> None:
     """Every rank: a checkpoint of the run at ``path`` (rank 0 writes it); ``progress`` None writes the
     student alone (final/). Gathers every rank's RNG states, and the ZeRO shards of the optimizer."""
     if progress is not None and cfg.zero and d.world_size > 1:
@@ -151,7 +154,7 @@ def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distille
             "scaler": scaler.state_dict(), "rng": rngs, "world_size": d.world_size, "data_order": cfg.data_order(),
             "cache_key": cache_key, "config": cfg.to_dict(), "projections": distiller.proj.state_dict(),
             "total_steps": total, "cache_sequences": cache.n, "lora_base": lora_base}
-        save(path, model, cache.tokenizer_path, state, adapter)
+        save(path, model, tokenizer_dir, state, adapter)
     dist.barrier()
 
 

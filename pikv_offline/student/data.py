@@ -29,6 +29,7 @@ from ..cache import format as F
 from ..cache.reader import Cache, decode, open_cache
 from ..errors import PikvError, brief
 from .losses import tail_log_proposal
+from .xtok import Retokenizer
 
 
 @dataclass(frozen=True)
@@ -162,12 +163,14 @@ class Batch:
     rich: dict = dataclasses.field(default_factory=dict)  # array name -> [B, L, ...] float32
     temperature: float | None = None  # the KD temperature of this micro-batch's step (None: the plan's)
     teachers: tuple = ()  # several --cache: the same rows' Batch of each further teacher (their logit targets)
+    aligned: torch.Tensor | None = None  # cross-tokenizer: [B, L] bool, the teacher's targets hold at t (xtok.py)
 
     def _map(self, fn) -> "Batch":
         return Batch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
-                        if f.name not in ("rich", "temperature", "teachers")},
+                        if f.name not in ("rich", "temperature", "teachers", "aligned")},
                      rich={k: fn(v) for k, v in self.rich.items()}, temperature=self.temperature,
-                     teachers=tuple(b._map(fn) for b in self.teachers))
+                     teachers=tuple(b._map(fn) for b in self.teachers),
+                     aligned=None if self.aligned is None else fn(self.aligned))
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -312,6 +315,21 @@ def with_teachers(batch: Batch, raws: list, extra: tuple, step: int | None = Non
     return dataclasses.replace(batch, teachers=others)
 
 
+def cross_batch(batch: Batch, retokenizer) -> Batch:
+    """A Batch of the teacher's tokens -> the student's tokens of the same text (xtok.Retokenizer), with the
+    teacher's head and normalizer moved to the student positions aligned with a teacher position."""
+    rows = [retokenizer(batch.input_ids[i].numpy(), batch.loss_mask[i].numpy()) for i in range(len(batch.input_ids))]
+    ids, mask, pos = (torch.from_numpy(np.stack(x)) for x in zip(*rows))
+    at = pos.clamp_min(0)
+    k = batch.head_ids.shape[-1]
+    take = lambda t: torch.gather(t, 1, at[..., None].expand(-1, -1, k))  # noqa: E731
+    empty = torch.zeros(*ids.shape, 0)
+    return Batch(input_ids=ids, loss_mask=mask, sample_id=batch.sample_id, head_ids=take(batch.head_ids),
+                 head_logprobs=take(batch.head_logprobs), tnorm=torch.gather(batch.tnorm, 1, at),
+                 tail_ids=empty.long(), tail_logprobs=empty, tail_counts=empty, tail_logq=empty,
+                 temperature=batch.temperature, aligned=pos >= 0)
+
+
 @dataclass(frozen=True)
 class StreamError:
     """What a stream yields instead of a Batch when reading fails (a worker's exception would arrive wrapped
@@ -328,9 +346,10 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, path: str, index: CacheIndex, plan: TargetPlan, *, seed: int, epoch: int, start: int,
                  batch_size: int, rank: int, world_size: int, grad_accum: int = 1, window_blocks: int = 4,
-                 reader: str = "zarr", extra: tuple = ()):
+                 reader: str = "zarr", extra: tuple = (), student_tokenizer: str | None = None):
         self.path, self.index, self.plan, self.seed, self.epoch, self.start = path, index, plan, seed, epoch, start
         self.extra = extra  # several teachers: (path, TargetPlan) of each further cache, read at the same rows
+        self.student_tokenizer = student_tokenizer  # cross-tokenizer KD: the student's tokenizer folder
         self.reader = reader
         self.batch_size, self.rank, self.world, self.window_blocks = batch_size, rank, world_size, window_blocks
         self.grad_accum = grad_accum
@@ -347,6 +366,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         in_worker = torch.utils.data.get_worker_info() is not None
         cache = open_cache(self.path, reader=self.reader if in_worker else "zarr")
         extra = tuple((open_cache(p, reader=self.reader if in_worker else "zarr"), plan) for p, plan in self.extra)
+        cross = Retokenizer(cache.tokenizer_path, self.student_tokenizer, cache.seq_len) \
+            if self.student_tokenizer else None
         order = self.index.epoch_order(self.seed, self.epoch, self.window_blocks)
         b, w, a = self.batch_size, self.world, self.grad_accum
         n_micro = len(order) // (b * w * a) * a
@@ -366,30 +387,34 @@ class TrainStream(torch.utils.data.IterableDataset):
             for j, micro in enumerate(group):  # the optimizer step, counted over epochs, fixes a schedule's T
                 rows = lambda d: {k: v[j * b:(j + 1) * b] for k, v in d.items()}  # noqa: E731
                 step = self.epoch * (n_micro // a) + micro // a
-                yield with_teachers(to_batch(rows(data), cache.encoding, self.plan, step=step),
-                                    [rows(m) for m in more], extra, step)
+                batch = with_teachers(to_batch(rows(data), cache.encoding, self.plan, step=step),
+                                      [rows(m) for m in more], extra, step)
+                yield cross_batch(batch, cross) if cross else batch
             m = group[-1] + 1
 
 
 def train_batches(path: str, index: CacheIndex, plan: TargetPlan, *, seed: int, batch_size: int, rank: int,
                   world_size: int, num_workers: int, pin_memory: bool, grad_accum: int = 1, reader: str = "zarr",
-                  extra: tuple = ()):
+                  extra: tuple = (), student_tokenizer: str | None = None):
     """The default data source of train(): ``source(epoch, start)`` -> this rank's Batches of that epoch from
     global micro-step ``start``, read by ``num_workers`` (0 or 1) background DataLoader workers."""
     def source(epoch: int, start: int):
         stream = TrainStream(path, index, plan, seed=seed, epoch=epoch, start=start, batch_size=batch_size,
-                             rank=rank, world_size=world_size, grad_accum=grad_accum, reader=reader, extra=extra)
+                             rank=rank, world_size=world_size, grad_accum=grad_accum, reader=reader, extra=extra,
+                             student_tokenizer=student_tokenizer)
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                                 pin_memory=pin_memory, prefetch_factor=4 if num_workers else None))
     return source
 
 
 def eval_batches(cache: Cache, index: CacheIndex, plan: TargetPlan, *, rank: int, world_size: int, batch_size: int,
-                 extra: tuple = ()):
+                 extra: tuple = (), student_tokenizer: str | None = None):
     """This rank's share of the held-out sequences (a contiguous part: whole chunks), in micro-batches;
-    ``extra``: (Cache, TargetPlan) of each further teacher."""
+    ``extra``: (Cache, TargetPlan) of each further teacher; ``student_tokenizer``: cross-tokenizer KD."""
     rows = np.array_split(index.eval, world_size)[rank]
+    cross = Retokenizer(cache.tokenizer_path, student_tokenizer, cache.seq_len) if student_tokenizer else None
     for s in range(0, len(rows), batch_size):
         ids = rows[s:s + batch_size]
-        yield with_teachers(to_batch(read_rows(cache, ids, cache.logit_names + rich_names(plan.rich)), cache.encoding,
+        batch = with_teachers(to_batch(read_rows(cache, ids, cache.logit_names + rich_names(plan.rich)), cache.encoding,
                                      plan), [read_rows(c, ids) for c, _ in extra], extra)
+        yield cross_batch(batch, cross) if cross else batch

@@ -22,6 +22,7 @@ from ..modeling import (Capture, hidden_width, kv_shape, layer_count, lm_logits,
                         text_config)
 from .data import Batch, TargetPlan
 from .fused import fused_kd_ce
+from .xtok import uld_loss
 from .losses import (ce_loss, feature_loss, kd_loss, kd_rows_at, mixture_gap, rounding_floor, router_loss,
                      teacher_log_probs)
 
@@ -61,8 +62,9 @@ class Distiller(torch.nn.Module):
     def __init__(self, student, plan: TargetPlan, *, weights: dict[str, float], loss_chunk: int = 0,
                  divergence: str = "forward_kl", pairs: tuple[Pair, ...] = (), targets: dict | None = None,
                  feature_loss: str = "mse", fused: bool = True, others: tuple = (),
-                 teacher_weights: tuple[float, ...] | None = None):
+                 teacher_weights: tuple[float, ...] | None = None, cross: bool = False):
         super().__init__()
+        self.cross = cross  # cross-tokenizer KD: ULD at the aligned positions (xtok.py), on the plain path
         self.student, self.plan, self.divergence, self.loss_chunk = student, plan, divergence, loss_chunk
         self.plans = (plan, *others)
         self.teacher_weights = tuple(teacher_weights or [1.0 / len(self.plans)] * len(self.plans))
@@ -149,6 +151,15 @@ class Distiller(torch.nn.Module):
             top1 = (logits.argmax(-1) == t_top1).sum()
         return kd, ce, top1
 
+    def _cross_losses(self, T, h, labels, aligned, head_logprobs, tnorm):
+        """(ULD sum over the aligned positions, CE sum): the student's own tokens, the teacher's sorted head."""
+        logits = lm_logits(self.student, h).float()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight > 0):
+            ce, _ = ce_loss(torch.log_softmax(logits, dim=-1), labels)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_weight > 0):
+            kd, _ = uld_loss(logits[aligned], head_logprobs[aligned], tnorm[aligned], T)
+        return kd, ce
+
     def _gap(self, T: float, teachers: tuple) -> torch.Tensor:
         """Sum over the positions of losses.mixture_gap at T: a constant of the cache (no gradient)."""
         with torch.no_grad():
@@ -192,8 +203,11 @@ class Distiller(torch.nn.Module):
                   for a in (b.head_ids, b.head_logprobs, b.tnorm, b.tail_ids, b.tail_logprobs, b.tail_counts,
                             b.tail_logq)))
         n = args[0].shape[0]
-        chunk = self.loss_chunk or n
         T = self.plan.temperature if batch.temperature is None else batch.temperature  # a schedule's, per step
+        if self.cross:
+            kd, ce = self._cross_losses(T, *args[:2], batch.aligned[:, :-1][valid], *args[3:5])
+            return {"kd": kd, "ce": ce}, torch.zeros((), dtype=torch.long), n  # no top-1: other vocabularies
+        chunk = self.loss_chunk or n
         if self.fused:
             kd, ce, top1 = self._fused_losses(T, *args)
         elif chunk >= n:

@@ -124,6 +124,32 @@ def forward_backward(net, ddp, batches: list, weights: dict, names: list[str], s
     return sums.tolist()
 
 
+def check_cross(cfg: TrainConfig, model, more: list) -> None:
+    """Refuses what cross-tokenizer KD cannot do: several teachers, a student head smaller than its tokenizer,
+    a tokenizer whose token bytes cannot be read exactly (xtok.token_bytes)."""
+    from transformers import AutoTokenizer
+
+    from .xtok import token_bytes
+
+    if more:
+        raise PikvError("--student-tokenizer with several --cache: cross-tokenizer KD takes one teacher")
+    if cfg.tail == "sampled":
+        raise PikvError("--student-tokenizer: ULD compares the sorted head and the tail mass; the sampled tail's ids "
+                        "are the teacher's; use --tail auto or bucket")
+    if not os.path.isdir(cfg.student_tokenizer):
+        raise PikvError(f"--student-tokenizer {cfg.student_tokenizer}: not a folder; give the folder holding the "
+                        "student's tokenizer (tokenizer.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.student_tokenizer, trust_remote_code=False)
+    except Exception as e:
+        raise PikvError(f"--student-tokenizer {cfg.student_tokenizer}: no tokenizer loads from it ({brief(e)})")
+    token_bytes(tok)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    if vocab < len(tok):
+        raise PikvError(f"--student-tokenizer has {len(tok)} tokens but the student's head only {vocab}; give the "
+                        f"student a vocab_size of at least {len(tok)}")
+
+
 def run(cfg: TrainConfig, source=None) -> dict:
     d = dist.init(cfg.device)
     try:
@@ -177,7 +203,10 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     state = checkpoint.load(ckpt, world_size=d.world_size, data_order=cfg.data_order(),
                             cache_key=cache_key, cache_sequences=cache.n) if ckpt else None
     model, student_tok = load_student(cfg.student, cfg.student_config, cfg.seed, cfg.trust_remote_code)
-    check_compatible(model, student_tok, cache.attrs)
+    if cfg.student_tokenizer:  # cross-tokenizer KD: the student keeps its own vocabulary
+        check_cross(cfg, model, more)
+    else:
+        check_compatible(model, student_tok, cache.attrs)
     base = lora.base_fingerprint(model) if cfg.lora_rank else None  # the frozen base an adapter belongs to
     if state:
         checkpoint.check_same_run(state, ckpt, cfg, base)
@@ -187,6 +216,9 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     model.to(d.device).train()
     weights = cfg.loss_weights()
     pairs = resolve_pairs(cache, model, weights, cfg.layer_map)
+    if pairs and cfg.student_tokenizer:
+        raise PikvError("--student-tokenizer with rich losses (--hidden-weight etc.): the teacher's per-token targets "
+                        "do not line up with the student's tokens; drop the rich weights")
     plan = dataclasses.replace(plan, rich=tuple(  # the rich arrays the losses use
         a for a in cache.rich if any(a.kind == p.kind and a.layer == p.t for p in pairs)))
     frozen = freeze(model, cfg.freeze)
@@ -198,7 +230,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
         lora.load_adapter(adapter, ckpt, (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets), state.get("config"))
     distiller = Distiller(model, plan, weights=weights, loss_chunk=cfg.loss_chunk, divergence=cfg.divergence,
                           pairs=pairs, targets=cache.attrs.targets, feature_loss=cfg.feature_loss, others=others,
-                          teacher_weights=cfg.teacher_weights).to(d.device)
+                          teacher_weights=cfg.teacher_weights, cross=bool(cfg.student_tokenizer)).to(d.device)
     if state:
         distiller.proj.load_state_dict(state["projections"])
     names = distiller.loss_names
@@ -225,7 +257,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                         f"now spans {total} steps, so the temperatures after step {at.step} differ from the earlier "
                         "plan")
     save = functools.partial(checkpoint.write, d=d, model=model, distiller=distiller, opt=opt, sched=sched,
-                             scaler=scaler, cache=cache, cache_key=cache_key, cfg=cfg, total=total, adapter=adapter,
+                             scaler=scaler, cache=cache, cache_key=cache_key, cfg=cfg,
+                             tokenizer_dir=cfg.student_tokenizer or cache.tokenizer_path, total=total, adapter=adapter,
                              lora_base=base)
 
     log = RunLog(cfg, d)
@@ -236,13 +269,17 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     source = source or D.train_batches(cfg.cache[0], index, plan, seed=cfg.seed, batch_size=cfg.batch_size,
                                        rank=d.rank, world_size=d.world_size, grad_accum=cfg.grad_accum,
                                        num_workers=cfg.num_workers, pin_memory=d.device.type == "cuda",
-                                       reader=cfg.reader, extra=tuple((c.path, p) for c, p in extra))
+                                       reader=cfg.reader, extra=tuple((c.path, p) for c, p in extra),
+                                       student_tokenizer=cfg.student_tokenizer)
     held_out = lambda: D.eval_batches(cache, index, plan, rank=d.rank, world_size=d.world_size,  # noqa: E731
-                                      batch_size=cfg.batch_size, extra=extra)
+                                      batch_size=cfg.batch_size, extra=extra,
+                                      student_tokenizer=cfg.student_tokenizer)
 
     # ---- the loop ---------------------------------------------------------------------------------
     dist.print0(f"training {total} steps ({steps_per_epoch} per epoch) of {global_batch} sequences x "
-                f"{cache.seq_len} tokens; KD {cfg.divergence}/{plan.tail} at T="
+                f"{cache.seq_len} tokens; KD "
+                + ("ULD across tokenizers (the student's own tokens)" if cfg.student_tokenizer else
+                   f"{cfg.divergence}/{plan.tail}") + " at T="
                 + (f"{plan.temperature_at(0):g}->{plan.temperature:g} ({plan.schedule[2]})" if plan.schedule
                    else f"{plan.temperature}") + f", k={plan.top_k}"
                 + (f" + {plan.draws} sampled" if plan.tail == "sampled" else "")
