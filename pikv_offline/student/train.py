@@ -124,13 +124,18 @@ def forward_backward(net, ddp, batches: list, weights: dict, names: list[str], s
     return sums.tolist()
 
 
-def check_cross(cfg: TrainConfig, model, more: list) -> None:
-    """Refuses what cross-tokenizer KD cannot do: several teachers, a student head smaller than its tokenizer,
-    a tokenizer whose token bytes cannot be read exactly (xtok.token_bytes)."""
+def check_cross(cfg: TrainConfig, model, student_tok, cache, more: list) -> None:
+    """Refuses what cross-tokenizer KD cannot do: several teachers, a cache without a head, a student head
+    smaller than its tokenizer, a --student folder of another tokenizer, a tokenizer whose token bytes cannot
+    be read exactly (xtok.token_bytes)."""
     from transformers import AutoTokenizer
 
+    from ..modeling import tokenizer_hash
     from .xtok import token_bytes
 
+    if cache.top_k == 0:
+        raise PikvError("--student-tokenizer: ULD compares the teacher's sorted top-k with the student's, and this "
+                        "cache has none (dumped with --top-k 0); re-dump with --top-k 8 or more")
     if more:
         raise PikvError("--student-tokenizer with several --cache: cross-tokenizer KD takes one teacher")
     if cfg.tail == "sampled":
@@ -144,6 +149,9 @@ def check_cross(cfg: TrainConfig, model, more: list) -> None:
     except Exception as e:
         raise PikvError(f"--student-tokenizer {cfg.student_tokenizer}: no tokenizer loads from it ({brief(e)})")
     token_bytes(tok)
+    if student_tok is not None and tokenizer_hash(student_tok) != tokenizer_hash(tok):
+        raise PikvError(f"--student {cfg.student} holds another tokenizer than --student-tokenizer "
+                        f"{cfg.student_tokenizer}; give the student's own tokenizer folder (or the --student folder)")
     vocab = int(model.get_output_embeddings().weight.shape[0])
     if vocab < len(tok):
         raise PikvError(f"--student-tokenizer has {len(tok)} tokens but the student's head only {vocab}; give the "
@@ -204,7 +212,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                             cache_key=cache_key, cache_sequences=cache.n) if ckpt else None
     model, student_tok = load_student(cfg.student, cfg.student_config, cfg.seed, cfg.trust_remote_code)
     if cfg.student_tokenizer:  # cross-tokenizer KD: the student keeps its own vocabulary
-        check_cross(cfg, model, more)
+        check_cross(cfg, model, student_tok, cache, more)
     else:
         check_compatible(model, student_tok, cache.attrs)
     base = lora.base_fingerprint(model) if cfg.lora_rank else None  # the frozen base an adapter belongs to
