@@ -476,6 +476,8 @@ class EvalConfig:
                                "held-out cache).")
     batch_size: int = opt(8)
     device: str = opt("auto", choices=DEVICES)
+    cross_tokenizer: bool = opt(False, "The student has its own tokenizer (trained with --student-tokenizer): "
+                                "evaluate it on its tokens of the cached text, KD as ULD.")
     as_json: bool = opt(False, "Print one JSON object.", flag="--json")
 
     def __post_init__(self):

@@ -145,6 +145,13 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_cache_and_saves_its_to
     assert len(tok) == n_tok and tok("a b")["input_ids"] == tokenizers["spiece"]("a b")["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.get_output_embeddings().weight.shape[0] == n_tok
+    # pikv eval --cross-tokenizer gives the training's own final eval
+    p = pikv_subprocess(["eval", "--cache", trained_cache, "--student", str(final), "--cross-tokenizer",
+                         "--eval-fraction", "0.1", "--temperature", "2", "--json"], timeout=120)
+    assert p.returncode == 0, p.stderr[-1500:]
+    ev = json.loads(p.stdout.strip().splitlines()[-1])
+    assert ev["eval_ce"] == pytest.approx(r["eval"]["eval_ce"], rel=1e-4)
+    assert ev["eval_kd"] == pytest.approx(r["eval"]["eval_kd"], rel=1e-4)
     # the same run in the worker process reads the same batches (the tokenizers load there)
     r2 = run(TrainConfig(out=str(tmp_path / "run-worker"), **{**kw, "num_workers": 1, "max_steps": 2}))
     first = [json.loads(x) for x in open(tmp_path / "run-worker" / "metrics.jsonl")][0]

@@ -54,12 +54,23 @@ def run(cfg: EvalConfig) -> dict:
         cache = open_cache(cfg.cache)
         plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence)
         model, tok = load_student(cfg.student, None, 0)
-        check_compatible(model, tok, cache.attrs)
+        if cfg.cross_tokenizer:  # the student's own tokenizer, saved in its folder by a cross-tokenizer run
+            from .xtok import token_bytes
+
+            if tok is None:
+                raise PikvError(f"--cross-tokenizer: {cfg.student} holds no tokenizer; give RUN/final of a run with "
+                                "--student-tokenizer")
+            if cache.top_k == 0:
+                raise PikvError("--cross-tokenizer: ULD needs the teacher's top-k and this cache has none")
+            token_bytes(tok)
+        else:
+            check_compatible(model, tok, cache.attrs)
         index = D.CacheIndex(cache, cfg.eval_fraction)
         if len(index.eval) == 0:
             raise PikvError(f"--eval-fraction {cfg.eval_fraction} selects no held-out sequence of this cache")
-        net = Distiller(model.to(d.device), plan, weights={}, divergence=cfg.divergence)
+        net = Distiller(model.to(d.device), plan, weights={}, divergence=cfg.divergence, cross=cfg.cross_tokenizer)
         return evaluate(net, D.eval_batches(cache, index, plan, rank=d.rank, world_size=d.world_size,
-                                            batch_size=cfg.batch_size), d)
+                                            batch_size=cfg.batch_size,
+                                            student_tokenizer=cfg.student if cfg.cross_tokenizer else None), d)
     finally:
         dist.teardown()

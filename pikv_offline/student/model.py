@@ -51,8 +51,9 @@ def check_compatible(model, student_tok, cache_attrs) -> None:
         raise PikvError(f"the student's vocabulary ({s_vocab}) does not cover the teacher's ({t_vocab}); "
                         "the student must use the teacher's tokenizer (a larger, padded vocabulary is fine)")
     if student_tok is not None and tokenizer_hash(student_tok) != cache_attrs.tokenizer_sha256:
-        raise PikvError("the student's tokenizer differs from the teacher's (tokenizer hash mismatch); "
-                        "distillation needs the teacher's tokenizer, which the cache holds in its tokenizer/ folder")
+        raise PikvError("the student's tokenizer differs from the teacher's (tokenizer hash mismatch); same-tokenizer "
+                        "KD needs the teacher's, which the cache holds in its tokenizer/ folder (a student with its own "
+                        "tokenizer: train-student --student-tokenizer DIR, eval --cross-tokenizer)")
 
 
 def freeze(model, specs: tuple[str, ...]) -> int:
