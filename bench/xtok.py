@@ -1,12 +1,15 @@
-"""Quality of cross-tokenizer KD on the demo: a student with its own tokenizer, ULD + CE against CE only.
+"""Quality of cross-tokenizer KD on the demo: a student with its own tokenizer, exact-match KD + CE and ULD + CE
+against CE only.
 
     make demo && .venv/bin/python bench/xtok.py --workdir runs/demo        (~10 min on 2 cores)
 
 The teacher is the demo's (its 4,096-token byte-level BPE; the demo cache). The student gets its own
 tokenizer, a 2,048-token byte-level BPE trained here on the same corpus (runs/demo/xtok/tokenizer), and the
 demo's student.json with that vocabulary. Both runs: one process, 240 steps of 16 sequences (the cache's
-128 teacher tokens each, retokenized), lr 3e-3, the same seed and data order, ce-weight 1; one adds ULD at
-T=1 (kd-weight 1, and 0.1). Held-out figures on the demo's held-out documents in the student's own tokens: CE per
+128 teacher tokens each, retokenized), lr 3e-3, the same seed and data order, ce-weight 1; the others add
+exact-match KD (--cross-loss match) or ULD (--cross-loss uld, kd-weight 1 and 0.1) at T=1. Also printed: the
+share of student positions aligned with a teacher position, and the share of the teacher's T=1 probability
+there that falls on head ids the student's vocabulary spells the same. Held-out figures on the demo's held-out documents in the student's own tokens: CE per
 student token and bits per byte (comparable with the teacher's). One seed. Prints JSON lines, then a table.
 Not a test.
 """
@@ -77,9 +80,16 @@ def main() -> None:
         s_ids, s_mask, pos = rt(ids.astype("int64"), mask)
         aligned += int((pos[:-1] >= 0).sum())
         positions += int((s_ids != (s_tok.pad_token_id if s_tok.pad_token_id is not None else -1)).sum()) - 1
+    # the teacher's head mass at the aligned positions, and the part of it on ids the student spells the same
+    plan = D.plan_targets(cache, None, 1.0, "bucket", "forward_kl")
+    batch = D.cross_batch(D.to_batch(D.read_rows(cache, list(range(64))), cache.encoding, plan), rt)
+    p = batch.head_logprobs[batch.aligned].exp()
+    head_mass, matched_mass = float(p.sum()), float((p * (batch.head_ids[batch.aligned] >= 0)).sum())
     print(json.dumps({"bench": "xtok", "aligned_fraction": round(aligned / positions, 4),
-                      "student_tokens_per_teacher_token": round(positions / (64 * (cache.seq_len - 1)), 4)}), flush=True)
-    runs = {"ULD + CE": [], "ULD x 0.1 + CE": ["--kd-weight", "0.1"], "CE only": ["--kd-weight", "0"]}
+                      "student_tokens_per_teacher_token": round(positions / (64 * (cache.seq_len - 1)), 4),
+                      "head_mass_matched": round(matched_mass / head_mass, 4)}), flush=True)
+    runs = {"match + CE": [], "ULD + CE": ["--cross-loss", "uld"],
+            "ULD x 0.1 + CE": ["--cross-loss", "uld", "--kd-weight", "0.1"], "CE only": ["--kd-weight", "0"]}
     for name, flags in runs.items():
         run = os.path.join(out, name.replace(" ", "").replace("+", "_").replace(".", ""))
         if not os.path.isdir(os.path.join(run, "final")):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import typing
 from dataclasses import dataclass
 
@@ -51,6 +52,14 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
     return (1.0, *rest)
 
 
+def check_cross_loss(cross_loss: str | None, cross: bool, needs: str) -> None:
+    """--cross-loss takes effect only with cross-tokenizer KD; a value of another kind (a config file's) is refused."""
+    if cross_loss is not None and cross_loss not in CROSS_LOSSES:
+        raise PikvError(f"--cross-loss must be one of {', '.join(CROSS_LOSSES)}; got {cross_loss!r}")
+    if cross_loss is not None and not cross:
+        raise PikvError(f"--cross-loss {cross_loss} needs {needs} (cross-tokenizer KD); drop it otherwise")
+
+
 def parse_teacher_weights(text: str) -> tuple[float, ...]:
     """'0.7,0.3' -> (0.7, 0.3), normalized to sum 1: the mixture weights of several teachers."""
     try:
@@ -59,6 +68,7 @@ def parse_teacher_weights(text: str) -> tuple[float, ...]:
         raise PikvError(f"--teacher-weights {text!r} is not a comma-separated list of numbers, e.g. 0.7,0.3")
     if not w or not all(math.isfinite(x) and x > 0 for x in w):
         raise PikvError(f"--teacher-weights {text!r}: give one positive number per --cache, e.g. 0.7,0.3")
+    w = [x / max(w) for x in w]  # first to at most 1: a sum of huge weights would overflow to inf
     return tuple(x / sum(w) for x in w)
 
 
@@ -272,6 +282,7 @@ FEATURE_LOSSES = ("mse", "cosine")
 TAILS = ("auto", "bucket", "renorm", "sampled")
 RESUMES = ("no", "strict", "auto")  # --resume alone is strict
 SCHEDULES = ("cosine", "wsd", "constant")
+CROSS_LOSSES = ("match", "uld")  # cross-tokenizer KD (student/xtok.py)
 
 
 def weight_field(kind: str) -> str:
@@ -289,8 +300,11 @@ class TrainConfig:
     trust_remote_code: bool = opt(False, "Run the code a --student folder or hub repo, or the cache's tokenizer, ships "
                                   "(an auto_map); off: such a model or tokenizer is refused.")
     student_tokenizer: str | None = opt(None, "Cross-tokenizer KD: the student's own tokenizer (a folder), not the "
-                                        "teacher's. The student trains on its tokens of the cached text; KD is ULD "
-                                        "(sorted-probability L1) where both predict after the same text.")
+                                        "teacher's. The student trains on its tokens of the cached text; KD (see "
+                                        "--cross-loss) where both predict after the same text.")
+    cross_loss: str | None = opt(None, "With --student-tokenizer: match (forward KL on the tokens both vocabularies "
+                                 "spell the same, the rest in one bucket) or uld (sorted-probability L1, no token "
+                                 "identities).", choices=CROSS_LOSSES, show="match")
     kd_weight: float = opt(1.0)
     ce_weight: float = opt(0.0)
     teacher_weights: tuple[float, ...] | None = opt(
@@ -361,9 +375,13 @@ class TrainConfig:
         if not caches or not all(isinstance(c, str) and c for c in caches):
             raise PikvError("--cache: give the cache folder (repeat --cache for several teachers)")
         object.__setattr__(self, "cache", tuple(storage.normalize(c) for c in caches))
-        if len(set(self.cache)) != len(self.cache):
-            raise PikvError(f"--cache names {next(c for c in self.cache if self.cache.count(c) > 1)} twice; to weigh a "
-                            "teacher more, use --teacher-weights")
+        # one folder spelled two ways (a trailing slash, a link) is still one cache
+        where = [c if "://" in c else os.path.realpath(c) for c in self.cache]
+        if len(set(where)) != len(where):
+            raise PikvError(f"--cache names {next(c for c, r in zip(self.cache, where) if where.count(r) > 1)} twice; "
+                            "to weigh a teacher more, use --teacher-weights")
+        if self.teacher_weights is not None and len(self.cache) == 1:
+            raise PikvError("--teacher-weights weighs several teachers: give one --cache per teacher, or drop it")
         if self.teacher_weights is not None:
             w = self.teacher_weights  # the flag's text, or a list from a config file or config.json
             w = parse_teacher_weights(w if isinstance(w, str) else ",".join(str(x) for x in w)) \
@@ -410,6 +428,14 @@ class TrainConfig:
         parse_freeze(self.freeze)
         if self.lora_rank < 0:
             raise PikvError(f"--lora-rank must be >= 0 (0: no adapter); got {self.lora_rank}")
+        if self.student_tokenizer is not None and not str(self.student_tokenizer).strip():
+            raise PikvError("--student-tokenizer is empty; give the student's tokenizer folder, or drop the flag for "
+                            "KD with the teacher's tokenizer")
+        check_cross_loss(self.cross_loss, bool(self.student_tokenizer), "--student-tokenizer DIR")
+        if self.student_tokenizer and (self.divergence != "forward_kl" or self.tail not in ("auto", "bucket")):
+            raise PikvError("--student-tokenizer: cross-tokenizer KD compares the head and one bucket of the rest, as "
+                            "forward KL (match) or sorted L1 (uld); drop --divergence "
+                            f"{self.divergence} / --tail {self.tail} (forward_kl and auto or bucket)")
         if self.lora_rank and self.freeze:
             raise PikvError("--freeze with --lora-rank: LoRA already freezes the whole student and trains only its "
                             "adapters; drop --freeze (or --lora-targets to choose where adapters go)")
@@ -477,7 +503,9 @@ class EvalConfig:
     batch_size: int = opt(8)
     device: str = opt("auto", choices=DEVICES)
     cross_tokenizer: bool = opt(False, "The student has its own tokenizer (trained with --student-tokenizer): "
-                                "evaluate it on its tokens of the cached text, KD as ULD.")
+                                "evaluate it on its tokens of the cached text, KD by --cross-loss.")
+    cross_loss: str | None = opt(None, "With --cross-tokenizer: the KD figure's loss, match or uld (as train-student).",
+                                 choices=CROSS_LOSSES, show="match")
     as_json: bool = opt(False, "Print one JSON object.", flag="--json")
 
     def __post_init__(self):
@@ -489,6 +517,10 @@ class EvalConfig:
             raise PikvError(f"--temperature must be a positive number; got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise PikvError(f"--top-k must be at least 1; got {self.top_k}")
+        check_cross_loss(self.cross_loss, self.cross_tokenizer, "--cross-tokenizer")
+        if self.cross_tokenizer and (self.divergence != "forward_kl" or self.tail not in ("auto", "bucket")):
+            raise PikvError("--cross-tokenizer: cross-tokenizer KD compares the head and one bucket of the rest; drop "
+                            f"--divergence {self.divergence} / --tail {self.tail}")
 
 
 @dataclass(frozen=True)

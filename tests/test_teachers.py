@@ -180,3 +180,21 @@ def test_two_teachers_train_resume_and_refuse_what_does_not_mix(full_caches, tra
         assert p.returncode == 2, (args, p.stderr[-2000:])
         err = p.stderr.strip().splitlines()
         assert msg in err[-1] and "Traceback" not in p.stderr, (args, p.stderr[-2000:])
+
+
+def test_one_cache_trains_with_every_divergence_and_mixture_flags_need_several(train_cache, student_config,
+                                                                              tmp_path):
+    """The several-teachers refusal of reverse KL and JSD is for several caches only; flags of a mixture
+    with one cache, and one cache named twice in another spelling, are refused."""
+    for div in ("reverse_kl", "jsd"):
+        r = _train([train_cache], student_config, tmp_path / div, divergence=div, tail="bucket", max_steps=1)
+        assert r["steps"] == 1 and r["last"]["kd"] > 0
+    for kw, msg in (({"cache": [train_cache], "teacher_weights": "5"}, "several teachers"),
+                    ({"cache": [train_cache, train_cache + "/"]}, "twice"),
+                    ({"cache": [train_cache, train_cache + "/../" + os.path.basename(train_cache)]}, "twice")):
+        with pytest.raises(PikvError, match=msg):
+            TrainConfig(student_config=student_config, out=str(tmp_path / "x"), max_steps=1, **kw)
+    # huge weights are normalized without overflowing
+    cfg = TrainConfig(cache=[train_cache, train_cache + "-b"], teacher_weights="1e308,1e308",
+                      student_config=student_config, out=str(tmp_path / "x"), max_steps=1)
+    assert cfg.teacher_weights == (0.5, 0.5)

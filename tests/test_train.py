@@ -482,9 +482,14 @@ def test_temperature_schedule_steps_through_the_grid_and_equals_fixed_T_runs(tra
                          "--num-workers", "0", "--eval-fraction", "0.1", "--log-every", "1"])
     assert p.returncode == 0, p.stderr[-2000:]
     assert [r["temperature"] for r in metrics(tmp_path / "yaml") if "kd" in r] == [2.0, 1.0]
-    with pytest.raises(PikvError, match="had --temperature-schedule"):  # resume with another schedule
+    with pytest.raises(PikvError, match="had --temperature-schedule 2:1:linear, this one 2:1:cosine"):
         train(train_cache, student_config, tmp_path / "s", temperature_schedule="2:1:cosine", max_steps=6,
               resume=True)
+    # any other setting of the KD target too: the rest of the run would chase another objective
+    for kw, words in ((dict(temperature=1.0), "had --temperature 2, this one 1"), (dict(tail="renorm"), "--tail"),
+                      (dict(top_k=4), "--top-k"), (dict(divergence="jsd", tail="bucket"), "--divergence")):
+        with pytest.raises(PikvError, match=words):
+            train(train_cache, student_config, tmp_path / "f", max_steps=6, resume=True, **{"temperature": 2.0, **kw})
     p = pikv_subprocess(["train-student", "--cache", train_cache, "--student-config", student_config, "--out",
                          str(tmp_path / "cli"), "--max-steps", "2", "--temperature-schedule", "1:4:cosine"])
     assert p.returncode == 2 and "4 is not in the cache's grid" in p.stderr, p.stderr[-2000:]

@@ -68,9 +68,11 @@ def latest(out: str) -> str | None:
     return max(found)[1] if found else None
 
 
-def save(path: str, student, tokenizer_dir: str, state: dict | None, adapter=None) -> None:
+def save(path: str, student, tokenizer_dir: str, state: dict | None, adapter=None, tokenizer_links: bool = False) -> None:
     """Atomic: everything goes to a temporary folder that is renamed into place at the end. With a
-    LoRA ``adapter``: a checkpoint (``state``) holds the adapter, final/ (no state) the merged student."""
+    LoRA ``adapter``: a checkpoint (``state``) holds the adapter, final/ (no state) the merged student.
+    ``tokenizer_links``: follow links in ``tokenizer_dir`` (the user's own --student-tokenizer, e.g. a hub
+    snapshot, whose files link to its blobs); a cache's tokenizer folder is not trusted with them."""
     from . import lora
 
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
@@ -83,7 +85,7 @@ def save(path: str, student, tokenizer_dir: str, state: dict | None, adapter=Non
         lora.save_merged(adapter, tmp)
     for f in TOKENIZER_FILES:
         src = os.path.join(tokenizer_dir, f)
-        if os.path.isfile(src) and not os.path.islink(src):
+        if os.path.isfile(src) and (tokenizer_links or not os.path.islink(src)):
             shutil.copyfile(src, os.path.join(tmp, f))
     if state:
         torch.save(state, os.path.join(tmp, STATE_FILE))
@@ -115,7 +117,7 @@ def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str, cache_
     return state
 
 
-def check_same_run(state: dict, ckpt: str, cfg, lora_base: str | None) -> None:
+def check_same_run(state: dict, ckpt: str, cfg, lora_base: str | None, tail_mode: str | None = None) -> None:
     """Refuses a resume that would continue another run than the checkpoint's: a whole student against a
     LoRA adapter, an adapter of another base (``lora_base``: this run's base fingerprint, None without
     LoRA), or another temperature schedule (load() already checks the data order and the cache)."""
@@ -127,22 +129,53 @@ def check_same_run(state: dict, ckpt: str, cfg, lora_base: str | None) -> None:
             "holds an adapter of another base student (its weights differ from --student / --student-config's)")
             + ", or use a new --out")
     saved = state.get("config") if isinstance(state.get("config"), dict) else {}
-    sched = saved.get("temperature_schedule")
-    if "temperature_schedule" in saved and (tuple(sched) if isinstance(sched, list) else sched) != \
-            cfg.temperature_schedule:
-        raise PikvError(f"--resume: the checkpoint's run had --temperature-schedule {sched}, this one "
-                        f"{cfg.temperature_schedule}; resume with the same schedule or use a new --out")
-    if "student_tokenizer" in saved and saved["student_tokenizer"] != cfg.student_tokenizer:
-        raise PikvError(f"--resume: the checkpoint's run had --student-tokenizer {saved['student_tokenizer']}, this one "
-                        f"{cfg.student_tokenizer}; resume with the same or use a new --out")
-    was_w = saved.get("teacher_weights")
-    if "teacher_weights" in saved and (tuple(was_w) if isinstance(was_w, list) else was_w) != cfg.teacher_weights:
-        raise PikvError(f"--resume: the checkpoint's run had --teacher-weights {was_w}, this one {cfg.teacher_weights}; "
-                        "resume with the same weights or use a new --out")
+    # The settings that fix the KD target: a resume with another one would train the rest of the run towards
+    # another objective, and config.json would describe the whole run as if it had been this one.
+    for field in TARGET_FIELDS:
+        if field not in saved:  # a checkpoint of a version before the setting existed
+            continue
+        was, now = saved[field], getattr(cfg, field)
+        if (tuple(was) if isinstance(was, list) else was) != now:
+            flag = "--" + field.replace("_", "-")
+            raise PikvError(f"--resume: the checkpoint's run had {flag} {_shown(was)}, this one {_shown(now)}; "
+                            "resume with the same setting or use a new --out")
+    if state.get("tail_mode") not in (None, tail_mode):  # --tail as resolved: auto and what it chose are one
+        raise PikvError(f"--resume: the checkpoint's run had the {state['tail_mode']} tail, this one {tail_mode} "
+                        f"(--tail {cfg.tail}); resume with the same --tail or use a new --out")
+    if bool(saved.get("student_tokenizer")) != bool(cfg.student_tokenizer):
+        raise PikvError(f"--resume: the checkpoint's run had --student-tokenizer {saved.get('student_tokenizer')}, this "
+                        f"one {cfg.student_tokenizer}; resume with the same or use a new --out")
+    if cfg.student_tokenizer:  # the same tokenizer, wherever it lies now: the checkpoint holds a copy of it
+        from transformers import AutoTokenizer
+
+        from ..modeling import tokenizer_hash
+
+        try:
+            same = tokenizer_hash(AutoTokenizer.from_pretrained(ckpt, trust_remote_code=False)) == \
+                tokenizer_hash(AutoTokenizer.from_pretrained(cfg.student_tokenizer, trust_remote_code=False))
+        except Exception as e:
+            raise PikvError(f"--resume: the student tokenizer in {ckpt} does not load ({brief(e)}); remove that "
+                            "checkpoint or use a new --out")
+        if not same:
+            raise PikvError(f"--resume: --student-tokenizer {cfg.student_tokenizer} is another tokenizer than the one "
+                            f"the checkpoint's run trained with (kept in {ckpt}); give that one or use a new --out")
+
+
+TARGET_FIELDS = ("temperature", "temperature_schedule", "top_k", "divergence", "teacher_weights", "cross_loss")
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, (list, tuple)):
+        sep = ":" if value and isinstance(value[-1], str) else ","  # a schedule T0:T1:shape, or weights
+        return sep.join(f"{x:g}" if isinstance(x, float) else str(x) for x in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distiller, opt, sched, scaler, cache_key: str,
-          cache, cfg, total: int, tokenizer_dir: str, adapter=None, lora_base: str | None = None) -> None:
+          cache, cfg, total: int, tokenizer_dir: str, adapter=None, lora_base: str | None = None,
+          tail_mode: str | None = None, tokenizer_links: bool = False) -> None:
     """Every rank: a checkpoint of the run at ``path`` (rank 0 writes it); ``progress`` None writes the
     student alone (final/). Gathers every rank's RNG states, and the ZeRO shards of the optimizer."""
     if progress is not None and cfg.zero and d.world_size > 1:
@@ -153,8 +186,8 @@ def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distille
             **dataclasses.asdict(progress), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "rng": rngs, "world_size": d.world_size, "data_order": cfg.data_order(),
             "cache_key": cache_key, "config": cfg.to_dict(), "projections": distiller.proj.state_dict(),
-            "total_steps": total, "cache_sequences": cache.n, "lora_base": lora_base}
-        save(path, model, tokenizer_dir, state, adapter)
+            "total_steps": total, "cache_sequences": cache.n, "lora_base": lora_base, "tail_mode": tail_mode}
+        save(path, model, tokenizer_dir, state, adapter, tokenizer_links)
     dist.barrier()
 
 

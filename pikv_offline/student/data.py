@@ -115,7 +115,7 @@ def plan_teachers(first: TargetPlan, first_cache: Cache, caches: list, *, top_k:
                   divergence: str, schedule: tuple | None, total_steps: int) -> tuple:
     """The TargetPlan of each further teacher's cache (several --cache); refuses caches of other data or a
     tokenizer or temperatures they cannot serve exactly."""
-    if divergence != "forward_kl":
+    if caches and divergence != "forward_kl":
         raise PikvError(f"--divergence {divergence} with several --cache: only forward KL to the teachers' mixture "
                         "splits into a weighted sum over the teachers (the others need the mixture at every id); use "
                         "--divergence forward_kl")
@@ -317,14 +317,16 @@ def with_teachers(batch: Batch, raws: list, extra: tuple, step: int | None = Non
 
 def cross_batch(batch: Batch, retokenizer) -> Batch:
     """A Batch of the teacher's tokens -> the student's tokens of the same text (xtok.Retokenizer), with the
-    teacher's head and normalizer moved to the student positions aligned with a teacher position."""
+    teacher's head and normalizer moved to the student positions aligned with a teacher position; the head's
+    ids become the student ids of the same bytes (-1 where the student has none: xtok.vocab_map)."""
     rows = [retokenizer(batch.input_ids[i].numpy(), batch.loss_mask[i].numpy()) for i in range(len(batch.input_ids))]
     ids, mask, pos = (torch.from_numpy(np.stack(x)) for x in zip(*rows))
     at = pos.clamp_min(0)
     k = batch.head_ids.shape[-1]
     take = lambda t: torch.gather(t, 1, at[..., None].expand(-1, -1, k))  # noqa: E731
     empty = torch.zeros(*ids.shape, 0)
-    return Batch(input_ids=ids, loss_mask=mask, sample_id=batch.sample_id, head_ids=take(batch.head_ids),
+    return Batch(input_ids=ids, loss_mask=mask, sample_id=batch.sample_id,
+                 head_ids=retokenizer.student_ids(take(batch.head_ids)),
                  head_logprobs=take(batch.head_logprobs), tnorm=torch.gather(batch.tnorm, 1, at),
                  tail_ids=empty.long(), tail_logprobs=empty, tail_counts=empty, tail_logq=empty,
                  temperature=batch.temperature, aligned=pos >= 0)

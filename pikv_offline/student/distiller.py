@@ -22,7 +22,7 @@ from ..modeling import (Capture, hidden_width, kv_shape, layer_count, lm_logits,
                         text_config)
 from .data import Batch, TargetPlan
 from .fused import fused_kd_ce
-from .xtok import uld_loss
+from .xtok import matched_kd_loss, matched_kd_rows, uld_loss
 from .losses import (ce_loss, feature_loss, kd_loss, kd_rows_at, mixture_gap, rounding_floor, router_loss,
                      teacher_log_probs)
 
@@ -62,9 +62,10 @@ class Distiller(torch.nn.Module):
     def __init__(self, student, plan: TargetPlan, *, weights: dict[str, float], loss_chunk: int = 0,
                  divergence: str = "forward_kl", pairs: tuple[Pair, ...] = (), targets: dict | None = None,
                  feature_loss: str = "mse", fused: bool = True, others: tuple = (),
-                 teacher_weights: tuple[float, ...] | None = None, cross: bool = False):
+                 teacher_weights: tuple[float, ...] | None = None, cross: str | None = None):
         super().__init__()
-        self.cross = cross  # cross-tokenizer KD: ULD at the aligned positions (xtok.py), on the plain path
+        # cross-tokenizer KD ("match" or "uld", xtok.py) at the aligned positions, on the plain path
+        self.cross = cross
         self.student, self.plan, self.divergence, self.loss_chunk = student, plan, divergence, loss_chunk
         self.plans = (plan, *others)
         self.teacher_weights = tuple(teacher_weights or [1.0 / len(self.plans)] * len(self.plans))
@@ -151,14 +152,38 @@ class Distiller(torch.nn.Module):
             top1 = (logits.argmax(-1) == t_top1).sum()
         return kd, ce, top1
 
-    def _cross_losses(self, T, h, labels, aligned, head_logprobs, tnorm):
-        """(ULD sum over the aligned positions, CE sum): the student's own tokens, the teacher's sorted head."""
-        logits = lm_logits(self.student, h).float()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight > 0):
-            ce, _ = ce_loss(torch.log_softmax(logits, dim=-1), labels)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_weight > 0):
-            kd, _ = uld_loss(logits[aligned], head_logprobs[aligned], tnorm[aligned], T)
-        return kd, ce
+    def _cross_losses(self, T, h, labels, aligned, head_ids, head_logprobs, tnorm):
+        """(KD sum over the aligned positions, CE sum, top-1 hits): the student's own tokens; head_ids are the
+        student ids of the teacher's head (-1: no student token of the same bytes). "match" needs the
+        student's log-probs at those ids alone, so it runs on the fused head as the other KD losses do."""
+        matched = (head_ids >= 0) & aligned[:, None]  # an unaligned position matches nothing: KD 0 there
+        ids = head_ids.clamp_min(0)
+        if self.cross == "match" and self.fused:
+            head = self.student.get_output_embeddings()
+
+            def loss(s_ids, s_label, m, lp, tn):
+                return matched_kd_rows(s_ids, m, lp, tn, T, self.plan.rel_error).sum() * (T * T), -s_label.sum()
+
+            dev = head.weight.device
+            kd, ce, argmax = fused_kd_ce(h.to(dev), head.weight, head.bias, ids.to(dev), labels.to(dev), loss,
+                                         (matched.to(dev), head_logprobs.to(dev), tnorm.to(dev)), T,
+                                         (self.kd_weight, self.ce_weight), self.loss_chunk or None)
+        else:
+            logits = lm_logits(self.student, h).float()
+            argmax = logits.argmax(-1) if not self.training else None
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight > 0):
+                ce, _ = ce_loss(torch.log_softmax(logits, dim=-1), labels)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_weight > 0):
+                if self.cross == "uld":
+                    kd, _ = uld_loss(logits[aligned], head_logprobs[aligned], tnorm[aligned], T)
+                else:
+                    s_at = torch.gather(torch.log_softmax(logits / T, dim=-1), 1, ids)
+                    kd, _ = matched_kd_loss(s_at, matched, head_logprobs, tnorm, T, self.plan.rel_error)
+        top1 = torch.zeros((), dtype=torch.long)
+        if not self.training and ids.shape[1]:  # the teacher's top-1 where aligned and the student has it
+            t_top1 = torch.gather(head_ids, 1, head_logprobs.argmax(-1, keepdim=True))[:, 0]
+            top1 = ((argmax.to(t_top1.device) == t_top1) & aligned & (t_top1 >= 0)).sum()
+        return kd, ce, top1
 
     def _gap(self, T: float, teachers: tuple) -> torch.Tensor:
         """Sum over the positions of losses.mixture_gap at T: a constant of the cache (no gradient)."""
@@ -205,8 +230,8 @@ class Distiller(torch.nn.Module):
         n = args[0].shape[0]
         T = self.plan.temperature if batch.temperature is None else batch.temperature  # a schedule's, per step
         if self.cross:
-            kd, ce = self._cross_losses(T, *args[:2], batch.aligned[:, :-1][valid], *args[3:5])
-            return {"kd": kd, "ce": ce}, torch.zeros((), dtype=torch.long), n  # no top-1: other vocabularies
+            kd, ce, top1 = self._cross_losses(T, *args[:2], batch.aligned[:, :-1][valid], *args[2:5])
+            return {"kd": kd, "ce": ce}, top1, n
         chunk = self.loss_chunk or n
         if self.fused:
             kd, ce, top1 = self._fused_losses(T, *args)

@@ -18,7 +18,7 @@ from ..config import EvalConfig
 from ..errors import PikvError
 from . import data as D
 from .distiller import Distiller
-from .model import check_compatible, load_student
+from .model import check_compatible, check_positions, load_student
 
 
 @torch.no_grad()
@@ -52,7 +52,8 @@ def run(cfg: EvalConfig) -> dict:
     d = dist.init(cfg.device)
     try:
         cache = open_cache(cfg.cache)
-        plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence)
+        plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, "bucket" if cfg.cross_tokenizer else cfg.tail,
+                              cfg.divergence)
         model, tok = load_student(cfg.student, None, 0)
         if cfg.cross_tokenizer:  # the student's own tokenizer, saved in its folder by a cross-tokenizer run
             from .xtok import token_bytes
@@ -61,14 +62,21 @@ def run(cfg: EvalConfig) -> dict:
                 raise PikvError(f"--cross-tokenizer: {cfg.student} holds no tokenizer; give RUN/final of a run with "
                                 "--student-tokenizer")
             if cache.top_k == 0:
-                raise PikvError("--cross-tokenizer: ULD needs the teacher's top-k and this cache has none")
+                raise PikvError("--cross-tokenizer: cross-tokenizer KD needs the teacher's top-k and this cache has "
+                                "none")
             token_bytes(tok)
+            vocab = int(model.get_output_embeddings().weight.shape[0])
+            if vocab < len(tok):
+                raise PikvError(f"--cross-tokenizer: {cfg.student} holds a tokenizer of {len(tok)} tokens for a head of "
+                                f"{vocab}; that tokenizer is not the one the student was trained with")
         else:
             check_compatible(model, tok, cache.attrs)
+        check_positions(model, cache.seq_len)
         index = D.CacheIndex(cache, cfg.eval_fraction)
         if len(index.eval) == 0:
             raise PikvError(f"--eval-fraction {cfg.eval_fraction} selects no held-out sequence of this cache")
-        net = Distiller(model.to(d.device), plan, weights={}, divergence=cfg.divergence, cross=cfg.cross_tokenizer)
+        net = Distiller(model.to(d.device), plan, weights={}, divergence=cfg.divergence,
+                        cross=(cfg.cross_loss or "match") if cfg.cross_tokenizer else None)
         return evaluate(net, D.eval_batches(cache, index, plan, rank=d.rank, world_size=d.world_size,
                                             batch_size=cfg.batch_size,
                                             student_tokenizer=cfg.student if cfg.cross_tokenizer else None), d)

@@ -56,6 +56,18 @@ def check_compatible(model, student_tok, cache_attrs) -> None:
                         "tokenizer: train-student --student-tokenizer DIR, eval --cross-tokenizer)")
 
 
+def check_positions(model, seq_len: int) -> None:
+    """Refuses a student with a learned position table shorter than the cache's sequences (GPT-2's wpe, OPT's
+    embed_positions): it would index past its end. Rotary students have no table and extrapolate."""
+    pos = getattr(model.base_model, "wpe", None) or getattr(model.base_model, "embed_positions", None)
+    if isinstance(pos, torch.nn.Embedding):
+        n = pos.num_embeddings - int(getattr(pos, "offset", 0) or 0)
+        if n < seq_len:
+            raise PikvError(f"the student has learned positions for {n} tokens but the cache's sequences have "
+                            f"{seq_len}; give the student at least {seq_len} positions (n_positions / "
+                            "max_position_embeddings in its config)")
+
+
 def freeze(model, specs: tuple[str, ...]) -> int:
     """--freeze mlp | embeddings | layers:0,2: turn off those parameters' gradients; returns how many
     parameters are frozen. With tied embeddings, freezing embeddings freezes the LM head too."""

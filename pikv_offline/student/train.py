@@ -34,7 +34,7 @@ from . import data as D
 from . import lora
 from .distiller import Distiller, resolve_pairs
 from .evaluate import evaluate
-from .model import check_compatible, freeze, load_student
+from .model import check_compatible, check_positions, freeze, load_student
 
 
 MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop the run instead of saving a broken student
@@ -134,13 +134,10 @@ def check_cross(cfg: TrainConfig, model, student_tok, cache, more: list) -> None
     from .xtok import token_bytes
 
     if cache.top_k == 0:
-        raise PikvError("--student-tokenizer: ULD compares the teacher's sorted top-k with the student's, and this "
-                        "cache has none (dumped with --top-k 0); re-dump with --top-k 8 or more")
+        raise PikvError("--student-tokenizer: cross-tokenizer KD compares the teacher's top-k with the student's, and "
+                        "this cache has none (dumped with --top-k 0); re-dump with --top-k 8 or more")
     if more:
         raise PikvError("--student-tokenizer with several --cache: cross-tokenizer KD takes one teacher")
-    if cfg.tail == "sampled":
-        raise PikvError("--student-tokenizer: ULD compares the sorted head and the tail mass; the sampled tail's ids "
-                        "are the teacher's; use --tail auto or bucket")
     if not os.path.isdir(cfg.student_tokenizer):
         raise PikvError(f"--student-tokenizer {cfg.student_tokenizer}: not a folder; give the folder holding the "
                         "student's tokenizer (tokenizer.json)")
@@ -149,6 +146,13 @@ def check_cross(cfg: TrainConfig, model, student_tok, cache, more: list) -> None
     except Exception as e:
         raise PikvError(f"--student-tokenizer {cfg.student_tokenizer}: no tokenizer loads from it ({brief(e)})")
     token_bytes(tok)
+    if tok.eos_token_id is None:
+        raise PikvError(f"--student-tokenizer {cfg.student_tokenizer} has no EOS token, which marks the teacher's "
+                        "document boundaries in the student's tokens; give it one (eos_token)")
+    try:  # the cache's tokenizer spells the text: checked here, not at the first batch
+        token_bytes(AutoTokenizer.from_pretrained(cache.tokenizer_path, trust_remote_code=False))
+    except PikvError as e:
+        raise PikvError(f"--student-tokenizer: the cache's (teacher's) tokenizer: {e}")
     if student_tok is not None and tokenizer_hash(student_tok) != tokenizer_hash(tok):
         raise PikvError(f"--student {cfg.student} holds another tokenizer than --student-tokenizer "
                         f"{cfg.student_tokenizer}; give the student's own tokenizer folder (or the --student folder)")
@@ -192,8 +196,9 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
         raise PikvError(f"the cache has {len(index.train)} training sequences, fewer than one global batch of "
                         f"{global_batch} (batch-size x grad-accum x ranks); lower --batch-size or --grad-accum")
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence,
-                          schedule=cfg.temperature_schedule, total_steps=total)
+    # cross-tokenizer KD reads the head and the normalizer alone (the sampled tail's ids are the teacher's)
+    plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, "bucket" if cfg.student_tokenizer else cfg.tail,
+                          cfg.divergence, schedule=cfg.temperature_schedule, total_steps=total)
     others = D.plan_teachers(plan, cache, more, top_k=cfg.top_k, tail=cfg.tail, divergence=cfg.divergence,
                              schedule=cfg.temperature_schedule, total_steps=total)
     extra = tuple(zip(more, others))  # (Cache, TargetPlan) of each further teacher
@@ -215,9 +220,10 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
         check_cross(cfg, model, student_tok, cache, more)
     else:
         check_compatible(model, student_tok, cache.attrs)
+    check_positions(model, cache.seq_len)  # a cross-tokenizer student's sequences are capped at it too
     base = lora.base_fingerprint(model) if cfg.lora_rank else None  # the frozen base an adapter belongs to
     if state:
-        checkpoint.check_same_run(state, ckpt, cfg, base)
+        checkpoint.check_same_run(state, ckpt, cfg, base, plan.tail)
     if state and not cfg.lora_rank:
         model = checkpoint.load_student(ckpt, cfg.trust_remote_code)
     model.config.use_cache = False
@@ -238,7 +244,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
         lora.load_adapter(adapter, ckpt, (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets), state.get("config"))
     distiller = Distiller(model, plan, weights=weights, loss_chunk=cfg.loss_chunk, divergence=cfg.divergence,
                           pairs=pairs, targets=cache.attrs.targets, feature_loss=cfg.feature_loss, others=others,
-                          teacher_weights=cfg.teacher_weights, cross=bool(cfg.student_tokenizer)).to(d.device)
+                          teacher_weights=cfg.teacher_weights,
+                          cross=(cfg.cross_loss or "match") if cfg.student_tokenizer else None).to(d.device)
     if state:
         distiller.proj.load_state_dict(state["projections"])
     names = distiller.loss_names
@@ -267,7 +274,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     save = functools.partial(checkpoint.write, d=d, model=model, distiller=distiller, opt=opt, sched=sched,
                              scaler=scaler, cache=cache, cache_key=cache_key, cfg=cfg,
                              tokenizer_dir=cfg.student_tokenizer or cache.tokenizer_path, total=total, adapter=adapter,
-                             lora_base=base)
+                             lora_base=base, tail_mode=plan.tail, tokenizer_links=bool(cfg.student_tokenizer))
 
     log = RunLog(cfg, d)
     if d.is_main:
@@ -286,7 +293,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     # ---- the loop ---------------------------------------------------------------------------------
     dist.print0(f"training {total} steps ({steps_per_epoch} per epoch) of {global_batch} sequences x "
                 f"{cache.seq_len} tokens; KD "
-                + ("ULD across tokenizers (the student's own tokens)" if cfg.student_tokenizer else
+                + (f"{cfg.cross_loss or 'match'} across tokenizers (the student's own tokens)"
+                   if cfg.student_tokenizer else
                    f"{cfg.divergence}/{plan.tail}") + " at T="
                 + (f"{plan.temperature_at(0):g}->{plan.temperature:g} ({plan.schedule[2]})" if plan.schedule
                    else f"{plan.temperature}") + f", k={plan.top_k}"

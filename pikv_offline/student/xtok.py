@@ -2,7 +2,9 @@
 predict the same next piece of text, and the Universal Logit Distillation loss at those positions.
 
     ids, mask, teacher_pos = retokenize(teacher_ids, teacher_mask, token_bytes(teacher_tok), student_tok, L)
-    loss_sum, count = uld_loss(student_logits_at_aligned, head_logprobs, tnorm, temperature)
+    loss_sum, count = uld_loss(student_logits_at_aligned, head_logprobs, tnorm, temperature)      # --cross-loss uld
+    s_ids = vocab_map(token_bytes(teacher_tok), token_bytes(student_tok), ...)[head_ids]          # --cross-loss match
+    loss_sum, count = matched_kd_loss(student_logprobs_T_at_aligned, s_ids, head_logprobs, tnorm, temperature)
 
 The cache holds the teacher's token ids; their bytes are exact (token_bytes: byte-level BPE as in GPT-2,
 Llama 3, Qwen; SentencePiece-style pieces with byte fallback as in Llama 2, Mistral, Gemma), so the text is
@@ -20,6 +22,20 @@ The cache keeps the teacher's top-k exactly (most probable first) and its tail m
 (from the stored normalizer at T); the student's sorted top-k comes from its softmax at T. The sum is taken
 over the k sorted values plus one term for the rest, | P_T - Q_T |: by the triangle inequality a lower bound
 of the remaining terms, equal to them when each tail is concentrated at one value.
+
+Exact-match KD ("match", the default): ULD's sorted distance carries no token identities, so it moves the
+student's confidence profile, not its choices (measured on the demo: README). Two tokenizers trained on
+similar text share most of their frequent tokens byte for byte; FuseLLM (Wan et al. 2024, "Knowledge Fusion
+of Large Language Models", arXiv:2401.10491) carries a teacher's distribution onto another vocabulary by
+mapping each token to the target token of the same or, failing that, the nearest spelling (minimum edit
+distance). Here only the exact matches are mapped (vocab_map: the teacher token and the student token have
+the same bytes; the teacher's EOS is the student's EOS), and the teacher's mass on its other ids stays in
+one bucket instead of moving to a token of another spelling. With m the matched head ids at a position,
+    KL_match = sum_{v in m} p_T(v) log(p_T(v) / q_T(s(v))) + P_r log(P_r / Q_r),
+    P_r = 1 - sum_{v in m} p_T(v),    Q_r = 1 - sum_{v in m} q_T(s(v)),
+forward KL between the two distributions coarsened to the same |m| + 1 events (the matched tokens and
+everything else): >= 0, 0 only when they agree there, and the plain bucket loss when the two vocabularies
+are one (m = the head).
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ import numpy as np
 import torch
 
 from ..errors import PikvError
+from .losses import tail_mass
 
 
 def _byte_level_decoder() -> dict[str, int]:
@@ -57,27 +74,34 @@ def _decoder_kinds(tokenizer) -> list[dict]:
 
 
 def token_bytes(tokenizer) -> list[bytes | None]:
-    """The exact bytes of every token id; None for special tokens (document boundaries)."""
+    """The exact bytes of every token id; None for special tokens (document boundaries). An added token that
+    is not special is stored as its text, not in the byte-level alphabet."""
     kinds = {d.get("type") for d in _decoder_kinds(tokenizer)}
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    added = {i for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
     out: list[bytes | None] = []
     if "ByteLevel" in kinds:
         table = _byte_level_decoder()
         for i, p in enumerate(pieces):
             if i in special or p is None:
                 out.append(None)
-            elif all(c in table for c in p):
+            elif i not in added and all(c in table for c in p):
                 out.append(bytes(table[c] for c in p))
             else:  # an added (non-special) token stored as plain text
                 out.append(p.encode("utf-8"))
         return out
     if "ByteFallback" in kinds or "Metaspace" in kinds or "Replace" in kinds:
+        if "ByteFallback" not in kinds and tokenizer.unk_token_id is not None:
+            raise PikvError("cross-tokenizer KD needs the exact bytes of the text, and this SentencePiece-style "
+                            f"tokenizer has no byte fallback: a character it lacks becomes {tokenizer.unk_token}")
         for i, p in enumerate(pieces):
             if p is not None and len(p) == 6 and p.startswith("<0x") and p.endswith(">"):  # byte fallback
                 out.append(bytes([int(p[3:5], 16)]))
             elif i in special or p is None:
                 out.append(None)
+            elif i in added:
+                out.append(p.encode("utf-8"))
             else:
                 out.append(p.replace("\u2581", " ").encode("utf-8"))
         return out
@@ -104,13 +128,21 @@ def _strip_partial(b: bytes) -> tuple[int, int]:
     return lo, hi
 
 
-def retokenize(teacher_ids: np.ndarray, teacher_mask: np.ndarray, table: list, student_tok, length: int):
+def retokenize(teacher_ids: np.ndarray, teacher_mask: np.ndarray, table: list, student_tok, length: int,
+               student_table: list | None = None):
     """One cached sequence in the student's tokens.
 
     Returns (ids [length] int64, mask [length] bool, teacher_pos [length] int64): the student's tokens of
     the same text (a teacher special token becomes the student's EOS), padded with the student's pad id;
     the loss mask (a student token is a target when the teacher token holding its first byte is); and for
-    each student position t the teacher position u aligned with it (module docstring), or -1."""
+    each student position t the teacher position u aligned with it (module docstring), or -1.
+    ``student_table``: token_bytes(student_tok), computed when None. Where each student token starts is
+    counted in its own bytes, not in the tokenizer's character offsets: a byte-level token may end inside
+    a character, and the next one then starts at a byte no character offset names. A student tokenizer that
+    prepends a space to each text (SentencePiece's add_dummy_prefix) is followed; one that changes the text
+    otherwise (a normalizer) is refused, since its tokens would be of another text than the teacher's."""
+    if student_table is None:
+        student_table = token_bytes(student_tok)
     eos = student_tok.eos_token_id
     if eos is None:
         raise PikvError("cross-tokenizer KD: the student's tokenizer has no EOS token to mark the teacher's "
@@ -138,20 +170,19 @@ def retokenize(teacher_ids: np.ndarray, teacher_mask: np.ndarray, table: list, s
         lo, hi = _strip_partial(raw)
         text = raw[lo:hi].decode("utf-8", errors="replace")
         exact = text.encode("utf-8") == raw[lo:hi]  # else bytes and characters disagree: align nothing here
-        enc = student_tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        char_bytes = np.cumsum([0] + [len(c.encode("utf-8")) for c in text])  # char offset -> byte offset
+        # the text's own '</s>' or '<|endoftext|>' is text: only the teacher's special tokens mark boundaries
+        s_ids = student_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        s_pieces = [student_table[i] if 0 <= i < len(student_table) else None for i in s_ids]
+        s_off = _student_starts(s_pieces, text)
         if exact:
             for j, off in enumerate(t_off):
                 t_start[(seg, int(off))] = u + j
-        prev = -1
-        for tid, (c0, _) in zip(enc["input_ids"], enc["offset_mapping"]):
-            byte = lo + int(char_bytes[c0])
+        for tid, off in zip(s_ids, s_off):
+            byte = lo + max(off, 0)
             holder = u + int(np.searchsorted(t_off, byte, side="right")) - 1  # the teacher token holding it
             ids.append(tid)
             mask.append(bool(teacher_mask[max(holder, u)]))
-            # two student tokens of one character (byte-level BPE) share its offset: only the first starts there
-            starts.append((seg, byte) if byte > prev else None)
-            prev = max(prev, byte)
+            starts.append((seg, byte) if off >= 0 else None)  # a prepended space starts at no byte of the text
         u = v
     ids, mask, starts = ids[:length], mask[:length], starts[:length]
     pos = np.full(length, -1, dtype=np.int64)
@@ -163,6 +194,28 @@ def retokenize(teacher_ids: np.ndarray, teacher_mask: np.ndarray, table: list, s
     out_mask = np.zeros(length, dtype=bool)
     out_ids[:len(ids)], out_mask[:len(mask)] = ids, mask
     return out_ids, out_mask, pos
+
+
+def _student_starts(pieces: list, text: str) -> list[int]:
+    """Each student token's first byte in ``text`` from the tokens' own bytes; -1 for a first token that
+    holds a prepended space the text does not have. Refuses tokens that do not spell the text."""
+    if any(p is None for p in pieces):
+        raise PikvError("cross-tokenizer KD: the student's tokenizer turned part of the text into an unknown or special "
+                        "token, so its tokens do not spell the teacher's text; give a student tokenizer with byte "
+                        "fallback (or byte-level BPE)")
+    joined, want = b"".join(pieces), text.encode("utf-8")
+    shift = 0
+    if joined != want:
+        if joined != b" " + want:
+            raise PikvError("cross-tokenizer KD: the student's tokenizer changes the text it tokenizes (a normalizer: "
+                            f"{want[:40]!r} became {joined[:40]!r}), so its tokens are not of the teacher's text; give "
+                            "a student tokenizer without a normalizer")
+        shift = 1  # SentencePiece's dummy prefix: one space before the text
+    out, at = [], -shift
+    for p in pieces:
+        out.append(at if at >= 0 else -1)
+        at += len(p)
+    return out
 
 
 def uld_rows(s_logits: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -178,6 +231,51 @@ def uld_rows(s_logits: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Te
     return (p - q).abs().sum(-1) + tail
 
 
+def vocab_map(teacher_table: list, student_table: list, teacher_eos: int | None, student_eos: int | None) -> np.ndarray:
+    """[V_t] int64: the student id with the same bytes as each teacher id, or -1 (module docstring). One to
+    one: of several ids with the same bytes, only the lowest of each side is matched (a student id reached
+    twice would count its probability twice). A teacher special token (None) matches nothing, except its EOS,
+    which retokenize turns into the student's EOS."""
+    first: dict[bytes, int] = {}
+    for j, b in enumerate(student_table):
+        if b is not None and b not in first:
+            first[b] = j
+    out = np.full(len(teacher_table), -1, dtype=np.int64)
+    seen: set[bytes] = set()
+    for i, b in enumerate(teacher_table):
+        if b is not None and b in first and b not in seen:
+            out[i] = first[b]
+            seen.add(b)
+    if teacher_eos is not None and student_eos is not None and 0 <= teacher_eos < len(out):
+        out[teacher_eos] = student_eos
+    return out
+
+
+def matched_kd_rows(s_at: torch.Tensor, matched: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
+                    temperature: float, rel_error: float = 2.0 ** -11) -> torch.Tensor:
+    """[N] KL_match at T (module docstring), before the T^2 factor: s_at [N, k] the student's log q_T at the
+    student id matched to each teacher head id (any value where unmatched), matched [N, k] bool, t_logprobs
+    [N, k] the teacher's stored T=1 head log-probs, t_tnorm [N] its normalizer at T. The teacher's rest mass
+    below the head's rounding floor counts as 0, as in the bucket loss."""
+    T = temperature
+    very_low = torch.finfo(torch.float32).min / 4  # exp() of it is 0; unlike -inf its gradients stay finite
+    p_top = torch.where(matched, t_logprobs.float() / T - t_tnorm.float()[:, None], very_low)
+    s_top = torch.where(matched, s_at, very_low)
+    p = p_top.exp()
+    head = torch.where(matched, p * (p_top - s_top), torch.zeros_like(p)).sum(-1)
+    floor = rel_error / T * torch.where(matched, p * t_logprobs.float().abs(), torch.zeros_like(p)).sum(-1)
+    p_rest, q_rest = tail_mass(p_top, floor), tail_mass(s_top)
+    rest = torch.xlogy(p_rest, p_rest) - torch.xlogy(p_rest, q_rest.clamp_min(1e-30))
+    return head + rest
+
+
+def matched_kd_loss(s_at: torch.Tensor, matched: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
+                    temperature: float = 1.0, rel_error: float = 2.0 ** -11) -> tuple[torch.Tensor, int]:
+    """KL_match sum over the N aligned positions (times T^2, as the bucket loss) and N."""
+    T = temperature
+    return matched_kd_rows(s_at, matched, t_logprobs, t_tnorm, T, rel_error).sum() * (T * T), s_at.shape[0]
+
+
 def uld_loss(s_logits: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
              temperature: float = 1.0) -> tuple[torch.Tensor, int]:
     """ULD sum over the N aligned positions and N."""
@@ -185,17 +283,29 @@ def uld_loss(s_logits: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Te
 
 
 class Retokenizer:
-    """retokenize() for the sequences of one cache: the teacher's token bytes (from the cache's tokenizer
-    folder) and the student's tokenizer, loaded once, in the process that reads (a loader worker)."""
+    """retokenize() and vocab_map() for the sequences of one cache: the teacher's token bytes (from the cache's
+    tokenizer folder) and the student's tokenizer, loaded once, in the process that reads (a loader worker)."""
 
     def __init__(self, teacher_tokenizer: str, student_tokenizer: str, length: int):
         self.paths, self.length, self._loaded = (teacher_tokenizer, student_tokenizer), length, None
 
-    def __call__(self, teacher_ids: np.ndarray, teacher_mask: np.ndarray):
+    def _load(self):
         if self._loaded is None:
             from transformers import AutoTokenizer
 
             t_tok, s_tok = (AutoTokenizer.from_pretrained(p, trust_remote_code=False) for p in self.paths)
-            self._loaded = (token_bytes(t_tok), s_tok)
-        table, s_tok = self._loaded
-        return retokenize(teacher_ids, teacher_mask, table, s_tok, self.length)
+            table, s_table = token_bytes(t_tok), token_bytes(s_tok)
+            self._loaded = (table, s_tok, s_table,
+                            torch.from_numpy(vocab_map(table, s_table, t_tok.eos_token_id, s_tok.eos_token_id)))
+        return self._loaded
+
+    def __call__(self, teacher_ids: np.ndarray, teacher_mask: np.ndarray):
+        table, s_tok, s_table, _ = self._load()
+        return retokenize(teacher_ids, teacher_mask, table, s_tok, self.length, s_table)
+
+    def student_ids(self, head_ids: torch.Tensor) -> torch.Tensor:
+        """The student id of each teacher id (vocab_map), -1 where none; ids beyond the teacher's tokenizer
+        (a padded embedding) match nothing."""
+        id_map = self._load()[3]
+        inside = (head_ids >= 0) & (head_ids < len(id_map))
+        return torch.where(inside, id_map[head_ids.clamp(0, len(id_map) - 1)], torch.full_like(head_ids, -1))
