@@ -1,16 +1,17 @@
 """Quality of cross-tokenizer KD on the demo: a student with its own tokenizer, exact-match KD + CE and ULD + CE
 against CE only.
 
-    make demo && .venv/bin/python bench/xtok.py --workdir runs/demo        (~10 min on 2 cores)
+    make demo && .venv/bin/python bench/xtok.py --workdir runs/demo        (~13 min on 2 cores)
 
 The teacher is the demo's (its 4,096-token byte-level BPE; the demo cache). The student gets its own
 tokenizer, a 2,048-token byte-level BPE trained here on the same corpus (runs/demo/xtok/tokenizer), and the
-demo's student.json with that vocabulary. Both runs: one process, 240 steps of 16 sequences (the cache's
-128 teacher tokens each, retokenized), lr 3e-3, the same seed and data order, ce-weight 1; the others add
-exact-match KD (--cross-loss match) or ULD (--cross-loss uld, kd-weight 1 and 0.1) at T=1. Also printed: the
-share of student positions aligned with a teacher position, and the share of the teacher's T=1 probability
-there that falls on head ids the student's vocabulary spells the same. Held-out figures on the demo's held-out documents in the student's own tokens: CE per
-student token and bits per byte (comparable with the teacher's). One seed. Prints JSON lines, then a table.
+demo's student.json with that vocabulary. Every run: one process, 240 steps of 16 sequences (the cache's
+128 teacher tokens each, retokenized), lr 3e-3, the same seed and data order, ce-weight 1; CE only, or CE
+plus exact-match KD (--cross-loss match) or ULD (--cross-loss uld, kd-weight 1 and 0.1) at T=1. Also
+printed: the share of student positions aligned with a teacher position, and the share of the teacher's
+head probability there on ids the student's vocabulary spells the same. Held-out figures on the demo's
+held-out documents in the student's own tokens: CE per student token and bits per byte (comparable with
+the teacher's). One seed. Prints JSON lines, then a table.
 Not a test.
 """
 

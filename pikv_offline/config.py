@@ -75,6 +75,16 @@ def parse_teacher_weights(text: str) -> tuple[float, ...]:
 SCHEDULE_SHAPES = ("linear", "cosine")
 
 
+# The KD temperatures a run accepts. Outside, exp(lp / T) underflows or every distribution is flat in float32:
+# KD is then silently 0, or every step non-finite (the published range is about 0.5 to 20).
+T_RANGE = (0.01, 100.0)
+
+
+def check_temperature(t: float, flag: str) -> None:
+    if not (math.isfinite(t) and T_RANGE[0] <= t <= T_RANGE[1]):
+        raise PikvError(f"{flag} must be a number from {T_RANGE[0]:g} to {T_RANGE[1]:g} (a KD temperature); got {t:g}")
+
+
 def parse_temperature_schedule(text: str) -> tuple[float, float, str]:
     """'4:1' or '4:1:cosine' -> (4.0, 1.0, 'cosine'): from T0 at the first step to T1 at the last."""
     parts = text.replace(",", ":").split(":")  # a config file's list arrives comma-joined
@@ -85,6 +95,8 @@ def parse_temperature_schedule(text: str) -> tuple[float, float, str]:
         raise PikvError(f"--temperature-schedule {text!r}: give T0:T1 or T0:T1:linear|cosine, e.g. 4:1")
     if not all(math.isfinite(t) and t > 0 for t in (t0, t1)):
         raise PikvError(f"--temperature-schedule {text!r}: both temperatures must be positive numbers")
+    for t in (t0, t1):
+        check_temperature(t, f"--temperature-schedule {text!r}: each end")
     if shape not in SCHEDULE_SHAPES:
         raise PikvError(f"--temperature-schedule {text!r}: the shape must be linear or cosine, not {shape!r}")
     return t0, t1, shape
@@ -410,6 +422,7 @@ class TrainConfig:
             raise PikvError(f"--schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise PikvError(f"--temperature must be a positive number; got {self.temperature}")
+        check_temperature(self.temperature, "--temperature")
         if self.temperature_schedule is not None:
             v = self.temperature_schedule  # the flag's text, or a list from a config file or config.json
             text = v if isinstance(v, str) else ":".join(str(x) for x in v) if isinstance(v, (list, tuple)) else None
@@ -515,6 +528,7 @@ class EvalConfig:
             raise PikvError(f"--batch-size must be at least 1; got {self.batch_size}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise PikvError(f"--temperature must be a positive number; got {self.temperature}")
+        check_temperature(self.temperature, "--temperature")
         if self.top_k is not None and self.top_k < 1:
             raise PikvError(f"--top-k must be at least 1; got {self.top_k}")
         check_cross_loss(self.cross_loss, self.cross_tokenizer, "--cross-tokenizer")

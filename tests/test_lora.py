@@ -147,10 +147,43 @@ def test_bad_lora_flags_and_mismatched_resumes_are_refused(train_cache, base_stu
         lora_train(train_cache, base_student, tmp_path / "tied", lora_targets="lm_head")
     with pytest.raises(PikvError, match="ties its LM head"):
         lora_train(train_cache, base_student, tmp_path / "tied", lora_targets="embed_tokens,q_proj")
-    with pytest.raises(PikvError, match="above the widths"):
+    with pytest.raises(PikvError, match="above the width of a layer"):
         lora_train(train_cache, base_student, tmp_path / "huge", lora_rank=2 ** 40)
+    # the same settings spelled otherwise (alpha = its default 2 x rank, targets in another order) resume
+    r = lora_train(train_cache, base_student, run, max_steps=3, resume=True, lora_alpha=8.0,
+                   lora_targets="down_proj,q_proj,v_proj")
+    assert r["steps"] == 3
 
     full = tmp_path / "f"
     train(train_cache, None, full, student=base_student, max_steps=2)
     with pytest.raises(PikvError, match="holds a whole student"):
         lora_train(train_cache, base_student, full, max_steps=4, resume=True)
+
+
+def test_an_adapter_on_an_untied_head_checkpoints_the_adapter_alone(train_cache, student_config, workdir, tmp_path):
+    """peft would save the whole base LM head beside an adapter on it; a resume would then take base weights
+    from the checkpoint. The checkpoint holds the adapter alone, and a file with a base weight is refused."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    base = workdir / "lora-untied"
+    if not base.exists():
+        torch.manual_seed(6)
+        conf = {**json.load(open(student_config)), "tie_word_embeddings": False}
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(**conf)).save_pretrained(base)
+    run = tmp_path / "u"
+    lora_train(train_cache, str(base), run, max_steps=2, lora_targets="lm_head,q_proj", save_every=1)
+    stored = load_file(run / "checkpoint-1" / "adapter_model.safetensors")
+    assert stored and all("lora_" in k for k in stored), sorted(stored)
+    merged = AutoModelForCausalLM.from_pretrained(run / "final")
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "final" / "adapter")
+    x = torch.randint(0, merged.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(x).logits, merged(x).logits, rtol=1e-5, atol=1e-5)
+    head = AutoModelForCausalLM.from_pretrained(base).lm_head.weight
+    save_file({**stored, "base_model.model.lm_head.base_layer.weight": torch.zeros_like(head)},
+              str(run / "checkpoint-1" / "adapter_model.safetensors"))
+    shutil.rmtree(run / "checkpoint-2")
+    with pytest.raises(PikvError, match="does not match this run's --lora-rank"):
+        lora_train(train_cache, str(base), run, max_steps=2, lora_targets="lm_head,q_proj", resume=True)

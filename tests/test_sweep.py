@@ -44,6 +44,11 @@ def test_sweep_runs_the_grid_and_resumes(train_cache, student_config, tmp_path, 
     rows2 = S.run(cfg)
     assert trained == [("temperature=2_top-k=4", "strict")]
     assert [r["eval_ce"] for r in rows2] == pytest.approx([r["eval_ce"] for r in rows])
+    # the same --out with other settings: the finished runs are not reported as if they were the new ones
+    other = SweepConfig(out=str(tmp_path / "sw"), grid=parse_grid(["temperature=1,2", "top-k=4,16"]),
+                        base=base(train_cache, student_config, lr=1e-3))
+    with pytest.raises(PikvError, match="finished run .* had --lr 0.003, this sweep asks for 0.001"):
+        S.run(other)
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -482,6 +482,11 @@ def test_temperature_schedule_steps_through_the_grid_and_equals_fixed_T_runs(tra
                          "--num-workers", "0", "--eval-fraction", "0.1", "--log-every", "1"])
     assert p.returncode == 0, p.stderr[-2000:]
     assert [r["temperature"] for r in metrics(tmp_path / "yaml") if "kd" in r] == [2.0, 1.0]
+    import yaml
+
+    from pikv_offline.cli import yaml_loader  # YAML 1.1 would read 2:1 as 121 (base 60) and 1e-3 as a string
+    assert yaml.load("temperature-schedule: 2:1\nlr: 1e-3\n", Loader=yaml_loader()) == \
+        {"temperature-schedule": "2:1", "lr": 0.001}
     with pytest.raises(PikvError, match="had --temperature-schedule 2:1:linear, this one 2:1:cosine"):
         train(train_cache, student_config, tmp_path / "s", temperature_schedule="2:1:cosine", max_steps=6,
               resume=True)

@@ -93,16 +93,37 @@ def _read_configs(ctx: click.Context, param, paths: tuple[str, ...]) -> None:
         _read_config(ctx, path)
 
 
+def yaml_loader():
+    """PyYAML's safe loader with YAML 1.2's numbers (which read JSON too): YAML 1.1 reads 4:1 as the base-60
+    integer 241 (a temperature schedule) and 1e-3 as a string; here they are the string '4:1' and 0.001."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in rules if tag not in numbers]
+                                      for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(numbers[0], re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"),
+                                 list("-+0123456789"))
+    Loader.add_implicit_resolver(numbers[1], re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    return Loader
+
+
 def _read_config(ctx: click.Context, path: str) -> None:
     """--config FILE: its settings become the command's defaults (click's default_map), so a flag given on
     the command line wins. Read before any other option (eager). Each value must be of its flag's kind."""
-    import yaml  # YAML 1.2 reads JSON too
+    import yaml
 
     try:
         if os.path.getsize(path) > MAX_CONFIG_BYTES:
             raise PikvError(f"--config {path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a settings file is a few lines")
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=yaml_loader())
     except OSError as e:
         raise PikvError(f"--config {path}: cannot read it ({e.strerror})")
     except UnicodeDecodeError as e:

@@ -68,7 +68,8 @@ def latest(out: str) -> str | None:
     return max(found)[1] if found else None
 
 
-def save(path: str, student, tokenizer_dir: str, state: dict | None, adapter=None, tokenizer_links: bool = False) -> None:
+def save(path: str, student, tokenizer_dir: str, state: dict | None, adapter=None,
+         tokenizer_links: bool = False) -> None:
     """Atomic: everything goes to a temporary folder that is renamed into place at the end. With a
     LoRA ``adapter``: a checkpoint (``state``) holds the adapter, final/ (no state) the merged student.
     ``tokenizer_links``: follow links in ``tokenizer_dir`` (the user's own --student-tokenizer, e.g. a hub
@@ -93,7 +94,8 @@ def save(path: str, student, tokenizer_dir: str, state: dict | None, adapter=Non
     os.replace(tmp, path)
 
 
-def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str, cache_sequences: int) -> dict:
+def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str, cache_sequences: int,
+         unit_seqs: int | None = None) -> dict:
     """The trainer state of ``ckpt``; refuses one of another world size, data order or cache."""
     try:  # tensors and plain containers only: a crafted pickle must not run code
         state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True)
@@ -110,8 +112,10 @@ def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str, cache_
     if state["world_size"] != world_size:
         raise PikvError(f"--resume: the checkpoint was written by {state['world_size']} ranks, this run has "
                         f"{world_size}; resume with the same number of ranks")
+    # the cache's unit size orders an epoch (units are permuted) and picks the held-out chunks, yet a re-dump of
+    # the same content at another --shard-seqs has the same cache key
     if state["data_order"] != data_order or state["cache_key"] != cache_key or state.get("cache_sequences") not in (
-            None, cache_sequences):
+            None, cache_sequences) or state.get("cache_unit_seqs") not in (None, unit_seqs):
         raise PikvError("--resume: the cache or a setting that fixes the data order (seed, batch size, "
                         "grad accum, eval fraction) changed since the checkpoint; use a new --out")
     return state
@@ -143,8 +147,8 @@ def check_same_run(state: dict, ckpt: str, cfg, lora_base: str | None, tail_mode
         raise PikvError(f"--resume: the checkpoint's run had the {state['tail_mode']} tail, this one {tail_mode} "
                         f"(--tail {cfg.tail}); resume with the same --tail or use a new --out")
     if bool(saved.get("student_tokenizer")) != bool(cfg.student_tokenizer):
-        raise PikvError(f"--resume: the checkpoint's run had --student-tokenizer {saved.get('student_tokenizer')}, this "
-                        f"one {cfg.student_tokenizer}; resume with the same or use a new --out")
+        raise PikvError(f"--resume: the checkpoint's run had --student-tokenizer {saved.get('student_tokenizer')}, "
+                        f"this one {cfg.student_tokenizer}; resume with the same or use a new --out")
     if cfg.student_tokenizer:  # the same tokenizer, wherever it lies now: the checkpoint holds a copy of it
         from transformers import AutoTokenizer
 
@@ -186,7 +190,8 @@ def write(path: str, *, d: dist.Dist, progress: Progress | None, model, distille
             **dataclasses.asdict(progress), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "rng": rngs, "world_size": d.world_size, "data_order": cfg.data_order(),
             "cache_key": cache_key, "config": cfg.to_dict(), "projections": distiller.proj.state_dict(),
-            "total_steps": total, "cache_sequences": cache.n, "lora_base": lora_base, "tail_mode": tail_mode}
+            "total_steps": total, "cache_sequences": cache.n, "lora_base": lora_base, "tail_mode": tail_mode,
+            "cache_unit_seqs": cache.attrs.unit_seqs}
         save(path, model, tokenizer_dir, state, adapter, tokenizer_links)
     dist.barrier()
 

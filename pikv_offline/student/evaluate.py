@@ -67,8 +67,8 @@ def run(cfg: EvalConfig) -> dict:
             token_bytes(tok)
             vocab = int(model.get_output_embeddings().weight.shape[0])
             if vocab < len(tok):
-                raise PikvError(f"--cross-tokenizer: {cfg.student} holds a tokenizer of {len(tok)} tokens for a head of "
-                                f"{vocab}; that tokenizer is not the one the student was trained with")
+                raise PikvError(f"--cross-tokenizer: {cfg.student} holds a tokenizer of {len(tok)} tokens for a head "
+                                f"of {vocab}; that tokenizer is not the one the student was trained with")
         else:
             check_compatible(model, tok, cache.attrs)
         check_positions(model, cache.seq_len)

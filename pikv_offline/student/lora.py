@@ -44,7 +44,7 @@ def attach(model, rank: int, alpha: float | None, targets: str):
     if names != "all-linear":
         missing = [t for t in names if t not in leaves]
         if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _width(m)})
             raise PikvError(f"--lora-targets: the student has no module named {missing[0]!r}; its linear layers are "
                             f"{', '.join(linear)} (or use all-linear)")
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
@@ -54,17 +54,31 @@ def attach(model, rank: int, alpha: float | None, targets: str):
         raise PikvError(f"--lora-targets {','.join(sorted(shared & set(names)))}: the student ties its LM head to its "
                         "input embeddings, so an adapter there cannot be merged into one of the two; target other "
                         "layers (all-linear leaves the head out)")
-    widths = [min(m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-              and m is not head and (names == "all-linear" or n.rsplit(".", 1)[-1] in names)]
-    if widths and rank > max(widths):
-        raise PikvError(f"--lora-rank {rank} is above the widths of the layers it adapts (at most {max(widths)}): "
-                        "a rank-r update of an m x n matrix needs r <= min(m, n); lower --lora-rank")
+    widths = {n: _width(m) for n, m in model.named_modules() if _width(m) and m is not head and (
+        names != "all-linear" and n.rsplit(".", 1)[-1] in names or
+        names == "all-linear" and not isinstance(m, torch.nn.Embedding))}
+    if widths and rank > min(widths.values()):
+        narrow = min(widths, key=widths.get)
+        raise PikvError(f"--lora-rank {rank} is above the width of a layer it adapts ({narrow}: {widths[narrow]}): a "
+                        "rank-r update of an m x n matrix has rank at most min(m, n); lower --lora-rank or "
+                        "--lora-targets")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=names,
                         lora_dropout=0.0, bias="none")
     try:
         return get_peft_model(model, config)
     except (ValueError, TypeError) as e:
         raise PikvError(f"--lora-targets {targets}: peft cannot put an adapter there ({brief(e)})")
+
+
+def _width(module) -> int:
+    """min(in, out) of a layer peft can adapt as a matrix: torch Linear, GPT-2's Conv1D, an embedding; else 0."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear):
+        return min(module.in_features, module.out_features)
+    if isinstance(module, (Conv1D, torch.nn.Embedding)):
+        return min(module.weight.shape)
+    return 0
 
 
 def trainable(module) -> tuple[int, int]:
@@ -74,7 +88,9 @@ def trainable(module) -> tuple[int, int]:
 
 
 def save_adapter(adapter, folder: str) -> None:
-    adapter.save_pretrained(folder)
+    # the adapter alone: peft would add a whole base embedding / LM head matrix beside an adapter on one,
+    # and a resume would then load base weights from the checkpoint (the base's own are the fingerprinted ones)
+    adapter.save_pretrained(folder, save_embedding_layers=False)
     readme = os.path.join(folder, "README.md")  # peft's model card template: nothing a user needs here
     if os.path.isfile(readme):
         os.remove(readme)
@@ -96,9 +112,19 @@ def load_adapter(adapter, ckpt: str, settings: tuple, saved_config: dict | None)
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    def same(s):  # alpha as resolved (default 2 x rank), targets as a set
+        rank, alpha, targets = s
+        try:
+            alpha = float(alpha) if alpha is not None else 2.0 * float(rank)
+        except (TypeError, ValueError):  # a damaged config: compared as it is, so refused
+            pass
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = tuple(sorted({x.strip() for x in targets.split(",") if x.strip()}))
+        return rank, alpha, targets
+
     if isinstance(saved_config, dict):
         before = tuple(saved_config.get(k) for k in ("lora_rank", "lora_alpha", "lora_targets"))
-        if before != settings:  # alpha scales the update: the same weights would be another model
+        if same(before) != same(settings):  # alpha scales the update: the same weights would be another model
             raise PikvError(f"--resume: the checkpoint in {ckpt} was trained with --lora-rank/--lora-alpha/"
                             f"--lora-targets {before}, this run asks for {settings}; resume with the checkpoint's "
                             "settings or use a new --out")
@@ -109,7 +135,7 @@ def load_adapter(adapter, ckpt: str, settings: tuple, saved_config: dict | None)
     except Exception as e:
         raise PikvError(f"--resume: {path} is not a readable adapter ({brief(e)}); remove that checkpoint or use a "
                         "new --out")
-    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(adapter).items()}
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(adapter, save_embedding_layers=False).items()}
     have = {k: tuple(v.shape) for k, v in stored.items()}
     if want != have:
         diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]

@@ -31,16 +31,20 @@ def load_student(student: str | None, student_config: str | None, seed: int, tru
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise PikvError(load_error(e, "--student", student, "cannot load it as a causal LM"))
-    tok = None
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
-                                   for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
+    return model, load_tokenizer(path, trust_remote_code)
 
-        try:
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except Exception:
-            tok = None
-    return model, tok
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer a student folder holds, or None (none there, or none that loads)."""
+    if not (os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
 
 
 def check_compatible(model, student_tok, cache_attrs) -> None:

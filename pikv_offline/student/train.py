@@ -214,7 +214,8 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
                         "another --out")
     ckpt = ckpt if cfg.resume != "no" else None
     state = checkpoint.load(ckpt, world_size=d.world_size, data_order=cfg.data_order(),
-                            cache_key=cache_key, cache_sequences=cache.n) if ckpt else None
+                            cache_key=cache_key, cache_sequences=cache.n,
+                            unit_seqs=cache.attrs.unit_seqs) if ckpt else None
     model, student_tok = load_student(cfg.student, cfg.student_config, cfg.seed, cfg.trust_remote_code)
     if cfg.student_tokenizer:  # cross-tokenizer KD: the student keeps its own vocabulary
         check_cross(cfg, model, student_tok, cache, more)
@@ -365,11 +366,13 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     if not all(bool(torch.isfinite(p).all()) for p in distiller.parameters()):
         raise PikvError(f"the trained weights hold non-finite values after step {at.step} (a damaged checkpoint or a "
                         f"diverged run, --lr {cfg.lr:g}); no final/ was written")
+    # The last checkpoint before the final eval: a held-out row found damaged there loses no step (--resume
+    # after the repair runs the eval alone).
+    save(os.path.join(cfg.out, f"checkpoint-{at.step}"), progress=at)
     ev = evaluate(distiller, held_out(), d, autocast)
     if ev:
         log({"step": at.step, **ev})
         dist.print0("eval: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
-    save(os.path.join(cfg.out, f"checkpoint-{at.step}"), progress=at)
     save(os.path.join(cfg.out, "final"), progress=None)
     log.close()
     return {"steps": at.step, "skipped": at.skipped, "tokens_seen": at.tokens_seen, "last": last, "eval": ev,

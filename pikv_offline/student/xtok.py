@@ -200,9 +200,9 @@ def _student_starts(pieces: list, text: str) -> list[int]:
     """Each student token's first byte in ``text`` from the tokens' own bytes; -1 for a first token that
     holds a prepended space the text does not have. Refuses tokens that do not spell the text."""
     if any(p is None for p in pieces):
-        raise PikvError("cross-tokenizer KD: the student's tokenizer turned part of the text into an unknown or special "
-                        "token, so its tokens do not spell the teacher's text; give a student tokenizer with byte "
-                        "fallback (or byte-level BPE)")
+        raise PikvError("cross-tokenizer KD: the student's tokenizer turned part of the text into an unknown or "
+                        "special token, so its tokens do not spell the teacher's text; give a student tokenizer with "
+                        "byte fallback (or byte-level BPE)")
     joined, want = b"".join(pieces), text.encode("utf-8")
     shift = 0
     if joined != want:

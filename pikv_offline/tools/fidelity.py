@@ -86,6 +86,10 @@ def recompute(cfg: VerifyConfig) -> dict:
             raise PikvError(load_error(e, "--student", cfg.student, "cannot load it as a causal LM"))
         if student.get_output_embeddings().weight.shape[0] < live.shape[1]:
             raise PikvError("--student's vocabulary does not cover the teacher's")
+        from ..student.model import check_compatible, load_tokenizer
+
+        # the angles feed the teacher's ids to the student: a cross-tokenizer student's ids mean other text
+        check_compatible(student, load_tokenizer(cfg.student, cfg.trust_remote_code), cache.attrs)
         s_logits = student(x).logits.float()[:, :-1][valid]  # its whole vocabulary, as in training
         params = [p for p in student.parameters() if p.requires_grad]
 

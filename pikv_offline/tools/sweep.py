@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 
 from .. import dist, storage
@@ -25,6 +26,28 @@ from ..student.train import train
 from .plot import mean_tokens_per_s, plot_runs, read_metrics
 
 
+def check_finished(name: str, tcfg: TrainConfig) -> None:
+    """A finished run is reported as it stands only if it was this grid point's run: a sweep re-run into the same
+    --out with other caches or settings would otherwise list the old runs under the new settings."""
+    path = os.path.join(tcfg.out, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PikvError(f"sweep run {name}: {tcfg.out} has a final/ but no readable config.json ({e}); remove that run "
+                        "folder or use a new --out")
+    want = json.loads(json.dumps(tcfg.to_dict()))
+    saved = saved if isinstance(saved, dict) else {}
+    # config.json holds top_k as resolved (the cache's k where the flag was not given)
+    differ = [k for k in want if k != "resume" and k in saved and not (k == "top_k" and want[k] is None)
+              and saved[k] != want[k]]  # a key missing: a run of an earlier pikv, before that setting existed
+    if differ:
+        k = differ[0]
+        raise PikvError(f"sweep run {name}: the finished run in {tcfg.out} had --{k.replace('_', '-')} "
+                        f"{saved.get(k)}, this sweep asks for {want[k]}; use a "
+                        "new --out (or remove that run folder)")
+
+
 def run(cfg: SweepConfig) -> list[dict]:
     # Build every run's config first: a bad grid value fails before any training starts.
     configs = [(cfg.run_name(p), p, TrainConfig(**{**cfg.base, **p, "out": os.path.join(cfg.out, cfg.run_name(p))}))
@@ -33,8 +56,8 @@ def run(cfg: SweepConfig) -> list[dict]:
         cache, *more = [open_cache(c) for c in configs[0][2].cache]
         for name, _, t in configs:
             try:
-                plan = D.plan_targets(cache, t.top_k, t.temperature, t.tail, t.divergence,
-                                      schedule=t.temperature_schedule)
+                plan = D.plan_targets(cache, t.top_k, t.temperature, "bucket" if t.student_tokenizer else t.tail,
+                                      t.divergence, schedule=t.temperature_schedule)
                 D.plan_teachers(plan, cache, more, top_k=t.top_k, tail=t.tail, divergence=t.divergence,
                                 schedule=t.temperature_schedule, total_steps=1)
             except PikvError as e:
@@ -44,6 +67,7 @@ def run(cfg: SweepConfig) -> list[dict]:
         rows = []
         for i, (name, point, tcfg) in enumerate(configs):
             if os.path.isdir(os.path.join(tcfg.out, "final")):
+                check_finished(name, tcfg)
                 dist.print0(f"[{i + 1}/{len(configs)}] {name}: finished before, skipped")
             else:
                 resume = checkpoint.latest(tcfg.out) is not None
