@@ -52,12 +52,17 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
     return (1.0, *rest)
 
 
-def check_cross_loss(cross_loss: str | None, cross: bool, needs: str) -> None:
-    """--cross-loss takes effect only with cross-tokenizer KD; a value of another kind (a config file's) is refused."""
+def check_cross(cross_loss: str | None, cross: bool, flag: str, divergence: str, tail: str) -> None:
+    """--cross-loss takes effect only with cross-tokenizer KD (``cross``, turned on by ``flag``), which compares
+    the head and one bucket of the rest: other divergences and tails would be accepted and ignored."""
     if cross_loss is not None and cross_loss not in CROSS_LOSSES:
         raise PikvError(f"--cross-loss must be one of {', '.join(CROSS_LOSSES)}; got {cross_loss!r}")
     if cross_loss is not None and not cross:
-        raise PikvError(f"--cross-loss {cross_loss} needs {needs} (cross-tokenizer KD); drop it otherwise")
+        raise PikvError(f"--cross-loss {cross_loss} needs {flag} (cross-tokenizer KD); drop it otherwise")
+    if cross and (divergence != "forward_kl" or tail not in ("auto", "bucket")):
+        raise PikvError(f"{flag}: cross-tokenizer KD compares the head and one bucket of the rest, as forward KL "
+                        f"(match) or sorted L1 (uld); drop --divergence {divergence} / --tail {tail} (forward_kl and "
+                        "auto or bucket)")
 
 
 def parse_teacher_weights(text: str) -> tuple[float, ...]:
@@ -444,11 +449,7 @@ class TrainConfig:
         if self.student_tokenizer is not None and not str(self.student_tokenizer).strip():
             raise PikvError("--student-tokenizer is empty; give the student's tokenizer folder, or drop the flag for "
                             "KD with the teacher's tokenizer")
-        check_cross_loss(self.cross_loss, bool(self.student_tokenizer), "--student-tokenizer DIR")
-        if self.student_tokenizer and (self.divergence != "forward_kl" or self.tail not in ("auto", "bucket")):
-            raise PikvError("--student-tokenizer: cross-tokenizer KD compares the head and one bucket of the rest, as "
-                            "forward KL (match) or sorted L1 (uld); drop --divergence "
-                            f"{self.divergence} / --tail {self.tail} (forward_kl and auto or bucket)")
+        check_cross(self.cross_loss, bool(self.student_tokenizer), "--student-tokenizer", self.divergence, self.tail)
         if self.lora_rank and self.freeze:
             raise PikvError("--freeze with --lora-rank: LoRA already freezes the whole student and trains only its "
                             "adapters; drop --freeze (or --lora-targets to choose where adapters go)")
@@ -531,10 +532,7 @@ class EvalConfig:
         check_temperature(self.temperature, "--temperature")
         if self.top_k is not None and self.top_k < 1:
             raise PikvError(f"--top-k must be at least 1; got {self.top_k}")
-        check_cross_loss(self.cross_loss, self.cross_tokenizer, "--cross-tokenizer")
-        if self.cross_tokenizer and (self.divergence != "forward_kl" or self.tail not in ("auto", "bucket")):
-            raise PikvError("--cross-tokenizer: cross-tokenizer KD compares the head and one bucket of the rest; drop "
-                            f"--divergence {self.divergence} / --tail {self.tail}")
+        check_cross(self.cross_loss, self.cross_tokenizer, "--cross-tokenizer", self.divergence, self.tail)
 
 
 @dataclass(frozen=True)

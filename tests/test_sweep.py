@@ -47,8 +47,12 @@ def test_sweep_runs_the_grid_and_resumes(train_cache, student_config, tmp_path, 
     # the same --out with other settings: the finished runs are not reported as if they were the new ones
     other = SweepConfig(out=str(tmp_path / "sw"), grid=parse_grid(["temperature=1,2", "top-k=4,16"]),
                         base=base(train_cache, student_config, lr=1e-3))
-    with pytest.raises(PikvError, match="finished run .* had --lr 0.003, this sweep asks for 0.001"):
+    with pytest.raises(PikvError, match="finished run .* had another --lr: 0.003, this sweep asks for 0.001"):
         S.run(other)
+    # ... but settings of how a run goes (workers, logging) and another spelling of the cache are the same runs
+    same = SweepConfig(out=str(tmp_path / "sw"), grid=parse_grid(["temperature=1,2", "top-k=4,16"]),
+                       base=base(os.path.abspath(train_cache) + "/", student_config, num_workers=1, log_every=7))
+    assert [r["eval_ce"] for r in S.run(same)] == pytest.approx([r["eval_ce"] for r in rows])
 
 
 @pytest.mark.parametrize("spec, message", [

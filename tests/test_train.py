@@ -35,13 +35,13 @@ def weights(run_dir):
     return load_file(os.path.join(run_dir, "final", "model.safetensors"))
 
 
-def assert_weights_close(a, b, exact=False):
+def assert_weights_close(a, b, exact=False, atol=1e-5):
     assert a.keys() == b.keys()
     for k in a:
         if exact:
             assert torch.equal(a[k], b[k]), k
         else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=k)
 
 
 def metrics(run_dir):
@@ -305,7 +305,10 @@ def test_sampled_tail_cache_trains(top_k, trained_cache, student_config, workdir
     assert p.returncode == 0, p.stderr[-3000:]
     train(str(cache), student_config, tmp_path / "one", max_steps=12, ce_weight=0.0,
           batch_size=4)
-    assert_weights_close(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    # Adam's step is about lr x sign(g) for a gradient near 0, so the last bit that the order of a 2-rank sum
+    # changes can move such an entry by a fraction of lr (3e-3) per step; 12 steps of the high-variance k = 0
+    # estimator moved one embedding entry of 16,384 by 1.2e-5 on one machine (all others <= 7e-7)
+    assert_weights_close(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=5e-5)
 
 
 def test_crafted_trainer_state_runs_no_code(train_cache, student_config, tmp_path):
@@ -485,8 +488,8 @@ def test_temperature_schedule_steps_through_the_grid_and_equals_fixed_T_runs(tra
     import yaml
 
     from pikv_offline.cli import yaml_loader  # YAML 1.1 would read 2:1 as 121 (base 60) and 1e-3 as a string
-    assert yaml.load("temperature-schedule: 2:1\nlr: 1e-3\n", Loader=yaml_loader()) == \
-        {"temperature-schedule": "2:1", "lr": 0.001}
+    assert yaml.load("temperature-schedule: 2:1\nlr: 1e-3\nseed: 010\nmax-steps: 0x_\n", Loader=yaml_loader()) == \
+        {"temperature-schedule": "2:1", "lr": 0.001, "seed": 10, "max-steps": "0x_"}
     with pytest.raises(PikvError, match="had --temperature-schedule 2:1:linear, this one 2:1:cosine"):
         train(train_cache, student_config, tmp_path / "s", temperature_schedule="2:1:cosine", max_steps=6,
               resume=True)
@@ -495,6 +498,10 @@ def test_temperature_schedule_steps_through_the_grid_and_equals_fixed_T_runs(tra
                       (dict(top_k=4), "--top-k"), (dict(divergence="jsd", tail="bucket"), "--divergence")):
         with pytest.raises(PikvError, match=words):
             train(train_cache, student_config, tmp_path / "f", max_steps=6, resume=True, **{"temperature": 2.0, **kw})
+    # a default and the value it resolves to are one setting: --top-k 16 is this cache's k, --tail bucket its auto
+    r = train(train_cache, student_config, tmp_path / "f", max_steps=5, resume=True, temperature=2.0, top_k=16,
+              tail="bucket")
+    assert r["steps"] == 5
     p = pikv_subprocess(["train-student", "--cache", train_cache, "--student-config", student_config, "--out",
                          str(tmp_path / "cli"), "--max-steps", "2", "--temperature-schedule", "1:4:cosine"])
     assert p.returncode == 2 and "4 is not in the cache's grid" in p.stderr, p.stderr[-2000:]

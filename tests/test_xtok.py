@@ -126,25 +126,28 @@ def test_matched_kd_is_the_bucket_loss_for_one_vocabulary_and_kl_on_the_coarsene
         # one vocabulary (every id matched to itself): the plain bucket loss, value and gradient
         ids = head_ids
         x = s_lsm.detach().requires_grad_(True)
-        got = matched_kd_rows(torch.gather(x, 1, ids), torch.ones_like(ids, dtype=torch.bool),
-                              torch.gather(lp, 1, ids), tnorm, T)
+        got = matched_kd_rows(torch.gather(x, 1, ids), ids, torch.gather(lp, 1, ids), tnorm, T)
         y = s_lsm.detach().requires_grad_(True)
         ref = kd_rows(y, ids, torch.gather(lp, 1, ids), tnorm, temperature=T, tail="bucket")
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         got.sum().backward(), ref.sum().backward()
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
-        # two vocabularies: teacher id i is student id mapping[i] or unknown to the student; the loss is KL
-        # between the two distributions on the events {each matched head id} + {everything else}, dense
+        # two vocabularies: teacher id i is student id mapping[i] or unknown to the student, and some teacher
+        # ids spell the same student token (their probability pools); the loss is KL between the two
+        # distributions on the events {each matched student id} + {everything else}, dense
         mapping = torch.randperm(40, generator=g)
         mapping[mapping >= 30] = -1
+        mapping[head_ids[:, 1]] = mapping[head_ids[:, 0]]  # the top two head ids of each row: one student token
         s_ids = mapping[head_ids]
-        matched = s_ids >= 0
         x = torch.log_softmax(s_logits / T, -1).detach().requires_grad_(True)
-        got = matched_kd_rows(torch.gather(x, 1, s_ids.clamp_min(0)), matched, head_lp, tnorm, T)
+        got = matched_kd_rows(torch.gather(x, 1, s_ids.clamp_min(0)), s_ids, head_lp, tnorm, T)
         p_T, q_T = torch.softmax(t_logits / T, -1), torch.softmax(s_logits / T, -1)
         for r in range(6):
-            pm = [float(p_T[r, i]) for i, ok in zip(head_ids[r], matched[r]) if ok]
-            qm = [float(q_T[r, j]) for j, ok in zip(s_ids[r], matched[r]) if ok]
+            pooled = {}
+            for i, j in zip(head_ids[r].tolist(), s_ids[r].tolist()):
+                if j >= 0:
+                    pooled[j] = pooled.get(j, 0.0) + float(p_T[r, i])
+            pm, qm = list(pooled.values()), [float(q_T[r, j]) for j in pooled]
             p_ev, q_ev = torch.tensor(pm + [1 - sum(pm)]), torch.tensor(qm + [1 - sum(qm)])
             kl = float((p_ev * (p_ev / q_ev).log()).sum())
             assert float(got[r].detach()) == pytest.approx(kl, rel=1e-4, abs=1e-6)
@@ -152,24 +155,35 @@ def test_matched_kd_is_the_bucket_loss_for_one_vocabulary_and_kl_on_the_coarsene
         got.sum().backward()
         assert torch.isfinite(x.grad).all()
     # no matched id at a position: the loss is 0 there (one event each, mass 1 on both sides)
-    none = matched_kd_rows(torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.bool), head_lp[:2], tnorm[:2], 1.0)
+    none = matched_kd_rows(torch.zeros(2, 8), torch.full((2, 8), -1), head_lp[:2], tnorm[:2], 1.0)
     assert none.abs().max() < 1e-6
 
 
-def test_vocab_map_matches_the_same_bytes_one_to_one(tokenizers):
+def test_vocab_map_matches_the_same_bytes_on_the_id_the_student_writes(tokenizers):
+    from pikv_offline.student.xtok import byte_fallback_ids
+
     t_tok, s_tok = tokenizers["bpe512"], tokenizers["spiece"]
     t_table, s_table = token_bytes(t_tok), token_bytes(s_tok)
-    m = vocab_map(t_table, s_table, t_tok.eos_token_id, s_tok.eos_token_id)
+    fallback = byte_fallback_ids(s_tok)
+    assert len(fallback) == 256
+    m = vocab_map(t_table, s_table, t_tok.eos_token_id, s_tok.eos_token_id, fallback)
     hit = np.flatnonzero(m >= 0)
-    assert len(set(m[hit].tolist())) == len(hit)  # one to one
     assert m[t_tok.eos_token_id] == s_tok.eos_token_id
     for i in hit:
         if i != t_tok.eos_token_id:
             assert t_table[i] == s_table[m[i]]
     # every single byte is in both (byte-level alphabet, byte fallback): at least those match
     assert len(hit) > 256 * 0.9
+    # a letter goes to the piece the student's tokenizer writes for it, not to its byte-fallback twin
+    a = t_tok("a", add_special_tokens=False)["input_ids"]
+    assert m[a[0]] == s_tok("a", add_special_tokens=False)["input_ids"][0] and m[a[0]] not in fallback
     same = vocab_map(t_table, t_table, t_tok.eos_token_id, t_tok.eos_token_id)
     assert all(same[i] == i for i in range(len(t_table)) if t_table[i] is not None)
+    # a SentencePiece teacher's piece and its byte-fallback twin both map to the student's one id
+    sp = token_bytes(s_tok)
+    both = vocab_map(sp, sp, s_tok.eos_token_id, s_tok.eos_token_id, fallback)
+    twin = next(i for i in fallback if sp[i] == b"a")
+    assert both[twin] == both[s_tok("a", add_special_tokens=False)["input_ids"][0]] not in fallback
 
 
 def test_the_texts_special_token_strings_stay_text_and_a_normalizing_student_is_refused(tokenizers):
@@ -191,6 +205,23 @@ def test_the_texts_special_token_strings_stay_text_and_a_normalizing_student_is_
     odd.backend_tokenizer.normalizer = normalizers.Lowercase()
     with pytest.raises(PikvError, match="normalizer"):
         retokenize(t_ids, np.ones(len(t_ids), bool), token_bytes(t_tok), odd, 4 * len(t_ids))
+
+
+def test_a_dummy_prefix_after_each_added_token_is_followed(texts, tokenizers):
+    """SentencePiece with prepend_scheme "always" puts a dummy space before each split, also after an added
+    token: the text is still spelled, and the student's next-token events line up with the teacher's."""
+    s_tok = _sentencepiece_style(texts[:200], prepend="always")
+    s_tok.add_tokens(["<mytok>"])
+    t_tok = tokenizers["bpe512"]
+    text = "see <mytok>here and <mytok> there, then more text."
+    t_ids = np.asarray(t_tok(text, add_special_tokens=False)["input_ids"])
+    ids, mask, pos = retokenize(t_ids, np.ones(len(t_ids), bool), token_bytes(t_tok), s_tok, 4 * len(t_ids))
+    s_table, t_table = token_bytes(s_tok), token_bytes(t_tok)
+    assert (pos >= 0).sum() >= 5
+    for t in np.flatnonzero(pos >= 0):  # the teacher's prefix, spaces aside, is the student's
+        u = pos[t]
+        s_prefix = b"".join(s_table[i] for i in ids[:t + 1]).replace(b" ", b"")
+        assert s_prefix == b"".join(t_table[i] for i in t_ids[:u + 1]).replace(b" ", b"")
 
 
 def test_an_unsupported_tokenizer_is_refused_in_one_line(tokenizers):
@@ -215,6 +246,7 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_cache_and_saves_its_to
 
     from conftest import pikv_subprocess
     from pikv_offline.config import TrainConfig
+    from pikv_offline.errors import PikvError
     from pikv_offline.student.train import run
 
     tok_dir = tmp_path / "student-tok"
@@ -261,6 +293,11 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_cache_and_saves_its_to
     first = [json.loads(x) for x in open(tmp_path / "run-worker" / "metrics.jsonl")][0]
     assert first["kd"] == pytest.approx(steps[0]["kd"], rel=1e-5) and r2["steps"] == 2
     assert len(AutoTokenizer.from_pretrained(tmp_path / "run-worker" / "final")) == n_tok
+    r_more = run(TrainConfig(out=str(tmp_path / "run"), **{**kw, "max_steps": 13, "cross_loss": "match",
+                                                           "resume": "strict"}))  # the default, spelled out
+    assert r_more["steps"] == 13
+    with pytest.raises(PikvError, match="had --cross-loss match, this one uld"):
+        run(TrainConfig(out=str(tmp_path / "run"), **{**kw, "max_steps": 14, "cross_loss": "uld", "resume": "strict"}))
     r3 = run(TrainConfig(out=str(tmp_path / "run-uld"), **{**kw, "max_steps": 2, "cross_loss": "uld"}))
     assert r3["steps"] == 2 and 0 < r3["eval"]["eval_kd"] <= 2  # a sorted L1 distance of distributions: <= 2
     # what cannot work is refused in one line

@@ -106,8 +106,15 @@ def yaml_loader():
     numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
     Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in rules if tag not in numbers]
                                       for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    Loader.add_implicit_resolver(numbers[0], re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"),
-                                 list("-+0123456789"))
+    Loader.add_implicit_resolver(numbers[0], re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F][0-9a-fA-F_]*|0o[0-7][0-7_]*)$"), list("-+0123456789"))
+
+    def integer(loader, node):  # YAML 1.2: 010 is ten (1.1: eight), 0o10 eight, 0x10 sixteen
+        text = loader.construct_scalar(node).replace("_", "")
+        return int(text[2:], 16) if text.startswith("0x") else int(text[2:], 8) if text.startswith("0o") else \
+            int(text, 10)
+
+    Loader.add_constructor(numbers[0], integer)
     Loader.add_implicit_resolver(numbers[1], re.compile(
         r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
         r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))

@@ -121,10 +121,13 @@ def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str, cache_
     return state
 
 
-def check_same_run(state: dict, ckpt: str, cfg, lora_base: str | None, tail_mode: str | None = None) -> None:
+def check_same_run(state: dict, ckpt: str, cfg, lora_base: str | None, tail_mode: str | None = None,
+                   cache_top_k: int | None = None) -> None:
     """Refuses a resume that would continue another run than the checkpoint's: a whole student against a
     LoRA adapter, an adapter of another base (``lora_base``: this run's base fingerprint, None without
-    LoRA), or another temperature schedule (load() already checks the data order and the cache)."""
+    LoRA), another KD target (TARGET_FIELDS, compared as resolved: a default and the value it stands for
+    are one; ``tail_mode`` the tail and ``cache_top_k`` the k a default resolves to) or another student
+    tokenizer (load() already checks the data order and the cache)."""
     was = state.get("lora_base")
     if was != lora_base:
         raise PikvError(f"--resume: the checkpoint {ckpt} " + (
@@ -133,13 +136,29 @@ def check_same_run(state: dict, ckpt: str, cfg, lora_base: str | None, tail_mode
             "holds an adapter of another base student (its weights differ from --student / --student-config's)")
             + ", or use a new --out")
     saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    if saved.get("student_tokenizer") and "cross_loss" not in saved:
+        saved = {**saved, "cross_loss": "uld"}  # a run before --cross-loss: ULD was its only loss
+
+    def resolved(field, value, caches):
+        value = tuple(value) if isinstance(value, list) else value
+        if field == "top_k" and value is None:
+            return cache_top_k
+        if field == "teacher_weights":
+            try:
+                return tuple(round(float(w), 9) for w in (value or [1.0 / max(len(caches), 1)] * len(caches)))
+            except (TypeError, ValueError):  # a damaged config: compared as it is, so refused
+                return value
+        if field == "cross_loss" and value is None:
+            return "match" if cfg.student_tokenizer else None
+        return value
+
     # The settings that fix the KD target: a resume with another one would train the rest of the run towards
     # another objective, and config.json would describe the whole run as if it had been this one.
     for field in TARGET_FIELDS:
         if field not in saved:  # a checkpoint of a version before the setting existed
             continue
-        was, now = saved[field], getattr(cfg, field)
-        if (tuple(was) if isinstance(was, list) else was) != now:
+        was, now = resolved(field, saved[field], cfg.cache), resolved(field, getattr(cfg, field), cfg.cache)
+        if was != now:
             flag = "--" + field.replace("_", "-")
             raise PikvError(f"--resume: the checkpoint's run had {flag} {_shown(was)}, this one {_shown(now)}; "
                             "resume with the same setting or use a new --out")

@@ -64,8 +64,7 @@ class Distiller(torch.nn.Module):
                  feature_loss: str = "mse", fused: bool = True, others: tuple = (),
                  teacher_weights: tuple[float, ...] | None = None, cross: str | None = None):
         super().__init__()
-        # cross-tokenizer KD ("match" or "uld", xtok.py) at the aligned positions, on the plain path
-        self.cross = cross
+        self.cross = cross  # cross-tokenizer KD at the aligned positions: "match" or "uld" (xtok.py), or None
         self.student, self.plan, self.divergence, self.loss_chunk = student, plan, divergence, loss_chunk
         self.plans = (plan, *others)
         self.teacher_weights = tuple(teacher_weights or [1.0 / len(self.plans)] * len(self.plans))
@@ -156,17 +155,17 @@ class Distiller(torch.nn.Module):
         """(KD sum over the aligned positions, CE sum, top-1 hits): the student's own tokens; head_ids are the
         student ids of the teacher's head (-1: no student token of the same bytes). "match" needs the
         student's log-probs at those ids alone, so it runs on the fused head as the other KD losses do."""
-        matched = (head_ids >= 0) & aligned[:, None]  # an unaligned position matches nothing: KD 0 there
+        s_ids = torch.where(aligned[:, None], head_ids, -1)  # an unaligned position matches nothing: KD 0 there
         ids = head_ids.clamp_min(0)
         if self.cross == "match" and self.fused:
             head = self.student.get_output_embeddings()
 
-            def loss(s_ids, s_label, m, lp, tn):
-                return matched_kd_rows(s_ids, m, lp, tn, T, self.plan.rel_error).sum() * (T * T), -s_label.sum()
+            def loss(s_at, s_label, m, lp, tn):
+                return matched_kd_rows(s_at, m, lp, tn, T, self.plan.rel_error).sum() * (T * T), -s_label.sum()
 
             dev = head.weight.device
             kd, ce, argmax = fused_kd_ce(h.to(dev), head.weight, head.bias, ids.to(dev), labels.to(dev), loss,
-                                         (matched.to(dev), head_logprobs.to(dev), tnorm.to(dev)), T,
+                                         (s_ids.to(dev), head_logprobs.to(dev), tnorm.to(dev)), T,
                                          (self.kd_weight, self.ce_weight), self.loss_chunk or None)
         else:
             logits = lm_logits(self.student, h).float()
@@ -178,7 +177,7 @@ class Distiller(torch.nn.Module):
                     kd, _ = uld_loss(logits[aligned], head_logprobs[aligned], tnorm[aligned], T)
                 else:
                     s_at = torch.gather(torch.log_softmax(logits / T, dim=-1), 1, ids)
-                    kd, _ = matched_kd_loss(s_at, matched, head_logprobs, tnorm, T, self.plan.rel_error)
+                    kd, _ = matched_kd_loss(s_at, s_ids, head_logprobs, tnorm, T, self.plan.rel_error)
         top1 = torch.zeros((), dtype=torch.long)
         if not self.training and ids.shape[1]:  # the teacher's top-1 where aligned and the student has it
             t_top1 = torch.gather(head_ids, 1, head_logprobs.argmax(-1, keepdim=True))[:, 0]

@@ -57,11 +57,12 @@ def attach(model, rank: int, alpha: float | None, targets: str):
     widths = {n: _width(m) for n, m in model.named_modules() if _width(m) and m is not head and (
         names != "all-linear" and n.rsplit(".", 1)[-1] in names or
         names == "all-linear" and not isinstance(m, torch.nn.Embedding))}
-    if widths and rank > min(widths.values()):
-        narrow = min(widths, key=widths.get)
-        raise PikvError(f"--lora-rank {rank} is above the width of a layer it adapts ({narrow}: {widths[narrow]}): a "
-                        "rank-r update of an m x n matrix has rank at most min(m, n); lower --lora-rank or "
-                        "--lora-targets")
+    # Above one narrow layer's width (a one-wide MoE gate) the adapter is only over-parameterized there; above
+    # every layer's it can reach nothing a lower rank could not.
+    if widths and rank > max(widths.values()):
+        raise PikvError(f"--lora-rank {rank} is above the widths of the layers it adapts (at most "
+                        f"{max(widths.values())}): a rank-r update of an m x n matrix has rank at most min(m, n); "
+                        "lower --lora-rank")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=names,
                         lora_dropout=0.0, bias="none")
     try:

@@ -224,7 +224,7 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
     check_positions(model, cache.seq_len)  # a cross-tokenizer student's sequences are capped at it too
     base = lora.base_fingerprint(model) if cfg.lora_rank else None  # the frozen base an adapter belongs to
     if state:
-        checkpoint.check_same_run(state, ckpt, cfg, base, plan.tail)
+        checkpoint.check_same_run(state, ckpt, cfg, base, plan.tail, cache.top_k)
     if state and not cfg.lora_rank:
         model = checkpoint.load_student(ckpt, cfg.trust_remote_code)
     model.config.use_cache = False

@@ -4,7 +4,7 @@ predict the same next piece of text, and the Universal Logit Distillation loss a
     ids, mask, teacher_pos = retokenize(teacher_ids, teacher_mask, token_bytes(teacher_tok), student_tok, L)
     loss_sum, count = uld_loss(student_logits_at_aligned, head_logprobs, tnorm, temperature)      # --cross-loss uld
     s_ids = vocab_map(token_bytes(teacher_tok), token_bytes(student_tok), ...)[head_ids]          # --cross-loss match
-    loss_sum, count = matched_kd_loss(student_logprobs_T_at_aligned, s_ids, head_logprobs, tnorm, temperature)
+    loss_sum, count = matched_kd_loss(student_logprobs_T_at(s_ids), s_ids, head_logprobs, tnorm, temperature)
 
 The cache holds the teacher's token ids; their bytes are exact (token_bytes: byte-level BPE as in GPT-2,
 Llama 3, Qwen; SentencePiece-style pieces with byte fallback as in Llama 2, Mistral, Gemma), so the text is
@@ -30,12 +30,14 @@ of Large Language Models", arXiv:2401.10491) carries a teacher's distribution on
 mapping each token to the target token of the same or, failing that, the nearest spelling (minimum edit
 distance). Here only the exact matches are mapped (vocab_map: the teacher token and the student token have
 the same bytes; the teacher's EOS is the student's EOS), and the teacher's mass on its other ids stays in
-one bucket instead of moving to a token of another spelling. With m the matched head ids at a position,
-    KL_match = sum_{v in m} p_T(v) log(p_T(v) / q_T(s(v))) + P_r log(P_r / Q_r),
-    P_r = 1 - sum_{v in m} p_T(v),    Q_r = 1 - sum_{v in m} q_T(s(v)),
-forward KL between the two distributions coarsened to the same |m| + 1 events (the matched tokens and
+one bucket instead of moving to a token of another spelling. With S the student ids matched by the head
+at a position and P(s) = sum of p_T(v) over the head ids v with s(v) = s (a piece and its byte-fallback
+twin spell the same bytes: their probability pools),
+    KL_match = sum_{s in S} P(s) log(P(s) / q_T(s)) + P_r log(P_r / Q_r),
+    P_r = 1 - sum_{s in S} P(s),    Q_r = 1 - sum_{s in S} q_T(s),
+forward KL between the two distributions coarsened to the same |S| + 1 events (the matched tokens and
 everything else): >= 0, 0 only when they agree there, and the plain bucket loss when the two vocabularies
-are one (m = the head).
+are one (and no two ids spell the same bytes).
 """
 
 from __future__ import annotations
@@ -197,24 +199,30 @@ def retokenize(teacher_ids: np.ndarray, teacher_mask: np.ndarray, table: list, s
 
 
 def _student_starts(pieces: list, text: str) -> list[int]:
-    """Each student token's first byte in ``text`` from the tokens' own bytes; -1 for a first token that
-    holds a prepended space the text does not have. Refuses tokens that do not spell the text."""
+    """Each student token's first byte in ``text`` from the tokens' own bytes; -1 for a token that begins with
+    a space the text does not have (SentencePiece's dummy prefix: before the text, and with prepend_scheme
+    "always" after each added token too). Refuses tokens that do not spell the text otherwise."""
     if any(p is None for p in pieces):
         raise PikvError("cross-tokenizer KD: the student's tokenizer turned part of the text into an unknown or "
                         "special token, so its tokens do not spell the teacher's text; give a student tokenizer with "
                         "byte fallback (or byte-level BPE)")
-    joined, want = b"".join(pieces), text.encode("utf-8")
-    shift = 0
-    if joined != want:
-        if joined != b" " + want:
-            raise PikvError("cross-tokenizer KD: the student's tokenizer changes the text it tokenizes (a normalizer: "
-                            f"{want[:40]!r} became {joined[:40]!r}), so its tokens are not of the teacher's text; give "
-                            "a student tokenizer without a normalizer")
-        shift = 1  # SentencePiece's dummy prefix: one space before the text
-    out, at = [], -shift
+    want, out, at = text.encode("utf-8"), [], 0
     for p in pieces:
-        out.append(at if at >= 0 else -1)
-        at += len(p)
+        if want.startswith(p, at):
+            out.append(at)
+            at += len(p)
+        elif p.startswith(b" ") and want.startswith(p[1:], at):
+            out.append(-1)  # a dummy space, then the text's own bytes
+            at += len(p) - 1
+        else:
+            got = b"".join(pieces)
+            raise PikvError("cross-tokenizer KD: the student's tokenizer changes the text it tokenizes (a "
+                            f"normalizer?): at byte {at} the text has {want[max(0, at - 10):at + 20]!r} but its tokens spell "
+                            f"{p!r} there (all: {got[:60]!r}...), so they are not the teacher's text; give a student "
+                            "tokenizer without a normalizer")
+    if at != len(want):
+        raise PikvError(f"cross-tokenizer KD: the student's tokens spell {at} of the text's {len(want)} bytes; its "
+                        "tokenizer drops part of the text")
     return out
 
 
@@ -231,49 +239,66 @@ def uld_rows(s_logits: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Te
     return (p - q).abs().sum(-1) + tail
 
 
-def vocab_map(teacher_table: list, student_table: list, teacher_eos: int | None, student_eos: int | None) -> np.ndarray:
-    """[V_t] int64: the student id with the same bytes as each teacher id, or -1 (module docstring). One to
-    one: of several ids with the same bytes, only the lowest of each side is matched (a student id reached
-    twice would count its probability twice). A teacher special token (None) matches nothing, except its EOS,
-    which retokenize turns into the student's EOS."""
+def byte_fallback_ids(tokenizer) -> set[int]:
+    """The ids of SentencePiece's byte-fallback tokens (<0x41>): the tokenizer writes a byte with one only where
+    no piece spells it, so another id of the same bytes is the one it emits."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return {i for i, p in enumerate(pieces) if p is not None and len(p) == 6 and p[:3] == "<0x" and p[-1] == ">"}
+
+
+def vocab_map(teacher_table: list, student_table: list, teacher_eos: int | None, student_eos: int | None,
+              student_fallback: set[int] = frozenset()) -> np.ndarray:
+    """[V_t] int64: the student id with the same bytes as each teacher id, or -1 (module docstring). Of several
+    student ids of the same bytes the one its tokenizer writes is taken: not a byte-fallback id
+    (``student_fallback``), else the lowest. Several teacher ids of the same bytes (a piece and its byte-fallback
+    twin) all map to it, and the loss pools their probability. A teacher special token (None) matches nothing,
+    except its EOS, which retokenize turns into the student's EOS."""
     first: dict[bytes, int] = {}
     for j, b in enumerate(student_table):
-        if b is not None and b not in first:
+        if b is not None and (b not in first or first[b] in student_fallback and j not in student_fallback):
             first[b] = j
-    out = np.full(len(teacher_table), -1, dtype=np.int64)
-    seen: set[bytes] = set()
-    for i, b in enumerate(teacher_table):
-        if b is not None and b in first and b not in seen:
-            out[i] = first[b]
-            seen.add(b)
+    out = np.array([first.get(b, -1) if b is not None else -1 for b in teacher_table], dtype=np.int64)
     if teacher_eos is not None and student_eos is not None and 0 <= teacher_eos < len(out):
         out[teacher_eos] = student_eos
     return out
 
 
-def matched_kd_rows(s_at: torch.Tensor, matched: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
+def matched_kd_rows(s_at: torch.Tensor, s_ids: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
                     temperature: float, rel_error: float = 2.0 ** -11) -> torch.Tensor:
-    """[N] KL_match at T (module docstring), before the T^2 factor: s_at [N, k] the student's log q_T at the
-    student id matched to each teacher head id (any value where unmatched), matched [N, k] bool, t_logprobs
-    [N, k] the teacher's stored T=1 head log-probs, t_tnorm [N] its normalizer at T. The teacher's rest mass
-    below the head's rounding floor counts as 0, as in the bucket loss."""
+    """[N] KL_match at T (module docstring), before the T^2 factor: s_at [N, k] the student's log q_T at s_ids
+    [N, k], the student id of each teacher head id (-1: none; any s_at there), t_logprobs [N, k] the teacher's
+    stored T=1 head log-probs, t_tnorm [N] its normalizer at T. Teacher ids of one student id pool their
+    probability on it. The teacher's rest mass below the head's rounding floor counts as 0, as in the bucket
+    loss."""
     T = temperature
+    k = s_ids.shape[-1]
+    matched = s_ids >= 0
     very_low = torch.finfo(torch.float32).min / 4  # exp() of it is 0; unlike -inf its gradients stay finite
     p_top = torch.where(matched, t_logprobs.float() / T - t_tnorm.float()[:, None], very_low)
-    s_top = torch.where(matched, s_at, very_low)
     p = p_top.exp()
-    head = torch.where(matched, p * (p_top - s_top), torch.zeros_like(p)).sum(-1)
     floor = rel_error / T * torch.where(matched, p * t_logprobs.float().abs(), torch.zeros_like(p)).sum(-1)
-    p_rest, q_rest = tail_mass(p_top, floor), tail_mass(s_top)
+    p_rest = tail_mass(p_top, floor)
+    # Group equal student ids: sorted, each run of one id is a group; its first member (the leader) carries
+    # the group's pooled probability. Unmatched entries get keys of their own (negative), so never group.
+    key = torch.where(matched, s_ids, -1 - torch.arange(k, device=s_ids.device))
+    key, order = key.sort(-1)
+    p_s, s_s, m_s = p.gather(1, order), s_at.gather(1, order), matched.gather(1, order)
+    lead = torch.ones_like(m_s)
+    lead[:, 1:] = key[:, 1:] != key[:, :-1]
+    group = lead.long().cumsum(-1) - 1
+    pooled = torch.zeros_like(p_s).scatter_add(1, group, p_s).gather(1, group)
+    lead = lead & m_s
+    head = torch.where(lead, torch.xlogy(pooled, pooled) - pooled * s_s, torch.zeros_like(p_s)).sum(-1)
+    q_rest = tail_mass(torch.where(lead, s_s, very_low))  # each student id once
     rest = torch.xlogy(p_rest, p_rest) - torch.xlogy(p_rest, q_rest.clamp_min(1e-30))
     return head + rest
 
 
-def matched_kd_loss(s_at: torch.Tensor, matched: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
+def matched_kd_loss(s_at: torch.Tensor, s_ids: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
                     temperature: float = 1.0, rel_error: float = 2.0 ** -11) -> tuple[torch.Tensor, int]:
     """KL_match sum over the N aligned positions (times T^2, as the bucket loss) and N."""
     T = temperature
-    return matched_kd_rows(s_at, matched, t_logprobs, t_tnorm, T, rel_error).sum() * (T * T), s_at.shape[0]
+    return matched_kd_rows(s_at, s_ids, t_logprobs, t_tnorm, T, rel_error).sum() * (T * T), s_at.shape[0]
 
 
 def uld_loss(s_logits: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Tensor,
@@ -295,8 +320,8 @@ class Retokenizer:
 
             t_tok, s_tok = (AutoTokenizer.from_pretrained(p, trust_remote_code=False) for p in self.paths)
             table, s_table = token_bytes(t_tok), token_bytes(s_tok)
-            self._loaded = (table, s_tok, s_table,
-                            torch.from_numpy(vocab_map(table, s_table, t_tok.eos_token_id, s_tok.eos_token_id)))
+            self._loaded = (table, s_tok, s_table, torch.from_numpy(vocab_map(
+                table, s_table, t_tok.eos_token_id, s_tok.eos_token_id, byte_fallback_ids(s_tok))))
         return self._loaded
 
     def __call__(self, teacher_ids: np.ndarray, teacher_mask: np.ndarray):

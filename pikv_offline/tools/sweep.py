@@ -26,9 +26,15 @@ from ..student.train import train
 from .plot import mean_tokens_per_s, plot_runs, read_metrics
 
 
-def check_finished(name: str, tcfg: TrainConfig) -> None:
+# Settings that change how a run goes, not what it computes: a re-run may differ in them.
+OPERATIONAL = ("resume", "out", "cache", "num_workers", "reader", "log_every", "save_every", "eval_every",
+               "tensorboard", "wandb", "device", "loss_chunk", "trust_remote_code")
+
+
+def check_finished(name: str, tcfg: TrainConfig, cache_key: str | None, cache_k: int | None) -> None:
     """A finished run is reported as it stands only if it was this grid point's run: a sweep re-run into the same
-    --out with other caches or settings would otherwise list the old runs under the new settings."""
+    --out with other caches (by content: their key) or settings would otherwise list the old runs under the new
+    settings. config.json holds top_k as resolved (``cache_k`` where the flag was not given)."""
     path = os.path.join(tcfg.out, "config.json")
     try:
         with open(path) as f:
@@ -36,24 +42,29 @@ def check_finished(name: str, tcfg: TrainConfig) -> None:
     except (OSError, ValueError) as e:
         raise PikvError(f"sweep run {name}: {tcfg.out} has a final/ but no readable config.json ({e}); remove that run "
                         "folder or use a new --out")
-    want = json.loads(json.dumps(tcfg.to_dict()))
     saved = saved if isinstance(saved, dict) else {}
-    # config.json holds top_k as resolved (the cache's k where the flag was not given)
-    differ = [k for k in want if k != "resume" and k in saved and not (k == "top_k" and want[k] is None)
-              and saved[k] != want[k]]  # a key missing: a run of an earlier pikv, before that setting existed
+    want = json.loads(json.dumps(tcfg.to_dict()))
+    if want.get("top_k") is None:
+        want["top_k"] = cache_k
+    if cache_key is not None:
+        want["cache_key"] = cache_key
+    differ = [k for k in want if k not in OPERATIONAL and k in saved  # missing: a run of an earlier pikv
+              and saved[k] != want[k]]
     if differ:
         k = differ[0]
-        raise PikvError(f"sweep run {name}: the finished run in {tcfg.out} had --{k.replace('_', '-')} "
-                        f"{saved.get(k)}, this sweep asks for {want[k]}; use a "
-                        "new --out (or remove that run folder)")
+        what = "cache (by content)" if k == "cache_key" else "--" + k.replace("_", "-")
+        raise PikvError(f"sweep run {name}: the finished run in {tcfg.out} had another {what}: {saved.get(k)}, this "
+                        f"sweep asks for {want[k]}; use a new --out (or remove that run folder)")
 
 
 def run(cfg: SweepConfig) -> list[dict]:
     # Build every run's config first: a bad grid value fails before any training starts.
     configs = [(cfg.run_name(p), p, TrainConfig(**{**cfg.base, **p, "out": os.path.join(cfg.out, cfg.run_name(p))}))
                for p in cfg.points()]
+    cache_key = cache_k = None
     if configs and all(storage.exists(c) for c in configs[0][2].cache):  # what the caches cannot serve, before any run
         cache, *more = [open_cache(c) for c in configs[0][2].cache]
+        cache_key, cache_k = "+".join(c.attrs.cache_key for c in (cache, *more)), cache.top_k
         for name, _, t in configs:
             try:
                 plan = D.plan_targets(cache, t.top_k, t.temperature, "bucket" if t.student_tokenizer else t.tail,
@@ -67,7 +78,7 @@ def run(cfg: SweepConfig) -> list[dict]:
         rows = []
         for i, (name, point, tcfg) in enumerate(configs):
             if os.path.isdir(os.path.join(tcfg.out, "final")):
-                check_finished(name, tcfg)
+                check_finished(name, tcfg, cache_key, cache_k)
                 dist.print0(f"[{i + 1}/{len(configs)}] {name}: finished before, skipped")
             else:
                 resume = checkpoint.latest(tcfg.out) is not None
