@@ -277,10 +277,11 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_cache_and_saves_its_to
     assert ev["eval_kd"] == pytest.approx(r["eval"]["eval_kd"], rel=1e-4)
     assert ev["eval_top1"] == pytest.approx(r["eval"]["eval_top1"]) and 0 <= ev["eval_top1"] <= 1
     # the other cross loss changes the KD figure only
-    p = pikv_subprocess(["eval", "--cache", trained_cache, "--student", str(final), "--cross-tokenizer",
-                         "--cross-loss", "uld", "--eval-fraction", "0.1", "--temperature", "2", "--json"], timeout=120)
-    assert p.returncode == 0, p.stderr[-1500:]
-    uld = json.loads(p.stdout.strip().splitlines()[-1])
+    from pikv_offline.config import EvalConfig
+    from pikv_offline.student.evaluate import run as evaluate
+
+    uld = evaluate(EvalConfig(cache=trained_cache, student=str(final), cross_tokenizer=True, cross_loss="uld",
+                              eval_fraction=0.1, temperature=2.0))
     assert uld["eval_ce"] == pytest.approx(ev["eval_ce"], rel=1e-6) and uld["eval_kd"] != pytest.approx(ev["eval_kd"])
     # the same run in the worker process reads the same batches (the tokenizers load there); a tokenizer folder
     # of links (a hub snapshot's) is copied into final/
@@ -300,20 +301,20 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_cache_and_saves_its_to
         run(TrainConfig(out=str(tmp_path / "run"), **{**kw, "max_steps": 14, "cross_loss": "uld", "resume": "strict"}))
     r3 = run(TrainConfig(out=str(tmp_path / "run-uld"), **{**kw, "max_steps": 2, "cross_loss": "uld"}))
     assert r3["steps"] == 2 and 0 < r3["eval"]["eval_kd"] <= 2  # a sorted L1 distance of distributions: <= 2
-    # what cannot work is refused in one line
+    # what cannot work is refused in one line (the command line once; in process otherwise)
     small = tmp_path / "small.json"
     small.write_text(cfg_path.read_text().replace(f'"vocab_size": {n_tok}', '"vocab_size": 100'))
-    base = ["train-student", "--cache", trained_cache, "--max-steps", "1", "--num-workers", "0"]
-    for args, msg in ((["--student-config", str(small), "--student-tokenizer", str(tok_dir)], "only 100"),
-                      (["--student-config", str(cfg_path), "--student-tokenizer", str(tmp_path / "none")], "not a folder"),
-                      (["--student-config", str(cfg_path), "--student-tokenizer", str(tok_dir), "--hidden-weight", "1"],
-                       ""),
-                      (["--student-config", str(cfg_path), "--student-tokenizer", str(tok_dir), "--tail", "renorm"],
-                       "drop --divergence forward_kl / --tail renorm"),
-                      (["--student-config", str(cfg_path), "--cross-loss", "uld"], "needs --student-tokenizer")):
-        p = pikv_subprocess(base + args + ["--out", str(tmp_path / f"bad-{len(msg)}-{len(args)}")], timeout=120)
-        assert p.returncode == 2 and msg in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr, \
-            p.stderr[-1500:]
+    p = pikv_subprocess(["train-student", "--cache", trained_cache, "--max-steps", "1", "--num-workers", "0",
+                         "--student-config", str(small), "--student-tokenizer", str(tok_dir), "--out",
+                         str(tmp_path / "bad")], timeout=120)
+    assert p.returncode == 2 and "only 100" in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr, \
+        p.stderr[-1500:]
+    for kw2, msg in ((dict(student_tokenizer=str(tmp_path / "none")), "not a folder"),
+                     (dict(hidden_weight=1.0), "--hidden-weight"),
+                     (dict(tail="renorm"), "drop --divergence forward_kl / --tail renorm"),
+                     (dict(student_tokenizer=None, cross_loss="uld"), "needs --student-tokenizer")):
+        with pytest.raises(PikvError, match=msg):
+            run(TrainConfig(out=str(tmp_path / "bad2"), **{**kw, "max_steps": 1, **kw2}))
 
 
 def test_cross_match_on_the_fused_head_equals_the_plain_path(tokenizer):
