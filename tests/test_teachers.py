@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -164,22 +165,23 @@ def test_two_teachers_train_resume_and_refuse_what_does_not_mix(full_caches, tra
         if not path.exists():
             dump(DumpConfig(sampled_tail=0, encoding="fp16", teacher=llama_teacher, data=corpus, out=str(path),
                             seq_len=32, top_k=VOCAB, temperatures=grid, shard_seqs=4, max_sequences=4))
-    base = ["train-student", "--student-config", student_config, "--max-steps", "1", "--batch-size", "1",
-            "--num-workers", "0", "--eval-fraction", "0.25"]
+    # the command line once (one line, exit 2), the rest in process
+    p = pikv_subprocess(["train-student", "--student-config", student_config, "--max-steps", "1", "--batch-size", "1",
+                         "--num-workers", "0", "--eval-fraction", "0.25", "--cache", a, "--cache", train_cache,
+                         "--out", str(tmp_path / "bad")], timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "differs from" in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr, p.stderr[-2000:]
     cases = [
-        (["--cache", a, "--cache", train_cache], "differs from"),
-        (["--cache", a, "--cache", str(other_grid), "--temperature", "2"], "mix-grid14: --temperature 2.0 is not in"),
-        (["--cache", str(grid124), "--cache", str(other_grid), "--temperature-schedule", "4:1"], "lacks T=2"),
-        (["--cache", a, "--cache", b, "--divergence", "reverse_kl", "--tail", "bucket"], "--divergence reverse_kl"),
-        (["--cache", a, "--cache", b, "--teacher-weights", "1,2,3"], "3 weights for 2"),
-        (["--cache", a, "--cache", b, "--teacher-weights", "1,-1"], "positive"),
-        (["--cache", a, "--cache", a], "twice"),
+        ([a, str(other_grid)], dict(temperature=2.0), "mix-grid14: --temperature 2.0 is not in"),
+        ([str(grid124), str(other_grid)], dict(temperature_schedule="4:1"), "lacks T=2"),
+        ([a, b], dict(divergence="reverse_kl", tail="bucket"), "--divergence reverse_kl"),
+        ([a, b], dict(teacher_weights="1,2,3"), "3 weights for 2"),
+        ([a, b], dict(teacher_weights="1,-1"), "positive"),
+        ([a, a], {}, "twice"),
     ]
-    for i, (args, msg) in enumerate(cases):
-        p = pikv_subprocess(base + args + ["--out", str(tmp_path / f"bad{i}")], timeout=120)
-        assert p.returncode == 2, (args, p.stderr[-2000:])
-        err = p.stderr.strip().splitlines()
-        assert msg in err[-1] and "Traceback" not in p.stderr, (args, p.stderr[-2000:])
+    for i, (caches, kw, msg) in enumerate(cases):
+        with pytest.raises(PikvError, match=re.escape(msg)):
+            _train(caches, student_config, tmp_path / f"bad{i}", max_steps=1, batch_size=1, eval_fraction=0.25, **kw)
 
 
 def test_one_cache_trains_with_every_divergence_and_mixture_flags_need_several(train_cache, student_config,
