@@ -358,3 +358,21 @@ def test_cross_match_on_the_fused_head_equals_the_plain_path(tokenizer):
             assert t == t0
             for a, c in zip(gr, g0):
                 torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+def test_cross_tokenizer_reads_no_sampled_tail(workdir, llama_teacher, corpus):
+    """The sampled tail's ids are the teacher's: a cross-tokenizer run plans the bucket on a cache with draws,
+    so --tail auto and a --top-k below the head raise none of the sampled tail's refusals."""
+    from pikv_offline.cache.reader import open_cache
+    from pikv_offline.config import DumpConfig
+    from pikv_offline.student import data as D
+    from pikv_offline.teacher.dump import run as dump
+
+    path = workdir / "xtok-sampled"
+    if not path.exists():
+        dump(DumpConfig(teacher=llama_teacher, data=corpus, out=str(path), seq_len=32, top_k=8, sampled_tail=4,
+                        temperatures=(1.0, 2.0), shard_seqs=4, max_sequences=8))
+    cache = open_cache(str(path))
+    assert D.plan_targets(cache, None, 1.0, "auto").tail == "sampled"
+    plan = D.plan_targets(cache, 4, 1.0, "auto", cross=True)
+    assert (plan.tail, plan.top_k, plan.draws) == ("bucket", 4, 4)

@@ -121,6 +121,11 @@ def load(ckpt: str, *, world_size: int, data_order: dict, cache_key: str, cache_
     return state
 
 
+def joint_cache_key(caches) -> str:
+    """The cache key of a run's caches (several teachers: each, in order), as checkpoints and config.json hold it."""
+    return "+".join(c.attrs.cache_key for c in caches)
+
+
 def check_same_run(state: dict, ckpt: str, cfg, lora_base: str | None, tail_mode: str | None = None,
                    cache_top_k: int | None = None) -> None:
     """Refuses a resume that would continue another run than the checkpoint's: a whole student against a

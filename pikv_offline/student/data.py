@@ -70,11 +70,12 @@ class TargetPlan:
 
 def plan_targets(cache: Cache, top_k: int | None, temperature: float, tail: str,
                  divergence: str = "forward_kl", rich: tuple = (), schedule: tuple | None = None,
-                 total_steps: int = 1) -> TargetPlan:
+                 total_steps: int = 1, cross: bool = False) -> TargetPlan:
     """The TargetPlan of a run; refuses what the cache cannot serve. ``schedule`` (T0, T1, shape) replaces
-    ``temperature`` by T0 -> T1 over ``total_steps``; ``temperature`` becomes T1 (the eval's)."""
-    if tail == "auto":
-        tail = "sampled" if cache.draws else "bucket"
+    ``temperature`` by T0 -> T1 over ``total_steps``; ``temperature`` becomes T1 (the eval's). ``cross``:
+    cross-tokenizer KD, which reads the head and the normalizer alone (a sampled tail's ids are the teacher's)."""
+    if tail == "auto" or cross:
+        tail = "sampled" if cache.draws and not cross else "bucket"
     k = top_k or cache.top_k
     if k > cache.top_k:
         raise PikvError(f"--top-k {k} is above the cached k of {cache.top_k}; use --top-k {cache.top_k} or less")

@@ -52,8 +52,7 @@ def run(cfg: EvalConfig) -> dict:
     d = dist.init(cfg.device)
     try:
         cache = open_cache(cfg.cache)
-        plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, "bucket" if cfg.cross_tokenizer else cfg.tail,
-                              cfg.divergence)
+        plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence, cross=cfg.cross_tokenizer)
         model, tok = load_student(cfg.student, None, 0)
         if cfg.cross_tokenizer:  # the student's own tokenizer, saved in its folder by a cross-tokenizer run
             from .xtok import token_bytes

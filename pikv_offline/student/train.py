@@ -196,13 +196,12 @@ def _train(cfg: TrainConfig, d: dist.Dist, source) -> dict:
         raise PikvError(f"the cache has {len(index.train)} training sequences, fewer than one global batch of "
                         f"{global_batch} (batch-size x grad-accum x ranks); lower --batch-size or --grad-accum")
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    # cross-tokenizer KD reads the head and the normalizer alone (the sampled tail's ids are the teacher's)
-    plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, "bucket" if cfg.student_tokenizer else cfg.tail,
-                          cfg.divergence, schedule=cfg.temperature_schedule, total_steps=total)
+    plan = D.plan_targets(cache, cfg.top_k, cfg.temperature, cfg.tail, cfg.divergence,
+                          schedule=cfg.temperature_schedule, total_steps=total, cross=bool(cfg.student_tokenizer))
     others = D.plan_teachers(plan, cache, more, top_k=cfg.top_k, tail=cfg.tail, divergence=cfg.divergence,
                              schedule=cfg.temperature_schedule, total_steps=total)
     extra = tuple(zip(more, others))  # (Cache, TargetPlan) of each further teacher
-    cache_key = "+".join(c.attrs.cache_key for c in (cache, *more))  # a resume needs the same teachers
+    cache_key = checkpoint.joint_cache_key((cache, *more))  # a resume needs the same teachers
 
     ckpt = checkpoint.latest(cfg.out)
     if cfg.resume == "strict" and ckpt is None:

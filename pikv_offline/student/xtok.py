@@ -98,7 +98,7 @@ def token_bytes(tokenizer) -> list[bytes | None]:
             raise PikvError("cross-tokenizer KD needs the exact bytes of the text, and this SentencePiece-style "
                             f"tokenizer has no byte fallback: a character it lacks becomes {tokenizer.unk_token}")
         for i, p in enumerate(pieces):
-            if p is not None and len(p) == 6 and p.startswith("<0x") and p.endswith(">"):  # byte fallback
+            if _is_byte_fallback(p):
                 out.append(bytes([int(p[3:5], 16)]))
             elif i in special or p is None:
                 out.append(None)
@@ -217,9 +217,9 @@ def _student_starts(pieces: list, text: str) -> list[int]:
         else:
             got = b"".join(pieces)
             raise PikvError("cross-tokenizer KD: the student's tokenizer changes the text it tokenizes (a "
-                            f"normalizer?): at byte {at} the text has {want[max(0, at - 10):at + 20]!r} but its tokens spell "
-                            f"{p!r} there (all: {got[:60]!r}...), so they are not the teacher's text; give a student "
-                            "tokenizer without a normalizer")
+                            f"normalizer?): at byte {at} the text has {want[max(0, at - 10):at + 20]!r} but its "
+                            f"tokens spell {p!r} there (all: {got[:60]!r}...), so they are not the teacher's text; "
+                            "give a student tokenizer without a normalizer")
     if at != len(want):
         raise PikvError(f"cross-tokenizer KD: the student's tokens spell {at} of the text's {len(want)} bytes; its "
                         "tokenizer drops part of the text")
@@ -242,8 +242,13 @@ def uld_rows(s_logits: torch.Tensor, t_logprobs: torch.Tensor, t_tnorm: torch.Te
 def byte_fallback_ids(tokenizer) -> set[int]:
     """The ids of SentencePiece's byte-fallback tokens (<0x41>): the tokenizer writes a byte with one only where
     no piece spells it, so another id of the same bytes is the one it emits."""
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return {i for i, p in enumerate(pieces) if p is not None and len(p) == 6 and p[:3] == "<0x" and p[-1] == ">"}
+    return {i for i, p in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+            if _is_byte_fallback(p)}
+
+
+def _is_byte_fallback(piece: str | None) -> bool:
+    """Whether a SentencePiece piece is a byte-fallback token such as <0x41>."""
+    return piece is not None and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
 def vocab_map(teacher_table: list, student_table: list, teacher_eos: int | None, student_eos: int | None,

@@ -64,11 +64,11 @@ def run(cfg: SweepConfig) -> list[dict]:
     cache_key = cache_k = None
     if configs and all(storage.exists(c) for c in configs[0][2].cache):  # what the caches cannot serve, before any run
         cache, *more = [open_cache(c) for c in configs[0][2].cache]
-        cache_key, cache_k = "+".join(c.attrs.cache_key for c in (cache, *more)), cache.top_k
+        cache_key, cache_k = checkpoint.joint_cache_key((cache, *more)), cache.top_k
         for name, _, t in configs:
             try:
-                plan = D.plan_targets(cache, t.top_k, t.temperature, "bucket" if t.student_tokenizer else t.tail,
-                                      t.divergence, schedule=t.temperature_schedule)
+                plan = D.plan_targets(cache, t.top_k, t.temperature, t.tail, t.divergence,
+                                      schedule=t.temperature_schedule, cross=bool(t.student_tokenizer))
                 D.plan_teachers(plan, cache, more, top_k=t.top_k, tail=t.tail, divergence=t.divergence,
                                 schedule=t.temperature_schedule, total_steps=1)
             except PikvError as e:
